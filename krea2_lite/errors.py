@@ -1,0 +1,34 @@
+"""Exception types a user can act on. Each message names the file, key or argument at fault."""
+
+from __future__ import annotations
+
+
+class Krea2LiteError(Exception):
+    """Base class of every error krea2_lite raises on purpose."""
+
+
+class CheckpointNotFoundError(Krea2LiteError, FileNotFoundError):
+    """The path does not exist, or a folder holds no model files."""
+
+
+class UnsafeCheckpointFormatError(Krea2LiteError, ValueError):
+    """A pickle-based file (.ckpt, .pt, .pth, .bin): refused, never unpickled."""
+
+
+class CorruptCheckpointError(Krea2LiteError, ValueError):
+    """A safetensors file that is truncated, empty or has an unreadable header."""
+
+
+class NotKrea2CheckpointError(Krea2LiteError, ValueError):
+    """A readable checkpoint of another model (FLUX, SD, ...)."""
+
+
+class CheckpointKeysError(Krea2LiteError, KeyError):
+    """A Krea 2 checkpoint with missing or unexpected tensors."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeMismatchError(Krea2LiteError, ValueError):
+    """A tensor whose shape disagrees with the config (explicit or inferred)."""
