@@ -1,0 +1,87 @@
+"""Picks the kernel backend: `KREA2_LITE_KERNELS` = auto (default) | triton | torch.
+
+`auto` uses Triton kernels on CUDA tensors when Triton imports, torch elsewhere.
+`triton` forces them; on a machine without a GPU they then run under the Triton interpreter
+(TRITON_INTERPRET=1 must be set before triton is first imported — the tests do that).
+`torch` always uses the plain-torch references.
+Every fallback away from a requested kernel is logged once, with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from .attention_torch import attention_torch
+
+logger = logging.getLogger("krea2_lite.kernels")
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def kernel_backend() -> str:
+    """The backend named by KREA2_LITE_KERNELS (read on every call, so tests can switch it)."""
+    value = os.environ.get("KREA2_LITE_KERNELS", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"KREA2_LITE_KERNELS={value!r} is not one of {', '.join(BACKENDS)}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising at import time
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(kernel: str, reason: str) -> None:
+    logger.info("krea2_lite: %s falls back to torch: %s", kernel, reason)
+
+
+def use_triton(kernel: str, *tensors: torch.Tensor) -> bool:
+    """Decide whether `kernel` runs in Triton for these inputs; log why not when it was wanted."""
+    backend = kernel_backend()
+    if backend == "torch":
+        return False
+    if not triton_available():
+        if backend == "triton":
+            _log_fallback_once(kernel, "triton is not installed")
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "auto":
+        return on_cuda
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        _log_fallback_once(kernel, "tensors are on the CPU and TRITON_INTERPRET is not 1")
+        return False
+    return True
+
+
+def log_fallback(kernel: str, reason: str) -> None:
+    """For kernels whose wrappers decline an input shape or dtype."""
+    _log_fallback_once(kernel, reason)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with SDPA semantics and GQA: q (B,H,L,D), k/v (B,Hkv,L,D), key_mask (B,L) bool.
+
+    Returns (B, H, L, D). Uses the Triton flash kernel when the backend allows and it supports
+    the input; otherwise `torch.nn.functional.scaled_dot_product_attention(enable_gqa=True)`.
+    """
+    if use_triton("attention", q, k, v):
+        try:
+            from .attention import attention_triton, triton_supports
+        except ImportError as exc:  # kernel module not present in this build
+            log_fallback("attention", f"Triton attention kernel unavailable ({exc})")
+        else:
+            reason = triton_supports(q, k, v, key_mask)
+            if reason is None:
+                return attention_triton(q, k, v, key_mask)
+            log_fallback("attention", reason)
+    return attention_torch(q, k, v, key_mask)
