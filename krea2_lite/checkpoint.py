@@ -1,0 +1,380 @@
+"""Find, read and convert Krea 2 transformer checkpoints; `load_transformer`.
+
+Layouts read (always safetensors; pickle files are refused, never opened):
+  official single file   keys as in krea-2 `mmdit.py` (`blocks.3.attn.wq.weight`, ...)
+  ComfyUI single file    the same keys behind `model.diffusion_model.`
+  diffusers folder       `transformer/` of a diffusers pipeline (sharded or not), whose
+                         `Krea2Transformer2DModel` names are mapped back to the official ones
+  Hugging Face hub id    resolved with huggingface_hub to one of the above
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import Krea2Config, swiglu_width
+from .errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
+                     NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
+from .model import Krea2Transformer
+
+logger = logging.getLogger("krea2_lite")
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Present in every Krea 2 transformer checkpoint, in official names.
+SIGNATURE_KEYS = ("first.weight", "txtfusion.projector.weight", "tproj.1.weight")
+
+# diffusers Krea2Transformer2DModel → official, as whole-prefix rewrites (first match wins) ...
+_DIFFUSERS_PREFIXES = (
+    ("img_in.", "first."),
+    ("time_embed.linear_1.", "tmlp.0."),
+    ("time_embed.linear_2.", "tmlp.2."),
+    ("time_mod_proj.", "tproj.1."),
+    ("txt_in.norm.weight", "txtmlp.0.scale"),
+    ("txt_in.linear_1.", "txtmlp.1."),
+    ("txt_in.linear_2.", "txtmlp.3."),
+    ("text_fusion.", "txtfusion."),
+    ("transformer_blocks.", "blocks."),
+    ("final_layer.linear.", "last.linear."),
+    ("final_layer.norm.weight", "last.norm.scale"),
+    ("final_layer.scale_shift_table", "last.modulation.lin"),
+)
+# ... then substring rewrites inside blocks.
+_DIFFUSERS_INFIXES = (
+    (".attn.to_q.", ".attn.wq."),
+    (".attn.to_k.", ".attn.wk."),
+    (".attn.to_v.", ".attn.wv."),
+    (".attn.to_out.0.", ".attn.wo."),
+    (".attn.to_gate.", ".attn.gate."),
+    (".attn.norm_q.weight", ".attn.qknorm.qnorm.scale"),
+    (".attn.norm_k.weight", ".attn.qknorm.knorm.scale"),
+    (".ff.", ".mlp."),
+    (".norm1.weight", ".prenorm.scale"),
+    (".norm2.weight", ".postnorm.scale"),
+    (".scale_shift_table", ".mod.lin"),
+)
+
+
+def diffusers_to_official_key(key: str) -> str:
+    for old, new in _DIFFUSERS_PREFIXES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    for old, new in _DIFFUSERS_INFIXES:
+        key = key.replace(old, new)
+    return key
+
+
+def keeps_fp32(name: str) -> bool:
+    """Norm scales and modulation tables stay float32 whatever the model dtype."""
+    return name.endswith(".scale") or name.endswith("mod.lin") or name == "last.modulation.lin"
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+def _check_not_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UnsafeCheckpointFormatError(
+            f"{path}: '{path.suffix}' files are pickle-based and are never opened by krea2_lite "
+            "(unpickling can run arbitrary code). Convert the checkpoint to .safetensors first.")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Validate a safetensors file without reading its tensors; returns {key: (dtype, shape)}.
+
+    Catches the failures safetensors reports vaguely: empty files, a header longer than the
+    file, unparsable JSON, and data offsets past the end of the file (a truncated download).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpointError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
+    if size < 8:
+        raise CorruptCheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CorruptCheckpointError(
+                f"{path}: the header claims {header_len} bytes but the file has {size}; "
+                "this is not a safetensors file, or it is truncated")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
+    data_len = size - 8 - header_len
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            tensors[key] = (info["dtype"], tuple(info["shape"]))
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(f"{path}: malformed header entry for tensor '{key}'") from None
+        if end > data_len or start > end:
+            raise CorruptCheckpointError(
+                f"{path}: tensor '{key}' ends at byte {end} of the data but only {data_len} bytes are "
+                "present; the file is truncated (an interrupted download?)")
+    return tensors
+
+
+@dataclass
+class CheckpointSource:
+    """Where a transformer's tensors live: official name → (file, stored key, stored shape)."""
+
+    location: Path
+    layout: str  # "official" | "comfyui" | "diffusers"
+    entries: dict[str, tuple[Path, str, tuple[int, ...]]] = field(default_factory=dict)
+    diffusers_config: dict | None = None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Official-layout shapes (diffusers' (6, d) modulation tables flattened)."""
+        out = {}
+        for name, (_, _, shape) in self.entries.items():
+            out[name] = (shape[0] * shape[1],) if name.endswith("mod.lin") and len(shape) == 2 else shape
+        return out
+
+
+def _resolve_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a hard dependency
+        raise CheckpointNotFoundError(f"{repo_id}: no such path, and huggingface_hub is not installed") from None
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "transformer/*.safetensors",
+                                                            "transformer/*.json", "*.safetensors"])
+    except Exception as exc:
+        raise CheckpointNotFoundError(
+            f"'{repo_id}' is not a local path, and fetching it from the Hugging Face hub failed: "
+            f"{type(exc).__name__}: {exc}") from None
+    return Path(folder)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
+
+
+def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files holding a transformer inside `folder`, and its diffusers config."""
+    if (folder / "krea2_lite.json").exists():
+        raise CheckpointNotFoundError(
+            f"{folder}: this is a krea2_lite quantized folder; this version of krea2_lite cannot read "
+            "quantized folders yet (load the bf16 source checkpoint instead)")
+    if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    config = None
+    if (folder / "config.json").exists():
+        config = json.loads((folder / "config.json").read_text())
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = json.loads(indexes[0].read_text())
+        names = sorted(set(index.get("weight_map", {}).values()))
+        missing = [n for n in names if not (folder / n).exists()]
+        if missing:
+            raise CheckpointNotFoundError(f"{indexes[0]}: lists shards that are missing: {missing[:3]}")
+        return [folder / n for n in names], config
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files, config
+    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        _check_not_pickle(pickles[0])
+    raise CheckpointNotFoundError(
+        f"{folder}: no model found (expected a .safetensors file, a sharded *.safetensors.index.json, "
+        "or a diffusers pipeline folder with transformer/)")
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
+    """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
+    text = os.fspath(path)
+    location = Path(text).expanduser()
+    if not location.exists():
+        if _looks_like_hub_id(text):
+            location = _resolve_hub(text)
+        else:
+            raise CheckpointNotFoundError(f"{location}: no such file or folder")
+    config = None
+    if location.is_dir():
+        files, config = _transformer_files(location)
+    else:
+        _check_not_pickle(location)
+        files = [location]
+
+    stored: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for file in files:
+        for key, (_, shape) in read_safetensors_header(file).items():
+            stored[key] = (file, key, shape)
+
+    layout = "official"
+    keys = list(stored)
+    for prefix in COMFY_PREFIXES:
+        if keys and sum(k.startswith(prefix) for k in keys) > len(keys) // 2:
+            layout = "comfyui"
+            stored = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in stored.items()}
+            break
+    if "img_in.weight" in stored or any(k.startswith("transformer_blocks.") for k in stored):
+        layout = "diffusers"
+        stored = {diffusers_to_official_key(k): v for k, v in stored.items()}
+    if not all(k in stored for k in SIGNATURE_KEYS):
+        raise NotKrea2CheckpointError(f"{location}: not a Krea 2 checkpoint ({_guess_family(keys)})")
+    return CheckpointSource(location, layout, stored, config)
+
+
+def _guess_family(keys: list[str]) -> str:
+    joined = " ".join(keys[:2000])
+    if "double_blocks." in joined or "single_blocks." in joined:
+        return "its keys look like a FLUX transformer"
+    if "model.diffusion_model.input_blocks." in joined or "input_blocks." in joined:
+        return "its keys look like a Stable Diffusion UNet"
+    if "transformer_blocks." in joined:
+        return "its keys look like another diffusers transformer"
+    if not keys:
+        return "it holds no tensors"
+    return f"none of {list(SIGNATURE_KEYS)} is present; first keys: {keys[:3]}"
+
+
+# ---- config --------------------------------------------------------------------------------
+
+def infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float = 1000.0, patch: int = 2,
+                 where: str = "checkpoint") -> Krea2Config:
+    """Recover a Krea2Config from official-layout tensor shapes (patch 2 unless given)."""
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise CheckpointKeysError(f"{where}: missing tensor '{name}', needed to infer the model shape")
+        return shapes[name]
+
+    features, in_channels = shape("first.weight")
+    layers = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if layers == 0:
+        raise CheckpointKeysError(f"{where}: no transformer blocks ('blocks.N.*') found")
+    headdim = shape("blocks.0.attn.qknorm.qnorm.scale")[0]
+    kv_rows = shape("blocks.0.attn.wk.weight")[0]
+    txtdim = shape("txtmlp.1.weight")[1]
+    txt_headdim = shape("txtfusion.layerwise_blocks.0.attn.qknorm.qnorm.scale")[0]
+    txt_kv_rows = shape("txtfusion.layerwise_blocks.0.attn.wk.weight")[0]
+    mlp = shape("blocks.0.mlp.gate.weight")[0]
+    txt_mlp = shape("txtfusion.layerwise_blocks.0.mlp.gate.weight")[0]
+    # Rounding to 128 can make several multipliers give the same widths (same model); prefer
+    # the released value 4 then.
+    fits = [m for m in range(1, 33) if swiglu_width(features, m) == mlp and swiglu_width(txtdim, m) == txt_mlp]
+    if not fits:
+        raise ShapeMismatchError(f"{where}: MLP widths {mlp} / {txt_mlp} match no multiplier for "
+                                 f"features={features}, txtdim={txtdim}")
+    multiplier = 4 if 4 in fits else fits[0]
+    if in_channels % (patch * patch):
+        raise ShapeMismatchError(f"{where}: input width {in_channels} is not channels·{patch}²")
+    return Krea2Config(
+        features=features, tdim=shape("tmlp.0.weight")[1], txtdim=txtdim,
+        heads=features // headdim, kvheads=kv_rows // headdim, multiplier=multiplier, layers=layers,
+        patch=patch, channels=in_channels // (patch * patch), txtheads=txtdim // txt_headdim,
+        txtkvheads=txt_kv_rows // txt_headdim, txtlayers=shape("txtfusion.projector.weight")[1],
+        theta=float(theta))
+
+
+def _check_diffusers_config(cfg: dict, config: Krea2Config, where: Path) -> None:
+    """A diffusers config may say things the tensor shapes cannot; they must agree with `config`."""
+    axes = cfg.get("axes_dims_rope")
+    if axes is not None and tuple(axes) != config.axes:
+        raise ShapeMismatchError(f"{where}/config.json: axes_dims_rope={list(axes)} differs from the "
+                                 f"Krea 2 split {list(config.axes)} for head dim {config.headdim}")
+    theta = cfg.get("rope_theta")
+    if theta is not None and float(theta) != config.theta:
+        raise ShapeMismatchError(f"{where}/config.json: rope_theta={theta} but the config says {config.theta}")
+
+
+def expected_shapes(config: Krea2Config) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = Krea2Transformer(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_keys_and_shapes(source: CheckpointSource, config: Krea2Config, explicit: bool) -> None:
+    expected = expected_shapes(config)
+    found = source.shapes()
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:4]})")
+        raise CheckpointKeysError(f"{source.location}: tensors do not match a Krea 2 transformer with "
+                                  f"{config.layers} blocks: " + "; ".join(parts))
+    wrong = [(k, found[k], expected[k]) for k in expected if found[k] != expected[k]]
+    if wrong:
+        k, got, want = wrong[0]
+        origin = "the given config" if explicit else "the config inferred from the file"
+        raise ShapeMismatchError(f"{source.location}: tensor '{k}' has shape {got} but {origin} expects "
+                                 f"{want} ({len(wrong)} tensor(s) disagree)")
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = None,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                     quant=None, progress: bool | None = None) -> Krea2Transformer:
+    """Load a Krea 2 transformer from any supported layout (see the module docstring).
+
+    The model is built on the meta device and each tensor is streamed from its file straight
+    into place (`assign`), cast on its own: norm scales and modulation tables stay float32, the
+    rest becomes `dtype`. On the CPU a tensor already in `dtype` stays memory-mapped
+    (copy-on-write: the file is never modified), so host memory stays near one copy of the
+    weights. `config=None` infers the shape from the tensors. Returns the model in eval mode
+    with gradients off.
+    """
+    if quant is not None:
+        raise NotImplementedError(
+            f"quant={quant!r}: quantized loading is not available in this version of krea2_lite; "
+            "load with quant=None")
+    source = open_checkpoint(path)
+    explicit = config is not None
+    diffusers_config = source.diffusers_config or {}
+    if config is None:
+        theta = float(diffusers_config.get("rope_theta", Krea2Config.theta))
+        config = infer_config(source.shapes(), theta=theta, where=str(source.location))
+    _check_diffusers_config(diffusers_config, config, source.location)
+    check_keys_and_shapes(source, config, explicit)
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Krea2Transformer(config)
+    by_file: dict[Path, list[str]] = {}
+    for name, (file, _, _) in source.entries.items():
+        by_file.setdefault(file, []).append(name)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(source.entries), desc="loading transformer", unit="tensor",
+               disable=(not progress) if progress is not None else None, leave=False)
+    load_device = "cpu" if device.type != "cuda" else str(device)
+    with bar:
+        for file, names in by_file.items():
+            try:
+                handle = safe_open(str(file), framework="pt", device=load_device)
+            except Exception as exc:  # safetensors raises its own error type
+                raise CorruptCheckpointError(f"{file}: cannot be read as safetensors ({exc})") from None
+            with handle:
+                for name in names:
+                    tensor = handle.get_tensor(source.entries[name][1])
+                    if name.endswith("mod.lin") and tensor.ndim == 2 and name != "last.modulation.lin":
+                        tensor = tensor.reshape(-1)
+                    target = torch.float32 if keeps_fp32(name) else dtype
+                    tensor = tensor.to(device=device, dtype=target)
+                    parent, _, leaf = name.rpartition(".")
+                    model.get_submodule(parent)._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+                    bar.update()
+    logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
+                config.layers, config.num_parameters() / 1e9)
+    return model.eval()
