@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from krea2_lite.model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX
+
 from krea2_lite import Krea2Config
 from krea2_lite.checkpoint import diffusers_to_official_key
 
@@ -54,3 +56,58 @@ def random_inputs(cfg: Krea2Config, batch: int, txt_len: int, rows: int, cols: i
     context = torch.randn(batch, txt_len, cfg.txtlayers, cfg.txtdim, generator=g)
     t = torch.rand(batch, generator=g)
     return img, context, t, positions(txt_len, rows, cols)
+
+
+# ---- text encoder ----------------------------------------------------------------------------
+
+CAPTIONS = [
+    "a red fox sitting in the snow",
+    "a photo of a cat on a blue sofa",
+    "a large mountain under a starry night sky",
+    "two dogs playing with a yellow ball in the green park",
+]
+NUM_LAYERS = 36
+VOCAB = 512
+
+
+def train_tokenizer():
+    """A byte-level BPE with Qwen's split rule and special tokens; the Krea 2 template prefix
+    and suffix come to exactly 34 and 5 tokens, as with the real Qwen tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    strip = lambda s: s.replace("<|im_start|>", "").replace("<|im_end|>", "")  # noqa: E731
+    corpus = [strip(PROMPT_TEMPLATE_PREFIX), strip(PROMPT_TEMPLATE_SUFFIX), *CAPTIONS] * 3
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=1, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    assert tok.get_vocab_size() <= VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def tiny_qwen3vl_config(tie_word_embeddings=True):
+    """A tiny Qwen3-VL with the real 36 text layers (hidden 32) and a one-layer vision tower."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+            initializer_range=0.1, rope_theta=5_000_000.0,
+            rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+            tie_word_embeddings=tie_word_embeddings,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        tie_word_embeddings=tie_word_embeddings,
+    )
