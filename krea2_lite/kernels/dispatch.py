@@ -16,6 +16,7 @@ import os
 import torch
 
 from .attention_torch import attention_torch
+from .fused_attention_torch import fused_attention_torch
 
 logger = logging.getLogger("krea2_lite.kernels")
 
@@ -76,7 +77,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if use_triton("attention", q, k, v):
         try:
-            from .attention import attention_triton, triton_supports
+            from .attention_triton import attention_triton, triton_supports
         except ImportError as exc:  # kernel module not present in this build
             log_fallback("attention", f"Triton attention kernel unavailable ({exc})")
         else:
@@ -85,3 +86,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 return attention_triton(q, k, v, key_mask)
             log_fallback("attention", reason)
     return attention_torch(q, k, v, key_mask)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
+                    k_scale: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gate: torch.Tensor,
+                    key_mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """The Krea 2 block's attention: q/k RMSNorm, RoPE, GQA attention, sigmoid gate.
+
+    q (B, L, H, D), k/v (B, L, Hkv, D) raw projections; q_scale/k_scale (D,) zero-centred norm
+    scales; cos/sin (B|1, L, D/2) fp32; gate (B, L, H·D); key_mask (B, L) bool. Returns
+    (B, L, H·D). One Triton kernel when allowed, else the plain-torch composition.
+    """
+    if use_triton("fused_attention", q, k, v, gate):
+        from .fused_attention_triton import fused_attention as fused_triton
+        from .fused_attention_triton import fused_supports
+
+        reason = fused_supports(q, k, v, q_scale, k_scale, cos, sin, gate, key_mask, eps)
+        if reason is None:
+            return fused_triton(q, k, v, q_scale, k_scale, cos, sin, gate, key_mask, eps)
+        log_fallback("fused_attention", reason)
+    return fused_attention_torch(q, k, v, q_scale, k_scale, cos, sin, gate, key_mask, eps)

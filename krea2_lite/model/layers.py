@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from .rope import apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -59,15 +58,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, dim); rope = (cos, sin) each (B|1, L, headdim/2) or None; key_mask (B, L) bool."""
-        q = self.qknorm.qnorm(self.wq(x).unflatten(-1, (self.heads, self.headdim))).transpose(1, 2)
-        k = self.qknorm.knorm(self.wk(x).unflatten(-1, (self.kvheads, self.headdim))).transpose(1, 2)
-        v = self.wv(x).unflatten(-1, (self.kvheads, self.headdim)).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = kernels.attention(q, k, v, key_mask).transpose(1, 2).flatten(2)
-        return self.wo(out * torch.sigmoid(self.gate(x)))
+        q = self.wq(x).unflatten(-1, (self.heads, self.headdim))
+        k = self.wk(x).unflatten(-1, (self.kvheads, self.headdim))
+        v = self.wv(x).unflatten(-1, (self.kvheads, self.headdim))
+        gate = self.gate(x)
+        if rope is not None:  # the transformer blocks: norm, RoPE, attention and gate in one kernel
+            out = kernels.fused_attention(q, k, v, self.qknorm.qnorm.scale, self.qknorm.knorm.scale,
+                                          *rope, gate, key_mask, self.qknorm.qnorm.eps)
+            return self.wo(out)
+        q = self.qknorm.qnorm(q).transpose(1, 2)
+        k = self.qknorm.knorm(k).transpose(1, 2)
+        out = kernels.attention(q, k, v.transpose(1, 2), key_mask).transpose(1, 2).flatten(2)
+        return self.wo(out * torch.sigmoid(gate))
 
 
 def modulate(x_normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """(1 + scale)·x + shift, evaluated in the (float32) modulation dtype, returned in x's dtype."""
-    return ((1 + scale) * x_normed + shift).to(x_normed.dtype)
+    """(1 + scale)·x + shift; scale and shift (B, 1, dim) already in x's dtype."""
+    return (1 + scale) * x_normed + shift

@@ -29,7 +29,9 @@ class SharedModulation(nn.Module):
         self.lin = nn.Parameter(torch.zeros(parts * dim))
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (vec + self.lin).chunk(self.parts, dim=-1)
+        # Sum in float32 (the table is stored so), then back to the activation dtype: applying
+        # float32 vectors to (B, L, dim) activations would add full-size float32 passes per block.
+        return (vec.float() + self.lin).to(vec.dtype).chunk(self.parts, dim=-1)
 
 
 class SingleStreamBlock(nn.Module):
@@ -46,9 +48,9 @@ class SingleStreamBlock(nn.Module):
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         prescale, preshift, pregate, postscale, postshift, postgate = self.mod(vec)
         h = self.attn(modulate(self.prenorm(x), prescale, preshift), rope, key_mask)
-        x = (x + pregate * h).to(x.dtype)
+        x = x + pregate * h
         h = self.mlp(modulate(self.postnorm(x), postscale, postshift))
-        return (x + postgate * h).to(x.dtype)
+        return x + postgate * h
 
 
 class TextFusionBlock(nn.Module):
@@ -96,7 +98,7 @@ class LastLayer(nn.Module):
         self.modulation.lin = nn.Parameter(torch.zeros(2, config.features))
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = (t_emb + self.modulation.lin).chunk(2, dim=1)
+        scale, shift = (t_emb.float() + self.modulation.lin).to(t_emb.dtype).chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), scale, shift))
 
 

@@ -1,0 +1,209 @@
+"""Kernel benchmarks on a CUDA GPU: Triton attention / fused Krea 2 attention vs torch.
+
+    python benchmarks/kernels.py                      # Krea 2 shape: B=1, L=4608, H=48, Hkv=12, D=128, bf16
+    python benchmarks/kernels.py --json out.json --repeats 50
+
+Every case is a `Case` in a list built by a `*_cases()` function; to add e.g. matmul kernels,
+write a `matmul_cases(args)` returning more `Case`s and add it to `CASE_BUILDERS`. Within a
+`group`, the case with `baseline=True` is the reference: `speedup` = baseline ms / case ms,
+and its output is what the other cases' outputs are checked against (max abs diff, once,
+before timing). TFLOP/s uses the case's `flops` (4·B·H·L²·D for attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+@dataclass
+class Case:
+    name: str
+    group: str
+    fn: Callable[[], torch.Tensor]
+    flops: float
+    shape: str
+    dtype: torch.dtype
+    baseline: bool = False
+    result: dict = field(default_factory=dict)
+
+
+def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median milliseconds of `repeats` calls, each timed with its own pair of CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _sdpa_with(backend, *args, **kwargs):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def attention_cases(args) -> list[Case]:
+    from torch.nn.attention import SDPBackend
+
+    from krea2_lite.kernels.attention_triton import attention_triton
+    from krea2_lite.kernels.attention_torch import attention_torch
+
+    B, L, H, Hkv, D, dt, dev = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim, args.dtype, "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    # Projections are (B, L, heads, D) in the model; hand the kernels (B, heads, L, D) views.
+    q = torch.randn(B, L, H, D, device=dev, dtype=dt, generator=g).transpose(1, 2)
+    k = torch.randn(B, L, Hkv, D, device=dev, dtype=dt, generator=g).transpose(1, 2)
+    v = torch.randn(B, L, Hkv, D, device=dev, dtype=dt, generator=g).transpose(1, 2)
+    mask = torch.ones(B, L, dtype=torch.bool, device=dev)
+    mask[:, L - L // 8:] = False  # padded tail, like a short text prompt
+    rep = H // Hkv
+    k_rep, v_rep = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # outside the timing
+    flops = 4.0 * B * H * L * L * D
+    shape = f"B={B} L={L} H={H} Hkv={Hkv} D={D}"
+
+    def case(name, group, fn, baseline=False):
+        return Case(name, group, fn, flops, shape, dt, baseline)
+
+    return [
+        case("sdpa flash (K/V repeated)", "attention, no mask",
+             lambda: _sdpa_with(SDPBackend.FLASH_ATTENTION, q, k_rep, v_rep), baseline=True),
+        case("sdpa cudnn (enable_gqa)", "attention, no mask",
+             lambda: _sdpa_with(SDPBackend.CUDNN_ATTENTION, q, k, v, enable_gqa=True)),
+        case("attention_triton", "attention, no mask", lambda: attention_triton(q, k, v)),
+        case("sdpa (key mask, torch's pick)", "attention, key mask",
+             lambda: attention_torch(q, k, v, mask), baseline=True),
+        case("attention_triton (key mask)", "attention, key mask", lambda: attention_triton(q, k, v, mask)),
+    ]
+
+
+def fused_cases(args) -> list[Case]:
+    from krea2_lite.kernels.fused_attention_triton import fused_attention
+    from krea2_lite.kernels.fused_attention_torch import fused_attention_torch
+
+    B, L, H, Hkv, D, dt, dev = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim, args.dtype, "cuda"
+    g = torch.Generator(device=dev).manual_seed(1)
+    qkv = torch.randn(B, L, (H + 2 * Hkv) * D, device=dev, dtype=dt, generator=g)  # fused projection output
+    q = qkv[..., : H * D].unflatten(-1, (H, D))
+    k = qkv[..., H * D: (H + Hkv) * D].unflatten(-1, (Hkv, D))
+    v = qkv[..., (H + Hkv) * D:].unflatten(-1, (Hkv, D))
+    q_scale = 0.1 * torch.randn(D, device=dev, generator=g)
+    k_scale = 0.1 * torch.randn(D, device=dev, generator=g)
+    ang = torch.rand(1, L, D // 2, device=dev, generator=g) * 100
+    cos, sin = ang.cos(), ang.sin()
+    gate = torch.randn(B, L, H * D, device=dev, dtype=dt, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool, device=dev)
+    mask[:, L - L // 8:] = False
+    a = (q, k, v, q_scale, k_scale, cos, sin, gate, mask)
+
+    flops = 4.0 * B * H * L * L * D
+    shape = f"B={B} L={L} H={H} Hkv={Hkv} D={D} +norm/rope/gate, key mask"
+    group = "fused Krea 2 attention"
+    return [
+        Case("fused_attention_torch (unfused)", group, lambda: fused_attention_torch(*a), flops, shape, dt, True),
+        Case("fused_attention (triton)", group, lambda: fused_attention(*a), flops, shape, dt),
+    ]
+
+
+CASE_BUILDERS = [attention_cases, fused_cases]
+
+
+def run_cases(cases: list[Case], warmup: int, repeats: int) -> None:
+    refs: dict[str, torch.Tensor] = {}
+    for c in cases:  # correctness once, before any timing
+        try:
+            out = c.fn()
+            torch.cuda.synchronize()
+        except Exception as exc:  # e.g. a backend this torch/GPU lacks
+            c.result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+            continue
+        if c.baseline:
+            refs[c.group] = out
+        ref = refs.get(c.group)
+        if ref is not None and not c.baseline:
+            diff = (out.float() - ref.float()).abs()
+            c.result["max_abs_diff"] = float(diff.nan_to_num(nan=float("inf")).max())
+    for c in cases:
+        if "error" in c.result:
+            continue
+        ms = time_cuda(c.fn, warmup, repeats)
+        c.result.update(ms=ms, tflops=c.flops / ms / 1e9)
+    base = {c.group: c.result.get("ms") for c in cases if c.baseline}
+    for c in cases:
+        if "ms" in c.result and base.get(c.group):
+            c.result["speedup"] = base[c.group] / c.result["ms"]
+
+
+def print_table(cases: list[Case], device: str) -> None:
+    print(f"\ndevice: {device}\n")
+    print("| group | case | dtype | shape | ms | TFLOP/s | speedup vs baseline | max abs diff |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    for c in cases:
+        r = c.result
+        dt = str(c.dtype).replace("torch.", "")
+        if "error" in r:
+            print(f"| {c.group} | {c.name} | {dt} | {c.shape} | n/a | n/a | n/a | {r['error']} |")
+            continue
+        diff = "baseline" if c.baseline else (f"{r['max_abs_diff']:.2e}" if "max_abs_diff" in r else "-")
+        print(f"| {c.group} | {c.name} | {dt} | {c.shape} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+              f"{r.get('speedup', float('nan')):.2f}x | {diff} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="only cuda is benchmarked (default: cuda)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=4608)
+    p.add_argument("--heads", type=int, default=48)
+    p.add_argument("--kv-heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per case (median reported; >= 20)")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only matching groups")
+    p.add_argument("--json", metavar="OUT", help="also write the rows as JSON to OUT")
+    args = p.parse_args(argv)
+    if not args.device.startswith("cuda") or not torch.cuda.is_available():
+        print("skipped: needs CUDA")
+        return 0
+    args.repeats = max(args.repeats, 20)
+    args.dtype = getattr(torch, args.dtype)
+    cases = [c for build in CASE_BUILDERS for c in build(args)]
+    if args.only:
+        keys = [s.strip() for s in args.only.split(",") if s.strip()]
+        cases = [c for c in cases if any(key in c.group for key in keys)]
+    run_cases(cases, args.warmup, args.repeats)
+    device = torch.cuda.get_device_name()
+    print_table(cases, device)
+    for mod, name in (("krea2_lite.kernels.attention", "_attn_fwd_tuned"),
+                      ("krea2_lite.kernels.fused_attention", "_fused_attn_tuned")):
+        tuned = getattr(sys.modules.get(mod), name, None)
+        if getattr(tuned, "best_config", None) is not None:
+            print(f"{name}: tuned config {tuned.best_config}")
+    if args.json:
+        rows = [dict(device=device, group=c.group, case=c.name, dtype=str(c.dtype), shape=c.shape,
+                     flops=c.flops, baseline=c.baseline, **c.result) for c in cases]
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"\nwrote {len(rows)} rows to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
