@@ -192,8 +192,8 @@ def main(argv=None) -> int:
     run_cases(cases, args.warmup, args.repeats)
     device = torch.cuda.get_device_name()
     print_table(cases, device)
-    for mod, name in (("krea2_lite.kernels.attention", "_attn_fwd_tuned"),
-                      ("krea2_lite.kernels.fused_attention", "_fused_attn_tuned")):
+    for mod, name in (("krea2_lite.kernels.attention_triton", "_attn_fwd_tuned"),
+                      ("krea2_lite.kernels.fused_attention_triton", "_fused_attn_tuned")):
         tuned = getattr(sys.modules.get(mod), name, None)
         if getattr(tuned, "best_config", None) is not None:
             print(f"{name}: tuned config {tuned.best_config}")
