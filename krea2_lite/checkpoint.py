@@ -146,23 +146,32 @@ class CheckpointSource:
         return out
 
 
-def _resolve_hub(repo_id: str) -> Path:
+def looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
+
+
+def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+    """A local file or folder as given, or a Hugging Face hub id downloaded with huggingface_hub.
+
+    Only files matching `allow_patterns` are fetched (weights as safetensors, never pickles).
+    """
+    text = os.fspath(path)
+    location = Path(text).expanduser()
+    if location.exists():
+        return location
+    if not looks_like_hub_id(text):
+        raise CheckpointNotFoundError(f"{location}: no such file or folder")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a hard dependency
-        raise CheckpointNotFoundError(f"{repo_id}: no such path, and huggingface_hub is not installed") from None
+        raise CheckpointNotFoundError(f"{text}: no such path, and huggingface_hub is not installed") from None
+    patterns = allow_patterns or ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
     try:
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "transformer/*.safetensors",
-                                                            "transformer/*.json", "*.safetensors"])
+        return Path(snapshot_download(text, allow_patterns=patterns))
     except Exception as exc:
         raise CheckpointNotFoundError(
-            f"'{repo_id}' is not a local path, and fetching it from the Hugging Face hub failed: "
+            f"'{text}' is not a local path, and fetching it from the Hugging Face hub failed: "
             f"{type(exc).__name__}: {exc}") from None
-    return Path(folder)
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
 
 
 def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
@@ -197,13 +206,7 @@ def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
-    text = os.fspath(path)
-    location = Path(text).expanduser()
-    if not location.exists():
-        if _looks_like_hub_id(text):
-            location = _resolve_hub(text)
-        else:
-            raise CheckpointNotFoundError(f"{location}: no such file or folder")
+    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
     config = None
     if location.is_dir():
         files, config = _transformer_files(location)

@@ -111,3 +111,49 @@ def tiny_qwen3vl_config(tie_word_embeddings=True):
                            deepstack_visual_indexes=[0]),
         tie_word_embeddings=tie_word_embeddings,
     )
+
+
+# ---- VAE and whole pipeline ----------------------------------------------------------------
+
+def tiny_vae(seed: int = 0, z_dim: int = 16):
+    """A tiny random diffusers AutoencoderKLQwenImage with non-trivial norms, biases and stats."""
+    from diffusers import AutoencoderKLQwenImage
+
+    g = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=torch.randn(z_dim, generator=g).tolist(),
+        latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist())
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return vae.eval()
+
+
+def official_scheduler():
+    """diffusers' flow-matching scheduler carrying the official Krea 2 shift values."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256,
+                                           max_image_seq_len=6400, base_shift=0.5, max_shift=1.15,
+                                           time_shift_type="exponential")
+
+
+PIPELINE_CONFIG = Krea2Config.tiny(txtdim=32, txtheads=2, txtkvheads=1, txtlayers=12, channels=16)
+
+
+def tiny_diffusers_pipeline(is_distilled: bool = False, seed: int = 0):
+    """A complete random diffusers Krea2Pipeline (tiny Qwen3-VL, VAE and transformer)."""
+    from diffusers import Krea2Pipeline
+    from transformers import Qwen3VLModel
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    text_encoder = Qwen3VLModel(tiny_qwen3vl_config()).eval()
+    return Krea2Pipeline(scheduler=official_scheduler(), vae=tiny_vae(seed), text_encoder=text_encoder,
+                         tokenizer=tokenizer, transformer=diffusers_transformer(PIPELINE_CONFIG, seed=seed),
+                         is_distilled=is_distilled)

@@ -1,0 +1,240 @@
+"""Krea2Pipeline: holds the three components and turns prompts into PIL images.
+
+The pipeline is thin: argument checks, prompt encoding, noise, then `sampling.denoise` and the
+VAE. Noise is drawn on the CPU with a torch.Generator seeded `seed + i` for image i, so a seed
+gives the same image on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoint import load_transformer, resolve_path
+from .errors import CheckpointNotFoundError
+from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
+from .model.vae import load_vae_decoder
+from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
+
+logger = logging.getLogger("krea2_lite")
+
+# Where the released model's other components live when only a transformer file is given.
+DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-VL-4B-Instruct"
+DEFAULT_VAE = "Qwen/Qwen-Image"
+MAX_SIDE = 4096  # pixels; Turbo is trained up to 2k, beyond 4k attention cost explodes
+SIZE_MULTIPLE = 16  # VAE factor 8 × patch 2
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    steps: int
+    guidance: float
+    mu: float | None  # None: from the image-token count
+
+
+VARIANTS = {
+    "raw": VariantDefaults(steps=52, guidance=3.5, mu=None),
+    "turbo": VariantDefaults(steps=8, guidance=0.0, mu=1.15),
+}
+
+
+@dataclass
+class Krea2Output:
+    images: list  # PIL.Image.Image, prompt-major: prompt 0 images 0..n-1, then prompt 1, ...
+    latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Krea2Pipeline:
+    def __init__(self, transformer, text_encoder, vae, *, variant: str = "raw",
+                 shift: dict | None = None, vae_tile: int | str | None = "auto"):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.variant = variant
+        self.defaults = VARIANTS[variant]
+        self.shift = dict(DEFAULT_SHIFT, **(shift or {}))
+        self.vae_tile = vae_tile
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.first.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.compute_dtype
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike | None = None, *, variant: str | None = None,
+                        quant=None, vram_gb: float | None = None, offload: str = "auto",
+                        device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
+                        transformer: str | os.PathLike | None = None,
+                        text_encoder: str | os.PathLike | None = None,
+                        vae: str | os.PathLike | None = None, progress: bool | None = None) -> "Krea2Pipeline":
+        """Load a pipeline from a diffusers folder (model_index.json), a hub id, or explicit paths.
+
+        `path_or_hub_id` may also be a single transformer file (official or ComfyUI); the text
+        encoder and VAE then come from `text_encoder=` / `vae=` or the released defaults
+        (Qwen/Qwen3-VL-4B-Instruct, Qwen/Qwen-Image's vae/). `variant` "raw" / "turbo" picks the
+        sampling defaults; None reads diffusers' `is_distilled` from the folder and otherwise
+        assumes "raw" (log line says so). `device=None` picks CUDA when present.
+        """
+        if offload not in ("auto", "none"):
+            raise NotImplementedError(f"offload={offload!r}: only 'none' (and 'auto', which means 'none' "
+                                      "in this version) is available; the VRAM planner is not built yet")
+        if vram_gb is not None:
+            raise NotImplementedError("vram_gb: the VRAM planner is not built yet; leave vram_gb=None")
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+        root = None
+        if path_or_hub_id is not None:
+            root = resolve_path(path_or_hub_id, ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors",
+                                                 "tokenizer/*", "*.txt"])
+        index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else {}
+        if root is not None and not index:
+            if transformer is not None:
+                raise ValueError(f"{root}: not a diffusers pipeline folder (no model_index.json), and "
+                                 "transformer= was given as well; pass one or the other")
+            transformer, root = root, None
+        if root is not None:
+            transformer = transformer or root / "transformer"
+            text_encoder = text_encoder or root / "text_encoder"
+            vae = vae or root / "vae"
+        if transformer is None:
+            raise ValueError("nothing to load: pass a pipeline folder / hub id, or transformer=")
+
+        if variant is None:
+            if "is_distilled" in index:
+                variant = "turbo" if index["is_distilled"] else "raw"
+            else:
+                variant = "raw"
+                logger.warning("krea2_lite: the checkpoint does not say whether it is Raw or Turbo; using Raw's "
+                               "defaults (52 steps, CFG 3.5). Pass variant='turbo' for Turbo.")
+        shift = {}
+        if root is not None:
+            scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
+            shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
+        select_layers = tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS)
+
+        model = load_transformer(transformer, device=device, dtype=dtype, quant=quant, progress=progress)
+        text_path = resolve_path(text_encoder or DEFAULT_TEXT_ENCODER,
+                                 ["*.json", "*.safetensors", "*.txt", "tokenizer*", "merges.txt", "vocab.json"])
+        encoder = load_text_encoder(text_path, device=device, dtype=dtype, select_layers=select_layers)
+        if vae is None:
+            vae_path = resolve_path(DEFAULT_VAE, ["vae/*"]) / "vae"
+        else:
+            vae_path = resolve_path(vae, ["*.json", "*.safetensors", "vae/*"])
+        if not vae_path.exists():
+            raise CheckpointNotFoundError(f"{vae_path}: VAE folder not found")
+        decoder = load_vae_decoder(vae_path, device=device, dtype=dtype)
+        if model.config.channels != decoder.config.z_dim:
+            raise ValueError(f"the transformer works on {model.config.channels} latent channels but the VAE at "
+                             f"{vae_path} has z_dim={decoder.config.z_dim}")
+        return cls(model, encoder, decoder, variant=variant, shift=shift)
+
+    # ---- generation ------------------------------------------------------------------------
+    def _check_size(self, name: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int number of pixels, got {value!r}")
+        if value <= 0 or value > MAX_SIDE:
+            raise ValueError(f"{name} must be in 1..{MAX_SIDE} pixels, got {value}")
+        rounded = SIZE_MULTIPLE * math.ceil(value / SIZE_MULTIPLE)
+        if rounded != value:
+            warnings.warn(f"{name}={value} is not a multiple of {SIZE_MULTIPLE}; using {rounded}", stacklevel=3)
+        return rounded
+
+    @staticmethod
+    def _prompt_list(name: str, value, expected: int | None = None) -> list[str]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
+            raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+        if expected is not None and len(items) != expected:
+            raise ValueError(f"{name} has {len(items)} entries but there are {expected} prompts")
+        return list(items)
+
+    def noise(self, count: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """Initial noise (count, channels, height/8, width/8), image i drawn from seed + i on the CPU."""
+        shape = (1, self.transformer.config.channels, height // 8, width // 8)
+        return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + i))
+                          for i in range(count)])
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+                 width: int = 1024, height: int = 1024, steps: int | None = None, guidance: float | None = None,
+                 mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
+                 max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
+        prompts = self._prompt_list("prompt", prompt)
+        width, height = self._check_size("width", width), self._check_size("height", height)
+        steps = self.defaults.steps if steps is None else steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0:
+            raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
+            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length <= 0:
+            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
+        negatives = None
+        if guidance > 0:
+            negatives = self._prompt_list("negative_prompt", "" if negative_prompt is None else negative_prompt)
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            self._prompt_list("negative_prompt", negatives, expected=len(prompts))
+
+        total = len(prompts) * num_images
+        channels = self.transformer.config.channels
+        lat_h, lat_w = height // 8, width // 8
+        if latents is None:
+            latents = self.noise(total, height, width, seed)
+        elif tuple(latents.shape) != (total, channels, lat_h, lat_w):
+            raise ValueError(f"latents must have shape {(total, channels, lat_h, lat_w)} "
+                             f"(images, channels, height/8, width/8), got {tuple(latents.shape)}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf")
+
+        hidden, mask = self.text_encoder.encode(prompts + (negatives or []), max_sequence_length)
+        hidden = hidden.to(self.device, self.dtype).repeat_interleave(num_images, dim=0)
+        mask = mask.to(self.device).repeat_interleave(num_images, dim=0)
+        cond = compact_text(hidden[:total], mask[:total])
+        uncond = compact_text(hidden[total:], mask[total:]) if negatives else None
+
+        rows, cols = lat_h // 2, lat_w // 2
+        if mu is None:
+            mu = self.defaults.mu if self.defaults.mu is not None else resolution_mu(rows * cols, **self.shift)
+        schedule = sigmas(steps, mu)
+        packed = pack_latents(latents.to(self.device, self.dtype), self.transformer.config.patch)
+
+        from tqdm.auto import tqdm
+
+        with tqdm(total=steps, desc="sampling", unit="step", disable=not progress) as bar:
+            out = denoise(self.transformer, packed, cond, schedule, guidance=float(guidance), uncond=uncond,
+                          rows=rows, cols=cols, progress=lambda _: bar.update())
+        final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+        pixels = self.vae.decode(final, tile=self.vae_tile)
+        return Krea2Output(images=to_pil(pixels), latents=final)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """[-1, 1] images (N, 3, H, W) → PIL, rounding to the nearest 8-bit value (as diffusers does;
+    the official script truncates, which darkens by half a level on average)."""
+    from PIL import Image
+
+    pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
