@@ -1,0 +1,188 @@
+"""Time one transformer step (a full forward) of krea2_lite beside diffusers' Krea2Transformer2DModel.
+
+Both models share the same random weights at the chosen shape (`--preset full` = the released
+12.9B shape; random weights cost exactly what real ones do). Cases:
+  * "padded 512": what diffusers' pipeline feeds — 512 text tokens, most of them padding, masked;
+  * "compact": what krea2_lite's pipeline feeds — only the real text tokens, no mask.
+Each case runs krea2_lite with KREA2_LITE_KERNELS=torch (SDPA) and =triton (fused attention, GPU
+only) and diffusers, alternating, medians over repeats after warm-up. Prints a Markdown table
+naming the device; --json writes the rows.
+
+  python benchmarks/transformer_step.py --device cuda --preset full --resolution 1024
+  python benchmarks/transformer_step.py --device cpu --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from krea2_lite import Krea2Config, Krea2Transformer  # noqa: E402
+from krea2_lite.sampling import positions  # noqa: E402
+
+PRESETS = {"tiny": Krea2Config.tiny(), "medium": Krea2Config.medium(), "full": Krea2Config.krea2()}
+
+
+def build_models(cfg: Krea2Config, device: torch.device, dtype: torch.dtype, with_peer: bool):
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = Krea2Transformer(cfg)
+    for name, p in list(ours.named_parameters()):  # random N(0, 0.02), the loader's dtype policy
+        target = torch.float32 if name.endswith(".scale") or name.endswith(".lin") else dtype
+        parent, _, leaf = name.rpartition(".")
+        value = torch.empty(p.shape, device=device, dtype=target).normal_(0.0, 0.02)
+        ours.get_submodule(parent)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    ours.eval()
+    peer = None
+    if with_peer:
+        from diffusers import Krea2Transformer2DModel
+        from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
+
+        with torch.device("meta"):
+            peer = Krea2Transformer2DModel(
+                in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
+                num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
+                timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
+                text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
+                text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+        shared = convert_krea2_transformer_checkpoint_to_diffusers(dict(ours.state_dict()))
+        # Views of krea2_lite's tensors (no second copy); only the small modulation tables are
+        # cast, because diffusers keeps them in the model dtype.
+        shared = {k: (v.to(dtype) if "scale_shift_table" in k else v) for k, v in shared.items()}
+        peer.load_state_dict(shared, assign=True)
+        peer.eval()
+    return ours, peer
+
+
+def make_inputs(cfg, device, dtype, resolution, txt_len, real_tokens, batch):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    side = resolution // 16
+    img = torch.randn(batch, side * side, cfg.in_channels, generator=g).to(device, dtype)
+    ctx = torch.randn(batch, txt_len, cfg.txtlayers, cfg.txtdim, generator=g).to(device, dtype)
+    t = torch.full((batch,), 0.5, device=device, dtype=dtype)
+    pos = positions(txt_len, side, side, device=device)
+    text_mask = None
+    if real_tokens < txt_len:
+        text_mask = torch.zeros(batch, txt_len, dtype=torch.bool, device=device)
+        text_mask[:, :real_tokens] = True
+    return img, ctx, t, pos, text_mask
+
+
+def timer(device):
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes; 2 = a CFG step")
+    ap.add_argument("--real-tokens", type=int, default=64, help="real prompt tokens (incl. the template suffix)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true", help="skip diffusers")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("skipped: needs CUDA")
+        return 0
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = PRESETS[args.preset]
+    with_peer = not args.no_peer
+    if with_peer:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            print("diffusers not installed: peer rows skipped")
+            with_peer = False
+    ours, peer = build_models(cfg, device, dtype, with_peer)
+    weights_gb = sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e9
+    run = timer(device)
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    rows = []
+    cases = [("padded 512", 512, args.real_tokens), ("compact", args.real_tokens, args.real_tokens)]
+    for batch, (case, txt_len, real) in [(b, c) for b in args.batch for c in cases]:
+        img, ctx, t, pos, text_mask = make_inputs(cfg, device, dtype, args.resolution, txt_len, real, batch)
+        full_mask = None
+        if text_mask is not None:
+            full_mask = torch.cat([text_mask, text_mask.new_ones(batch, img.shape[1])], dim=1)
+        systems = {}
+        for backend in backends:
+            def fn(backend=backend):
+                os.environ["KREA2_LITE_KERNELS"] = backend
+                ours(img, ctx, t, pos, full_mask)
+            systems[f"krea2_lite ({backend})"] = fn
+        if peer is not None:
+            systems["diffusers"] = lambda: peer(img, ctx, t, pos, encoder_attention_mask=text_mask, return_dict=False)
+        times = {name: [] for name in systems}
+        peaks = {}
+        with torch.no_grad():
+            for name, fn in systems.items():
+                for _ in range(args.warmup):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    fn()
+                    peaks[name] = torch.cuda.max_memory_allocated() / 1e9
+            for _ in range(args.repeats):  # alternate systems within each repeat
+                for name, fn in systems.items():
+                    times[name].append(run(fn))
+        base = statistics.median(times["krea2_lite (torch)"])
+        ref = statistics.median(times["diffusers"]) if "diffusers" in times else None
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(dict(system=name.split(" ")[0], backend=name, case=case, device=device_name(device),
+                             preset=args.preset, dtype=str(dtype).replace("torch.", ""),
+                             resolution=args.resolution, batch=batch, text_tokens=txt_len,
+                             median_ms=round(med, 2), min_ms=round(min(ts), 2),
+                             vs_diffusers=round(med / ref, 3) if ref else None,
+                             vs_krea2_lite_torch=round(med / base, 3),
+                             peak_gb=round(peaks[name], 2) if name in peaks else None))
+    print(f"\n{device_name(device)} · preset {args.preset} ({weights_gb:.1f} GB weights) · {dtype} · "
+          f"{args.resolution}² · medians of {args.repeats}\n")
+    print("| batch | case | system | text tokens | median ms | vs diffusers | peak GB |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['case']} | {r['backend']} | {r['text_tokens']} | {r['median_ms']} | "
+              f"{r['vs_diffusers'] if r['vs_diffusers'] is not None else '–'} | "
+              f"{r['peak_gb'] if r['peak_gb'] is not None else '–'} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
