@@ -3,7 +3,17 @@
 from .checkpoint import load_transformer
 from .config import Krea2Config
 from .model import Krea2Transformer
+from .quantize import QuantSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["Krea2Config", "Krea2Transformer", "load_transformer", "__version__"]
+__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "__version__"]
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in transformers (the text encoder); import it only when asked for.
+    if name == "Krea2Pipeline":
+        from .pipeline import Krea2Pipeline
+
+        return Krea2Pipeline
+    raise AttributeError(f"module 'krea2_lite' has no attribute {name!r}")

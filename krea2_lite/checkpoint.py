@@ -17,6 +17,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -88,8 +89,22 @@ def _check_not_pickle(path: Path) -> None:
             "(unpickling can run arbitrary code). Convert the checkpoint to .safetensors first.")
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Validate a safetensors file without reading its tensors; returns {key: (dtype, shape)}.
+class TensorInfo(NamedTuple):
+    dtype: str                 # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int                 # absolute byte offsets in the file
+    end: int
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Validate a safetensors file without reading its tensors; returns {key: TensorInfo}.
 
     Catches the failures safetensors reports vaguely: empty files, a header longer than the
     file, unparsable JSON, and data offsets past the end of the file (a truncated download).
@@ -119,7 +134,8 @@ def read_safetensors_header(path: Path) -> dict:
             continue
         try:
             start, end = info["data_offsets"]
-            tensors[key] = (info["dtype"], tuple(info["shape"]))
+            tensors[key] = TensorInfo(info["dtype"], tuple(info["shape"]), 8 + header_len + start,
+                                      8 + header_len + end)
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(f"{path}: malformed header entry for tensor '{key}'") from None
         if end > data_len or start > end:
@@ -129,19 +145,38 @@ def read_safetensors_header(path: Path) -> dict:
     return tensors
 
 
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with a plain file read into fresh memory (no memory map).
+
+    For streaming work (quantizing while loading): the bytes are released when the tensor is,
+    instead of staying mapped — and counted in the process's resident memory — until the file
+    is closed.
+    """
+    dtype = SAFETENSORS_DTYPES.get(info.dtype)
+    if dtype is None:
+        raise CorruptCheckpointError(f"{path}: unsupported tensor dtype {info.dtype}")
+    buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
+    with open(path, "rb") as fh:
+        fh.seek(info.start)
+        if fh.readinto(buffer.numpy()) != len(buffer):
+            raise CorruptCheckpointError(f"{path}: short read; the file changed or is truncated")
+    return buffer.view(dtype).reshape(info.shape)
+
+
 @dataclass
 class CheckpointSource:
-    """Where a transformer's tensors live: official name → (file, stored key, stored shape)."""
+    """Where a transformer's tensors live: official name → (file, stored key, header info)."""
 
     location: Path
     layout: str  # "official" | "comfyui" | "diffusers"
-    entries: dict[str, tuple[Path, str, tuple[int, ...]]] = field(default_factory=dict)
+    entries: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)
     diffusers_config: dict | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Official-layout shapes (diffusers' (6, d) modulation tables flattened)."""
         out = {}
-        for name, (_, _, shape) in self.entries.items():
+        for name, (_, _, info) in self.entries.items():
+            shape = info.shape
             out[name] = (shape[0] * shape[1],) if name.endswith("mod.lin") and len(shape) == 2 else shape
         return out
 
@@ -176,10 +211,6 @@ def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = Non
 
 def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
     """The safetensors files holding a transformer inside `folder`, and its diffusers config."""
-    if (folder / "krea2_lite.json").exists():
-        raise CheckpointNotFoundError(
-            f"{folder}: this is a krea2_lite quantized folder; this version of krea2_lite cannot read "
-            "quantized folders yet (load the bf16 source checkpoint instead)")
     if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
         folder = folder / "transformer"
     config = None
@@ -214,10 +245,10 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         _check_not_pickle(location)
         files = [location]
 
-    stored: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    stored: dict[str, tuple[Path, str, TensorInfo]] = {}
     for file in files:
-        for key, (_, shape) in read_safetensors_header(file).items():
-            stored[key] = (file, key, shape)
+        for key, info in read_safetensors_header(file).items():
+            stored[key] = (file, key, info)
 
     layout = "official"
     keys = list(stored)
@@ -325,6 +356,22 @@ def check_keys_and_shapes(source: CheckpointSource, config: Krea2Config, explici
 
 # ---- loading -------------------------------------------------------------------------------
 
+def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor, device: torch.device,
+                  dtype: torch.dtype) -> None:
+    """Put a checkpoint tensor (official name and layout) into the meta-built model, cast by
+    the dtype policy (norm scales and modulation tables float32, the rest `dtype`)."""
+    if name.endswith("mod.lin") and tensor.ndim == 2 and name != "last.modulation.lin":
+        tensor = tensor.reshape(-1)  # diffusers stores the six block tables as (6, dim)
+    target = torch.float32 if keeps_fp32(name) else dtype
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    tensor = tensor.to(device=device, dtype=target)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
 def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = None,
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      quant=None, progress: bool | None = None) -> Krea2Transformer:
@@ -336,12 +383,23 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     (copy-on-write: the file is never modified), so host memory stays near one copy of the
     weights. `config=None` infers the shape from the tensors. Returns the model in eval mode
     with gradients off.
+
+    `quant` ("int8" | "fp8" | "int4" | QuantSpec) quantizes while streaming: the float model is
+    never whole in memory. A krea2_lite quantized folder loads as it was written.
     """
-    if quant is not None:
-        raise NotImplementedError(
-            f"quant={quant!r}: quantized loading is not available in this version of krea2_lite; "
-            "load with quant=None")
-    source = open_checkpoint(path)
+    from .quantize import QuantSpec
+    from .quantize.format import is_quantized_folder, load_quantized_folder, read_manifest
+
+    spec = QuantSpec.parse(quant)
+    device = torch.device(device)
+    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
+    if is_quantized_folder(location):
+        stored = read_manifest(location)["quant"]["dtype"]
+        if spec is not None and spec.dtype != stored:
+            raise ValueError(f"{location} is already quantized to {stored}; quant={spec.dtype!r} cannot apply "
+                             "(quantize the float checkpoint instead, or pass quant=None)")
+        return load_quantized_folder(location, device=device, dtype=dtype)
+    source = open_checkpoint(location)
     explicit = config is not None
     diffusers_config = source.diffusers_config or {}
     if config is None:
@@ -350,7 +408,10 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     _check_diffusers_config(diffusers_config, config, source.location)
     check_keys_and_shapes(source, config, explicit)
 
-    device = torch.device(device)
+    if spec is not None:
+        from .quantize.stream import load_quantizing
+
+        return load_quantizing(source, config, spec, device=device, dtype=dtype, progress=progress)
     with torch.device("meta"):
         model = Krea2Transformer(config)
     by_file: dict[Path, list[str]] = {}
@@ -370,13 +431,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
                 raise CorruptCheckpointError(f"{file}: cannot be read as safetensors ({exc})") from None
             with handle:
                 for name in names:
-                    tensor = handle.get_tensor(source.entries[name][1])
-                    if name.endswith("mod.lin") and tensor.ndim == 2 and name != "last.modulation.lin":
-                        tensor = tensor.reshape(-1)
-                    target = torch.float32 if keeps_fp32(name) else dtype
-                    tensor = tensor.to(device=device, dtype=target)
-                    parent, _, leaf = name.rpartition(".")
-                    model.get_submodule(parent)._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+                    assign_tensor(model, name, handle.get_tensor(source.entries[name][1]), device, dtype)
                     bar.update()
     logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
                 config.layers, config.num_parameters() / 1e9)
