@@ -23,6 +23,11 @@ loading the norm and applying it to that entry only, as the reference does.
 The vision tower, the LM head, the final norm (unless tapped as above) and the decoder layers past
 the highest tap are never read from disk. Weights are streamed tensor by tensor from safetensors;
 pickle files are refused.
+
+The decoder linears can be held quantized (int8 / fp8 / int4, see ``krea2_lite.quantize.text_encoder``):
+``load_text_encoder(..., quant="int8")`` quantizes each weight as it is read, and a folder written by
+``save_text_encoder`` (its ``krea2_lite_text_encoder.json`` names the spec and the modules) is loaded
+back from its optimum-quanto tensors.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,6 +50,9 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwe
 
 from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
                       NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
+
+if TYPE_CHECKING:  # imported lazily at run time: plain float loads never import optimum-quanto
+    from ..quantize.recipe import QuantSpec
 
 __all__ = [
     "DEFAULT_SELECT_LAYERS",
@@ -77,6 +86,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #   Qwen3VLTextModel, bare or wrapped      model.* / *
 _LM_PREFIXES = ("model.language_model.", "language_model.", "model.", "")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+# Written by krea2_lite.quantize.text_encoder.save_text_encoder: the quantization spec and module names.
+QUANT_INFO_FILE = "krea2_lite_text_encoder.json"
 
 
 def _validate_select_layers(select_layers: Sequence[int], num_hidden_layers: int) -> tuple[int, ...]:
@@ -121,6 +132,13 @@ class Krea2TextEncoder(nn.Module):
         self.prefix_tokens = prefix_tokens
         self.suffix_tokens = suffix_tokens
         self.tokenizer = tokenizer
+        # What save_text_encoder needs to write a self-contained folder: the config as released (the
+        # raw config.json when loaded from one) and the quantization, if any (set by quantize_text_encoder_
+        # or the loader).
+        self.full_text_config = copy.deepcopy(text_config)
+        self.source_config: dict | None = None
+        self.quant_spec: QuantSpec | None = None
+        self.quantized_modules: list[str] = []
         self.prompt_template_prefix = PROMPT_TEMPLATE_PREFIX
         self.prompt_template_suffix = PROMPT_TEMPLATE_SUFFIX
 
@@ -274,7 +292,8 @@ class Krea2TextEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- loading
-def _read_text_config(folder: Path) -> Qwen3VLTextConfig:
+def _read_text_config(folder: Path) -> tuple[Qwen3VLTextConfig, dict]:
+    """(text config, raw config.json dict)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointNotFoundError(f"{folder}: no config.json (expected a Qwen3-VL text encoder folder)")
@@ -292,8 +311,8 @@ def _read_text_config(folder: Path) -> Qwen3VLTextConfig:
     if model_type == "qwen3_vl":
         if not isinstance(raw.get("text_config"), dict):
             raise NotKrea2CheckpointError(f"{config_file}: qwen3_vl config without a text_config")
-        return Qwen3VLConfig.from_dict(raw).text_config
-    return Qwen3VLTextConfig.from_dict(raw)
+        return Qwen3VLConfig.from_dict(raw).text_config, raw
+    return Qwen3VLTextConfig.from_dict(raw), raw
 
 
 def _weight_files(folder: Path) -> dict[str, Path] | list[Path]:
@@ -354,24 +373,33 @@ def load_text_encoder(
     prefix_tokens: int | None = DEFAULT_PREFIX_TOKENS,
     suffix_tokens: int | None = DEFAULT_SUFFIX_TOKENS,
     tokenizer_path: str | Path | None = None,
+    quant: str | QuantSpec | None = None,
 ) -> Krea2TextEncoder:
     """Load the Krea 2 text encoder from a local folder, reading only the tensors the taps need.
 
     ``path`` is a diffusers pipeline ``text_encoder/`` folder (a saved ``Qwen3VLModel``; its tokenizer
-    is the sibling ``tokenizer/``), a pipeline root holding both, or a Qwen3-VL hub folder (a
-    ``Qwen3VLForConditionalGeneration`` checkpoint with its tokenizer files alongside). Sharded
-    checkpoints (``model.safetensors.index.json``) are supported; pickle weights are refused.
+    is the sibling ``tokenizer/``), a pipeline root holding both, a Qwen3-VL hub folder (a
+    ``Qwen3VLForConditionalGeneration`` checkpoint with its tokenizer files alongside), or a folder
+    written by ``krea2_lite.quantize.text_encoder.save_text_encoder``. Sharded checkpoints
+    (``model.safetensors.index.json``) are supported; pickle weights are refused.
 
     ``prefix_tokens`` / ``suffix_tokens`` default to the reference constants 34 / 5; pass ``None`` to
     take them from what the tokenizer makes of the template. A mismatch between an explicit value and
     the tokenizer is warned about (and the explicit value kept, as the reference would).
+
+    ``quant`` (``"int8"``, ``"fp8"``, ``"int4"`` or a ``QuantSpec``) holds the decoder linears quantized:
+    each float weight is read, cast to ``dtype``, quantized on ``device`` and dropped before the next
+    one is read, so the float model never exists whole. The embedding table and the norms stay in
+    ``dtype``. A saved quantized folder loads as it was saved, from its optimum-quanto tensors;
+    ``quant`` may then be omitted, and a different spec is refused (re-quantizing quantized weights
+    would compound the error).
     """
     model_folder, tokenizer_folder = _resolve_folders(Path(path))
     if tokenizer_path is not None:
         tokenizer_folder = Path(tokenizer_path)
         if not tokenizer_folder.is_dir():
             raise CheckpointNotFoundError(f"{tokenizer_folder}: tokenizer folder not found")
-    text_config = _read_text_config(model_folder)
+    text_config, raw_config = _read_text_config(model_folder)
     select_layers = _validate_select_layers(select_layers, text_config.num_hidden_layers)
     files = _weight_files(model_folder)
     if tokenizer_folder is None:
@@ -379,6 +407,11 @@ def load_text_encoder(
             f"{model_folder}: no tokenizer found (looked for {', '.join(_TOKENIZER_FILES)} in the folder and in "
             "a sibling tokenizer/); pass tokenizer_path="
         )
+    spec, saved_modules = None, None
+    if quant is not None or (model_folder / QUANT_INFO_FILE).is_file():
+        from ..quantize.text_encoder import resolve_load_spec
+
+        spec, saved_modules = resolve_load_spec(model_folder, quant)
 
     # Which keys exist, and in which file.
     if isinstance(files, dict):
@@ -404,32 +437,65 @@ def load_text_encoder(
             suffix_tokens=suffix_tokens if suffix_tokens is not None else DEFAULT_SUFFIX_TOKENS,
             device=device,
         )
-    needed = {name: prefix + name for name in encoder.state_dict_keys()}
-    missing = sorted(ckpt for ckpt in needed.values() if ckpt not in key_to_file)
+    encoder.source_config = raw_config
+    needed = {name: prefix + name for name in encoder.state_dict_keys()}  # float names, before any swap
+    quantized = {}
+    if spec is not None:
+        from ..quantize.text_encoder import quantize_into_, quanto_weight_keys, swap_for_loading
+
+        quantized = swap_for_loading(encoder, spec, saved_modules, dtype)
+
+    # (checkpoint key, module path, attribute, how): "copy" places the tensor (floats cast to dtype),
+    # "quantize" quantizes a float weight into a QuantizedLinear's buffers as it is read.
+    plan: list[tuple[str, str, str, str]] = []
+    for name, ckpt in needed.items():
+        module_path, _, attr = name.rpartition(".")
+        if module_path not in quantized or attr != "weight":
+            plan.append((ckpt, module_path, attr, "copy"))
+        elif saved_modules is None:
+            plan.append((ckpt, module_path, attr, "quantize"))
+        else:  # already quantized on disk: read quanto's tensors instead of the float weight
+            base = ckpt[: -len("weight")]
+            plan += [(base + suffix, module_path, buffer, "copy")
+                     for suffix, buffer in quanto_weight_keys(quantized[module_path]).items()]
+    missing = sorted(item[0] for item in plan if item[0] not in key_to_file)
     if missing:
         raise CheckpointKeysError(
             f"{model_folder}: {len(missing)} tensor(s) needed by the text encoder are missing, e.g. {missing[:5]}"
         )
 
-    by_file: dict[Path, list[str]] = {}
-    for name, ckpt in needed.items():
-        by_file.setdefault(key_to_file[ckpt], []).append(name)
+    by_file: dict[Path, list[tuple[str, str, str, str]]] = {}
+    for item in plan:
+        by_file.setdefault(key_to_file[item[0]], []).append(item)
     model = encoder.text_model
-    for file, names in by_file.items():
+    for file, items in by_file.items():
         with _open(file) as handle:
-            for name in names:
-                ckpt = needed[name]
-                module_path, _, attr = name.rpartition(".")
+            for ckpt, module_path, attr, how in items:
                 module = model.get_submodule(module_path)
-                expected = tuple(getattr(module, attr).shape)
+                target = None if how == "quantize" else getattr(module, attr)
+                expected = (module.out_features, module.in_features) if target is None else tuple(target.shape)
                 found = tuple(handle.get_slice(ckpt).get_shape())
                 if found != expected:
                     raise ShapeMismatchError(
                         f"{file}: {ckpt} has shape {found}, config.json implies {expected}"
                     )
                 tensor = handle.get_tensor(ckpt)
-                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+                if how == "quantize":
+                    quantize_into_(module, tensor.to(device=device, dtype=dtype))
+                elif attr == "qdata":  # stored integers / fp8 codes: the type is the format, never cast
+                    if tensor.dtype != target.dtype:
+                        raise CorruptCheckpointError(
+                            f"{file}: {ckpt} is {tensor.dtype}, {encoder.quant_spec.dtype} stores {target.dtype}"
+                        )
+                    setattr(module, attr, tensor.to(device))
+                elif isinstance(target, nn.Parameter):
+                    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+                else:  # a QuantizedLinear scale / shift: in the compute dtype, like the module built it
+                    setattr(module, attr, tensor.to(device=device, dtype=target.dtype))
+    left = [name for name, t in (*encoder.named_parameters(), *encoder.named_buffers()) if t.is_meta]
+    if left:  # every tensor above was planned; this guards the plan itself
+        raise RuntimeError(f"text encoder tensors left unloaded: {left[:5]}")
 
     encoder.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
     counted = {
