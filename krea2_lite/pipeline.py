@@ -107,13 +107,21 @@ class Krea2Pipeline:
             root = resolve_path(path_or_hub_id, ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors",
                                                  "tokenizer/*", "*.txt"])
         index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else {}
-        if root is not None and not index:
+        manifest = _read_json(root / "krea2_lite.json") if root is not None and root.is_dir() else {}
+        if manifest:  # a folder written by `python -m krea2_lite.quantize`
+            index = dict(manifest.get("components", {}).get("pipeline", {}))
+            if manifest.get("variant") and "is_distilled" not in index:
+                index["is_distilled"] = manifest["variant"] == "turbo"
+            transformer = transformer or root
+        if root is not None and not index and not manifest:
             if transformer is not None:
                 raise ValueError(f"{root}: not a diffusers pipeline folder (no model_index.json), and "
                                  "transformer= was given as well; pass one or the other")
             transformer, root = root, None
         if root is not None:
             transformer = transformer or root / "transformer"
+            if text_encoder is None and not (root / "text_encoder").exists():
+                raise CheckpointNotFoundError(f"{root}: no text_encoder/ folder; pass text_encoder=")
             text_encoder = text_encoder or root / "text_encoder"
             vae = vae or root / "vae"
         if transformer is None:
