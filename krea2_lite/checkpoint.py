@@ -145,6 +145,14 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def open_safetensors(file: Path, device: str = "cpu"):
+    """`safe_open` with one clear error for files safetensors cannot read."""
+    try:
+        return safe_open(str(file), framework="pt", device=device)
+    except Exception as exc:  # safetensors raises its own error type (and OSError)
+        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
 def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     """Read one tensor with a plain file read into fresh memory (no memory map).
 
@@ -425,11 +433,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     load_device = "cpu" if device.type != "cuda" else str(device)
     with bar:
         for file, names in by_file.items():
-            try:
-                handle = safe_open(str(file), framework="pt", device=load_device)
-            except Exception as exc:  # safetensors raises its own error type
-                raise CorruptCheckpointError(f"{file}: cannot be read as safetensors ({exc})") from None
-            with handle:
+            with open_safetensors(file, load_device) as handle:
                 for name in names:
                     assign_tensor(model, name, handle.get_tensor(source.entries[name][1]), device, dtype)
                     bar.update()

@@ -150,7 +150,9 @@ class Krea2Pipeline:
             vae_path = resolve_path(vae, ["*.json", "*.safetensors", "vae/*"])
         if not vae_path.exists():
             raise CheckpointNotFoundError(f"{vae_path}: VAE folder not found")
-        decoder = load_vae_decoder(vae_path, device=device, dtype=dtype)
+        # On the CPU the VAE runs in float32: bf16 convolutions there are many times slower
+        # (no native bf16 on most desktop CPUs), and the decoder is small.
+        decoder = load_vae_decoder(vae_path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
         if model.config.channels != decoder.config.z_dim:
             raise ValueError(f"the transformer works on {model.config.channels} latent channels but the VAE at "
                              f"{vae_path} has z_dim={decoder.config.z_dim}")

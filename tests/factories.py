@@ -120,12 +120,14 @@ def tiny_vae(seed: int = 0, z_dim: int = 16):
     from diffusers import AutoencoderKLQwenImage
 
     g = torch.Generator().manual_seed(seed)
-    vae = AutoencoderKLQwenImage(
-        base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=torch.randn(z_dim, generator=g).tolist(),
-        latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist())
-    with torch.no_grad():
+    with torch.random.fork_rng():  # the default init draws from the global RNG: pin it
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(
+            base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+            temperal_downsample=[False, True, True],  # two upsample3d blocks with (unused) time_conv weights
+            latents_mean=torch.randn(z_dim, generator=g).tolist(),
+            latents_std=(torch.rand(z_dim, generator=g) + 0.5).tolist())
+    with torch.no_grad():  # gammas start at 1 and biases at 0: make them non-trivial
         for name, p in vae.named_parameters():
             if name.endswith("gamma"):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))

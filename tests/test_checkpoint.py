@@ -206,11 +206,6 @@ def test_missing_and_unexpected_tensors(tmp_path, official):
         load_transformer(path)
 
 
-def test_quant_is_reported_unavailable(layouts):
-    with pytest.raises(NotImplementedError, match="quant='int8'"):
-        load_transformer(layouts["official"], quant="int8")
-
-
 # ---- host memory ---------------------------------------------------------------------------
 
 def test_loading_grows_rss_by_at_most_1_3x_the_file(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open as real_safe_open
 from safetensors.torch import save_file
 
+import krea2_lite.checkpoint as checkpoint_mod
 import krea2_lite.model.text_encoder as te
 from factories import CAPTIONS, NUM_LAYERS, VOCAB, tiny_qwen3vl_config, train_tokenizer
 from krea2_lite.errors import (CheckpointKeysError, CheckpointNotFoundError, NotKrea2CheckpointError,
@@ -32,13 +33,7 @@ PROMPTS = ["a red fox sitting in the snow", "", "a cat", LONG_PROMPT]
 MAX_LEN = 16  # short sequences keep the 36-layer reference fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is all per-op overhead: one intra-op thread is faster and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +194,7 @@ class _SpyHandle:
 @pytest.mark.parametrize("layout, prefix", [("pipe", "language_model."), ("hub", "model.language_model.")])
 def test_reads_only_the_tapped_layers(env, monkeypatch, layout, prefix):
     read: list[str] = []
-    monkeypatch.setattr(te, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), read))
+    monkeypatch.setattr(checkpoint_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), read))
     path = env["pipe_dir"] / "text_encoder" if layout == "pipe" else env["hub_dir"]
     load_text_encoder(path, dtype=torch.float32)
 

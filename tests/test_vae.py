@@ -24,7 +24,9 @@ from krea2_lite.errors import (  # noqa: E402
     ShapeMismatchError,
     UnsafeCheckpointFormatError,
 )
+import krea2_lite.checkpoint as checkpoint_mod  # noqa: E402
 from krea2_lite.model import vae as vae_mod  # noqa: E402
+from factories import tiny_vae  # noqa: E402
 from krea2_lite.model.vae import (  # noqa: E402
     QwenImageVAEConfig,
     QwenImageVAEDecoder,
@@ -37,22 +39,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _tiny_vae(seed: int = 0) -> AutoencoderKLQwenImage:
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():  # the default init draws from the global RNG: pin it
-        torch.manual_seed(seed)
-        vae = AutoencoderKLQwenImage(
-            base_dim=16, z_dim=Z, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-            temperal_downsample=[False, True, True],  # -> two upsample3d blocks with (unused) time_conv weights
-            latents_mean=(torch.randn(Z, generator=g)).tolist(),
-            latents_std=(torch.rand(Z, generator=g) + 0.5).tolist(),
-        )
-    with torch.no_grad():  # gammas start at 1 and biases at 0: make them non-trivial
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return vae.eval()
+    return tiny_vae(seed, Z)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +123,7 @@ def test_state_dict_names_are_diffusers_decoder_keys(saved, ours):
 def test_loader_never_reads_encoder(saved, monkeypatch):
     _, folder = saved
     read: list[str] = []
-    real_open = vae_mod.safe_open
+    real_open = checkpoint_mod.safe_open
 
     class Spy:
         def __init__(self, *args, **kwargs):
@@ -153,7 +140,7 @@ def test_loader_never_reads_encoder(saved, monkeypatch):
             read.append(key)
             return self._f.get_slice(key)
 
-    monkeypatch.setattr(vae_mod, "safe_open", Spy)
+    monkeypatch.setattr(checkpoint_mod, "safe_open", Spy)
     model = load_vae_decoder(folder)
     in_file = load_file(folder / WEIGHTS)
     assert any(k.startswith("encoder.") for k in in_file) and any(".time_conv." in k for k in in_file)

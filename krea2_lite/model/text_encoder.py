@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoTokenizer
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig, Qwen3VLTextConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLTextRotaryEmbedding
 
+from ..checkpoint import open_safetensors
 from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
                       NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
 
@@ -340,13 +340,6 @@ def _weight_files(folder: Path) -> dict[str, Path] | list[Path]:
     raise CheckpointNotFoundError(f"{folder}: no *.safetensors weights")
 
 
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-
-
 def _resolve_folders(path: Path) -> tuple[Path, Path | None]:
     """(model folder, tokenizer folder or None) for a text_encoder/ folder, a pipeline root or a hub folder."""
     if not path.exists():
@@ -419,7 +412,7 @@ def load_text_encoder(
     else:
         key_to_file = {}
         for file in files:
-            with _open(file) as handle:
+            with open_safetensors(file) as handle:
                 for key in handle.keys():
                     key_to_file.setdefault(key, file)
     prefix = next((p for p in _LM_PREFIXES if f"{p}embed_tokens.weight" in key_to_file), None)
@@ -469,7 +462,7 @@ def load_text_encoder(
         by_file.setdefault(key_to_file[item[0]], []).append(item)
     model = encoder.text_model
     for file, items in by_file.items():
-        with _open(file) as handle:
+        with open_safetensors(file) as handle:
             for ckpt, module_path, attr, how in items:
                 module = model.get_submodule(module_path)
                 target = None if how == "quantize" else getattr(module, attr)

@@ -32,8 +32,9 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
+from ..checkpoint import open_safetensors
 from ..errors import (
     CheckpointKeysError,
     CheckpointNotFoundError,
@@ -508,13 +509,6 @@ def _weight_files(folder: Path) -> list[Path] | dict[str, Path]:
     raise CheckpointNotFoundError(f"{folder}: no {_WEIGHTS_NAME}")
 
 
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
-
-
 def _few(keys: Iterable[str], n: int = 5) -> str:
     keys = sorted(keys)
     more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
@@ -557,7 +551,7 @@ def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "c
         else:
             location = {}
             for file in files:
-                handles[file] = _open(file)
+                handles[file] = open_safetensors(file)
                 location.update((k, file) for k in handles[file].keys())
         present = {k for k in location if not _is_skipped_key(k)}
         missing, unexpected = set(expected) - present, present - set(expected)
@@ -575,7 +569,7 @@ def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "c
         for key in sorted(expected, key=lambda k: (str(location[k]), k)):
             file = location[key]
             if file not in handles:
-                handles[file] = _open(file)
+                handles[file] = open_safetensors(file)
             try:
                 tensor = handles[file].get_tensor(key)
             except SafetensorError as exc:
