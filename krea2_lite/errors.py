@@ -32,3 +32,7 @@ class CheckpointKeysError(Krea2LiteError, KeyError):
 
 class ShapeMismatchError(Krea2LiteError, ValueError):
     """A tensor whose shape disagrees with the config (explicit or inferred)."""
+
+
+class DeviceMemoryError(Krea2LiteError, MemoryError):
+    """The GPU ran out of memory during generation; the message says where and what to try."""

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .checkpoint import load_transformer, resolve_path
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, DeviceMemoryError
 from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
 from .model.vae import load_vae_decoder
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
@@ -233,11 +233,20 @@ class Krea2Pipeline:
 
         from tqdm.auto import tqdm
 
-        with tqdm(total=steps, desc="sampling", unit="step", disable=not progress) as bar:
-            out = denoise(self.transformer, packed, cond, schedule, guidance=float(guidance), uncond=uncond,
-                          rows=rows, cols=cols, progress=lambda _: bar.update())
-        final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
-        pixels = self.vae.decode(final, tile=self.vae_tile)
+        stage = "sampling"
+        try:
+            with tqdm(total=steps, desc="sampling", unit="step", disable=not progress) as bar:
+                out = denoise(self.transformer, packed, cond, schedule, guidance=float(guidance), uncond=uncond,
+                              rows=rows, cols=cols, progress=lambda _: bar.update())
+            final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+            stage = "decoding"
+            pixels = self.vae.decode(final, tile=self.vae_tile)
+        except torch.cuda.OutOfMemoryError as exc:
+            # The VRAM planner (automatic re-planning with offload) is not built yet: say what to change.
+            raise DeviceMemoryError(
+                f"out of GPU memory while {stage} {total} image(s) at {width}×{height}"
+                f"{' with CFG' if negatives else ''}: {str(exc).splitlines()[0]} — lower the resolution or "
+                "num_images, or load a quantized model (quant='int8' / 'int4')") from exc
         return Krea2Output(images=to_pil(pixels), latents=final)
 
 
