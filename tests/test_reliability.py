@@ -92,3 +92,11 @@ def test_over_long_prompt_warns_and_generates(pipe):
         out = pipe(" ".join(CAPTIONS * 40), width=32, height=32, steps=1, guidance=0.0, max_sequence_length=16,
                    progress=False)
     assert out.images[0].size == (32, 32)
+
+
+def test_vae_of_another_latent_width_is_refused(folder, tmp_path):
+    from factories import tiny_vae
+
+    tiny_vae(z_dim=8).save_pretrained(tmp_path / "vae8")
+    with pytest.raises(ValueError, match="16 latent channels but the VAE .* has z_dim=8"):
+        Krea2Pipeline.from_pretrained(folder, vae=tmp_path / "vae8", device="cpu", progress=False)
