@@ -106,3 +106,25 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: 
             return fused_triton(q, k, v, q_scale, k_scale, cos, sin, gate, key_mask, eps)
         log_fallback("fused_attention", reason)
     return fused_attention_torch(q, k, v, q_scale, k_scale, cos, sin, gate, key_mask, eps)
+
+
+def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
+            dtype: str, group: int | None, out_features: int, in_features: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias with W stored quantized (`QuantizedLinear`'s layouts: int8 / fp8 / int4).
+
+    The Triton dequant-matmul with KREA2_LITE_KERNELS=triton when it supports the input;
+    otherwise `qmatmul_torch` (dequantize to x.dtype, then `F.linear`).
+    """
+    from .qmatmul_torch import qmatmul_torch
+
+    # Not yet compiled and timed on a GPU: `auto` keeps the torch path until it has been; the
+    # kernel runs when asked for explicitly (KREA2_LITE_KERNELS=triton).
+    if kernel_backend() == "triton" and use_triton("qmatmul", x, qdata):
+        from .qmatmul_triton import qmatmul_supports, qmatmul_triton
+
+        reason = qmatmul_supports(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
+        if reason is None:
+            return qmatmul_triton(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
+        log_fallback("qmatmul", reason)
+    return qmatmul_torch(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)

@@ -2,8 +2,9 @@
 
 optimum-quanto computes the quantization (its absmax / max optimizers and `quantize_weight`,
 always its kernel-agnostic tensors). The module keeps those tensors as plain buffers and does
-its own matmul: dequantize, then `F.linear` — the reference every quantized-matmul kernel is
-checked against. (quanto's own CUDA paths — Marlin, AWQ, TinyGemm — are avoided on purpose.)
+its own matmul through `krea2_lite.kernels.qmatmul` (a Triton dequant-matmul, or the plain-torch
+reference: dequantize, then `F.linear`). quanto's own CUDA paths (Marlin, AWQ, TinyGemm) are
+avoided on purpose.
 
 Layouts (w = the (out, in) float weight):
   int8  qdata int8 (out, in),          w = qdata · scale,          scale (out, 1)
@@ -19,7 +20,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.qmatmul_torch import dequantize_weight
 
 QUANTO_QTYPE_NAMES = {"int8": "qint8", "fp8": "qfloat8_e4m3fn", "int4": "qint4"}
 STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
@@ -123,16 +126,12 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the stored values represent."""
-        if self.dtype == "int4":
-            rows = self.scale.shape[0]
-            q = torch.cat([self.qdata & 0xF, self.qdata >> 4])[:rows].float()
-            w = q * self.scale.float() - self.shift.float()
-        else:
-            w = self.qdata.float() * self.scale.float()
-        return w.reshape(self.out_features, self.in_features).to(dtype)
+        return dequantize_weight(self.qdata, self.scale, self.shift, self.dtype, self.out_features,
+                                 self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return kernels.qmatmul(x, self.qdata, self.scale, self.shift, self.dtype, self.group,
+                               self.out_features, self.in_features, self.bias)
 
     # ---- quanto's serialized names ---------------------------------------------------------
     def quanto_state(self, prefix: str) -> dict[str, torch.Tensor]:
