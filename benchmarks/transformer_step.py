@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 
@@ -48,13 +49,10 @@ def build_models(cfg: Krea2Config, device: torch.device, dtype: torch.dtype, wit
         from diffusers import Krea2Transformer2DModel
         from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
+        from factories import diffusers_kwargs  # tests/factories.py: test-side helpers
+
         with torch.device("meta"):
-            peer = Krea2Transformer2DModel(
-                in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
-                num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
-                timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
-                text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
-                text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+            peer = Krea2Transformer2DModel(**diffusers_kwargs(cfg))
         shared = convert_krea2_transformer_checkpoint_to_diffusers(dict(ours.state_dict()))
         # Views of krea2_lite's tensors (no second copy); only the small modulation tables are
         # cast, because diffusers keeps them in the model dtype.

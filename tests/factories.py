@@ -10,6 +10,15 @@ from krea2_lite import Krea2Config
 from krea2_lite.checkpoint import diffusers_to_official_key
 
 
+def diffusers_kwargs(cfg: Krea2Config) -> dict:
+    """Krea2Transformer2DModel's constructor arguments for the shape `cfg`."""
+    return dict(in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
+                num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
+                timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
+                text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
+                text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+
+
 def diffusers_transformer(cfg: Krea2Config, seed: int = 0):
     """A diffusers Krea2Transformer2DModel of shape `cfg` with every parameter randomised.
 
@@ -19,12 +28,7 @@ def diffusers_transformer(cfg: Krea2Config, seed: int = 0):
     from diffusers import Krea2Transformer2DModel
 
     torch.manual_seed(seed)
-    model = Krea2Transformer2DModel(
-        in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
-        timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
-        text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
-        text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+    model = Krea2Transformer2DModel(**diffusers_kwargs(cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
