@@ -39,6 +39,17 @@ def _quanto_qtype(dtype: str):
 CHUNK_ELEMENTS = 1 << 24
 
 
+def _unpack_int4(packed) -> torch.Tensor:
+    """quanto's 4-bit PackedTensor → its uint8 values (low nibbles are the first half of the rows).
+
+    Done here in plain torch: `PackedTensor.unpack()` dispatches to quanto's C++ extension,
+    which quanto compiles with ninja on first use (minutes, a compiler needed, and a lock file
+    that a killed process leaves behind).
+    """
+    data = packed._data
+    return torch.cat([data & 0xF, data >> 4])[: packed.shape[0]]
+
+
 def _quantize_rows(w: torch.Tensor, dtype: str, group: int | None, scale_dtype: torch.dtype):
     """quanto on a slice of whole rows (float32) → (values, scale, shift); int4 values unpacked."""
     from optimum.quanto.tensor.optimizers import AbsmaxOptimizer, MaxOptimizer
@@ -50,7 +61,7 @@ def _quantize_rows(w: torch.Tensor, dtype: str, group: int | None, scale_dtype: 
         scale = scale.to(scale_dtype).float()
         shift = shift.to(scale_dtype).float()
         q = quantize_weight(w, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=group, optimized=False)
-        return q._data.unpack(), scale.to(scale_dtype), shift.to(scale_dtype)
+        return _unpack_int4(q._data), scale.to(scale_dtype), shift.to(scale_dtype)
     scale = AbsmaxOptimizer()(w, qtype=qtype, axis=0)
     # An all-zero row would give scale 0 and 0/0 values; any positive scale encodes it exactly.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(scale_dtype).float()
