@@ -73,6 +73,21 @@ def check_preset(preset: str, device: str | torch.device) -> None:
             "where CUDA is available. On the CPU use --preset medium (or tiny).")
 
 
+def usable_device(device: str, preset: str) -> tuple[torch.device | None, int]:
+    """(device, 0) when the run can go ahead; (None, exit status) after saying why it cannot:
+    0 for a CUDA run on a machine without CUDA (skipped), 2 for a preset refused here."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("skipped: needs CUDA")
+        return None, 0
+    try:
+        check_preset(preset, dev)
+    except PresetUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None, 2
+    return dev, 0
+
+
 def transformer_config(preset: str) -> Krea2Config:
     if preset == "tiny":
         from factories import PIPELINE_CONFIG

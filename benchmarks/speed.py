@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from pipeline_factory import (DEFAULT_RESOLUTION, PRESETS, PresetUnavailable, check_preset,  # noqa: E402
+from pipeline_factory import (DEFAULT_RESOLUTION, PRESETS, usable_device,  # noqa: E402
                               ensure_preset)
 
 PROMPT = "a red fox sitting in the snow"
@@ -404,15 +404,9 @@ def main() -> int:
                     "sequential: one pipeline loaded at a time (for cards that cannot hold both, e.g. full on an H100)")
     args = ap.parse_args()
     check_common_args(ap, args)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("skipped: needs CUDA")
-        return 0
-    try:
-        check_preset(args.preset, device)
-    except PresetUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device, status = usable_device(args.device, args.preset)
+    if device is None:
+        return status
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from pipeline_factory import PresetUnavailable, check_preset, ensure_preset, folder_size  # noqa: E402
+from pipeline_factory import usable_device, ensure_preset, folder_size  # noqa: E402
 from speed import (SEED, Ours, Peer, StageClock, add_common_args, check_common_args, device_name,  # noqa: E402
                    model_dtype, prewarm_quant, proc_status, sync)
 
@@ -176,15 +176,9 @@ def main() -> int:
         print(MARK + json.dumps(result), flush=True)
         return 0
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("skipped: needs CUDA")
-        return 0
-    try:
-        check_preset(args.preset, device)
-    except PresetUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    device, status = usable_device(args.device, args.preset)
+    if device is None:
+        return status
     folder = ensure_preset(args.preset, args.workdir)
     prewarm_quant(args.quant)
     common = dict(device=device_name(device), preset=args.preset, quant=args.quant, offload=args.offload,
