@@ -35,7 +35,8 @@ repeat (a sanity check that both did the same work; quantized krea2_lite rows di
 Dtypes: CPU runs in float32, CUDA in bfloat16 (krea2_lite keeps its VAE in float32 on the CPU).
 --quant int8|fp8|int4 quantizes krea2_lite's transformer while loading (`from_pretrained(...,
 quant=)`); diffusers has no such path here, so quant rows compare with the diffusers pipeline at the
-model dtype (its row says `weights: float32` / `bfloat16`). --offload: only "none" exists today.
+model dtype (its row says `weights: float32` / `bfloat16`). --offload / --vram-gb are passed to
+krea2_lite's from_pretrained (diffusers always runs fully resident here).
 
 CUDA memory (per stage, last timed repeat): peak_alloc_gb = `torch.cuda.max_memory_allocated()`
 during the stage (peak reset at its start) MINUS the other system's resident weights (both
@@ -188,8 +189,10 @@ class System:
     name = ""
 
     def __init__(self, folder: Path, device: torch.device, quant: str, steps: int, guidance: float,
-                 resolution: int, max_sequence_length: int, clock: StageClock | None = None):
+                 resolution: int, max_sequence_length: int, clock: StageClock | None = None,
+                 offload: str = "none", vram_gb: float | None = None):
         self.folder, self.device, self.quant = folder, device, quant
+        self.offload, self.vram_gb = offload, vram_gb
         self.steps, self.guidance, self.resolution, self.msl = steps, guidance, resolution, max_sequence_length
         self.clock = clock or StageClock(device)
         self.resident_bytes = 0
@@ -232,7 +235,7 @@ class Ours(System):
 
         return Krea2Pipeline.from_pretrained(self.folder, device=self.device, dtype=model_dtype(self.device),
                                              quant=None if self.quant == "none" else self.quant,
-                                             offload="none", progress=False)
+                                             offload=self.offload, vram_gb=self.vram_gb, progress=False)
 
     def instrument(self) -> None:
         import krea2_lite.pipeline as module
@@ -351,7 +354,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
     ap.add_argument("--quant", choices=QUANTS, default="none",
                     help="krea2_lite transformer weights; diffusers always runs at the model dtype")
-    ap.add_argument("--offload", default="none", help="only 'none' exists today")
+    ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "auto"],
+                    help="krea2_lite's offload mode (from_pretrained(offload=...))")
+    ap.add_argument("--vram-gb", type=float, default=None, help="krea2_lite's device budget in GiB (the planner's)")
     ap.add_argument("--resolution", type=int, help="square image side in pixels (default per preset: "
                     + ", ".join(f"{k} {v}" for k, v in DEFAULT_RESOLUTION.items()) + ")")
     ap.add_argument("--steps", type=int, help="sampling steps (default per preset: "
@@ -379,9 +384,8 @@ def quiet_libraries() -> None:
 
 
 def check_common_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.offload != "none":
-        ap.error(f"--offload {args.offload}: only 'none' exists today (krea2_lite's offload planner is not "
-                 "built yet; from_pretrained(offload=...) raises NotImplementedError for anything else)")
+    if args.vram_gb is not None and args.vram_gb <= 0:
+        ap.error(f"--vram-gb must be positive, got {args.vram_gb}")
     args.resolution = args.resolution or DEFAULT_RESOLUTION[args.preset]
     args.steps = args.steps or DEFAULT_STEPS[args.preset]
     if args.threads is None and args.preset == "tiny" and args.device == "cpu":
@@ -417,6 +421,7 @@ def main() -> int:
 
     common = dict(folder=folder, device=device, quant=args.quant, steps=args.steps, guidance=args.guidance,
                   resolution=args.resolution, max_sequence_length=args.max_sequence_length)
+    ours_only = dict(offload=args.offload, vram_gb=args.vram_gb)
     times = {name: {k: [] for k in (*STAGES, "other", "end_to_end")} for name in SYSTEMS}
     first_images = {}
 
@@ -432,7 +437,7 @@ def main() -> int:
 
     with torch.no_grad():
         if args.order == "alternate":  # both pipelines loaded; systems alternate within each repeat
-            systems = [Ours(**common), Peer(**common)]
+            systems = [Ours(**common, **ours_only), Peer(**common)]
             latents = systems[0].pipe.noise(1, args.resolution, args.resolution, seed=SEED)
             for s in systems:
                 for _ in range(args.warmup):
@@ -443,7 +448,7 @@ def main() -> int:
         else:  # one pipeline at a time (the pair may not fit on the card together)
             systems = []
             for cls in (Ours, Peer):
-                s = cls(**common)
+                s = cls(**common, **(ours_only if cls is Ours else {}))
                 if cls is Ours:
                     latents = s.pipe.noise(1, args.resolution, args.resolution, seed=SEED)
                 for _ in range(args.warmup):

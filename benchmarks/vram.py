@@ -76,7 +76,8 @@ def child_pipeline(args) -> dict:
     with clock.stage("load"):
         system = cls(folder=Path(args.folder), device=device, quant=args.quant, steps=args.steps,
                      guidance=args.guidance, resolution=args.resolution,
-                     max_sequence_length=args.max_sequence_length, clock=clock)
+                     max_sequence_length=args.max_sequence_length, clock=clock,
+                     **(dict(offload=args.offload, vram_gb=args.vram_gb) if cls is Ours else {}))
     config = system.pipe.transformer.config
     channels = config.in_channels // 4 if cls is Peer else config.channels
     side = args.resolution // 8  # Krea2Pipeline.noise(1, H, W, SEED), drawn here without building it for diffusers
@@ -126,7 +127,9 @@ def run_child(args, child: str, folder: Path, quant: str | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--folder", str(folder),
            "--device", args.device, "--preset", args.preset, "--quant", quant or args.quant,
            "--resolution", str(args.resolution), "--steps", str(args.steps), "--guidance", str(args.guidance),
-           "--max-sequence-length", str(args.max_sequence_length)]
+           "--max-sequence-length", str(args.max_sequence_length), "--offload", args.offload]
+    if args.vram_gb is not None:
+        cmd += ["--vram-gb", str(args.vram_gb)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PNG path; with several images, _0, _1, … are added before the suffix")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--quant", choices=["int8", "fp8", "int4"], help="quantize the transformer while loading")
+    gen.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto",
+                     help="where weights live: auto plans from --vram-gb or the free GPU memory")
+    gen.add_argument("--vram-gb", type=float, help="device memory budget in GiB for the offload planner")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -71,7 +75,8 @@ def generate(args: argparse.Namespace) -> int:
 
     pipe = Krea2Pipeline.from_pretrained(args.model, variant=args.variant, device=args.device,
                                          dtype=DTYPES[args.dtype], text_encoder=args.text_encoder,
-                                         vae=args.vae, progress=not args.quiet)
+                                         vae=args.vae, quant=args.quant, offload=args.offload,
+                                         vram_gb=args.vram_gb, progress=not args.quiet)
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                   steps=args.steps, guidance=args.cfg, mu=args.mu, seed=args.seed,
                   num_images=args.num_images, progress=not args.quiet)

@@ -36,3 +36,7 @@ class ShapeMismatchError(Krea2LiteError, ValueError):
 
 class DeviceMemoryError(Krea2LiteError, MemoryError):
     """The GPU ran out of memory during generation; the message says where and what to try."""
+
+
+class MemoryPlanError(Krea2LiteError, MemoryError):
+    """No placement of the pipeline fits the device memory budget or the host RAM."""

@@ -7,6 +7,7 @@ gives the same image on any device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,10 +19,12 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import load_transformer, resolve_path
-from .errors import CheckpointNotFoundError, DeviceMemoryError
+from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve_path
+from .errors import CheckpointNotFoundError, DeviceMemoryError, MemoryPlanError
 from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
 from .model.vae import load_vae_decoder
+from .offload import plan_memory
+from .offload.manager import Offloader
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 
 logger = logging.getLogger("krea2_lite")
@@ -31,6 +34,8 @@ DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-VL-4B-Instruct"
 DEFAULT_VAE = "Qwen/Qwen-Image"
 MAX_SIDE = 4096  # pixels; Turbo is trained up to 2k, beyond 4k attention cost explodes
 SIZE_MULTIPLE = 16  # VAE factor 8 × patch 2
+OFFLOAD_MODES = ("auto", "none", "model", "sequential")
+REPLAN_FACTOR = 0.8  # after a CUDA out-of-memory error, plan again for this share of the last peak
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,35 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer of a loaded module."""
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def describe_transformer(path, quant):
+    """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
+    from .config import Krea2Config
+    from .quantize import QuantSpec
+    from .quantize.format import is_quantized_folder, read_manifest
+
+    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
+    if is_quantized_folder(location):
+        manifest = read_manifest(location)
+        return Krea2Config.from_dict(manifest["config"]), QuantSpec.from_dict(manifest["quant"])
+    source = open_checkpoint(location)
+    theta = float((source.diffusers_config or {}).get("rope_theta", 1000.0))
+    return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
+
+
+def _budget_gib(vram_gb: float | None, device: torch.device) -> float | None:
+    """The plan's budget: vram_gb, else what CUDA reports free on `device`, else none (CPU)."""
+    if vram_gb is not None or device.type != "cuda":
+        return vram_gb
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / (1 << 30)
+
+
 class Krea2Pipeline:
     def __init__(self, transformer, text_encoder, vae, *, variant: str = "raw",
                  shift: dict | None = None, vae_tile: int | str | None = "auto"):
@@ -68,10 +102,14 @@ class Krea2Pipeline:
         self.defaults = VARIANTS[variant]
         self.shift = dict(DEFAULT_SHIFT, **(shift or {}))
         self.vae_tile = vae_tile
+        self.offloader = None  # set by apply_plan
+        self.memory_plan = None
+        self._device = None
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.first.weight.device
+        """Where the transformer computes (with offloading, its weights may sit on the host between uses)."""
+        return self._device if self._device is not None else self.transformer.first.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,11 +131,11 @@ class Krea2Pipeline:
         sampling defaults; None reads diffusers' `is_distilled` from the folder and otherwise
         assumes "raw" (log line says so). `device=None` picks CUDA when present.
         """
-        if offload not in ("auto", "none"):
-            raise NotImplementedError(f"offload={offload!r}: only 'none' (and 'auto', which means 'none' "
-                                      "in this version) is available; the VRAM planner is not built yet")
-        if vram_gb is not None:
-            raise NotImplementedError("vram_gb: the VRAM planner is not built yet; leave vram_gb=None")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))
+                                    or not vram_gb > 0):
+            raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -140,10 +178,13 @@ class Krea2Pipeline:
             shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
         select_layers = tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS)
 
-        model = load_transformer(transformer, device=device, dtype=dtype, quant=quant, progress=progress)
+        # With offloading, the text encoder and the VAE are loaded to the host first: the plan needs
+        # their exact sizes, and decides where they live.
+        planned = offload != "none" and not (offload == "auto" and device.type != "cuda" and vram_gb is None)
+        load_device = torch.device("cpu") if planned else device
         text_path = resolve_path(text_encoder or DEFAULT_TEXT_ENCODER,
                                  ["*.json", "*.safetensors", "*.txt", "tokenizer*", "merges.txt", "vocab.json"])
-        encoder = load_text_encoder(text_path, device=device, dtype=dtype, select_layers=select_layers)
+        encoder = load_text_encoder(text_path, device=load_device, dtype=dtype, select_layers=select_layers)
         if vae is None:
             vae_path = resolve_path(DEFAULT_VAE, ["vae/*"]) / "vae"
         else:
@@ -152,11 +193,46 @@ class Krea2Pipeline:
             raise CheckpointNotFoundError(f"{vae_path}: VAE folder not found")
         # On the CPU the VAE runs in float32: bf16 convolutions there are many times slower
         # (no native bf16 on most desktop CPUs), and the decoder is small.
-        decoder = load_vae_decoder(vae_path, device=device, dtype=dtype if device.type == "cuda" else torch.float32)
+        decoder = load_vae_decoder(vae_path, device=load_device,
+                                   dtype=dtype if device.type == "cuda" else torch.float32)
+        plan = None
+        if planned:
+            config, spec = describe_transformer(transformer, quant)
+            plan = plan_memory(config, spec, _budget_gib(vram_gb, device), mode=offload, dtype=dtype,
+                               cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
+                               vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim)
+            logger.info("krea2_lite: %s", plan)
+            if plan.mode == "none":
+                load_device = device
+        model = load_transformer(transformer, device=load_device, dtype=dtype, quant=quant, progress=progress)
         if model.config.channels != decoder.config.z_dim:
             raise ValueError(f"the transformer works on {model.config.channels} latent channels but the VAE at "
                              f"{vae_path} has z_dim={decoder.config.z_dim}")
-        return cls(model, encoder, decoder, variant=variant, shift=shift)
+        pipe = cls(model, encoder, decoder, variant=variant, shift=shift)
+        if plan is not None:
+            pipe.apply_plan(plan, device)
+        return pipe
+
+    # ---- memory placement ------------------------------------------------------------------
+    def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
+             cfg: bool | None = None, num_images: int = 1, prefetch: int = 1):
+        """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape."""
+        quantization = getattr(self.transformer, "quantization", None)
+        return plan_memory(self.transformer.config, quantization.spec if quantization else None, vram_gb,
+                           width, height, mode=mode, dtype=self.dtype,
+                           cfg=self.defaults.guidance > 0 if cfg is None else cfg, num_images=num_images,
+                           text_encoder_bytes=tensor_bytes(self.text_encoder),
+                           vae_weight_bytes=tensor_bytes(self.vae), vae_base_dim=self.vae.config.base_dim,
+                           prefetch=prefetch)
+
+    def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
+        """Place the components as `plan` says (undoing any previous plan first)."""
+        device = torch.device(device) if device is not None else self.device
+        if self.offloader is not None:
+            self.offloader.release()
+            self.offloader = None
+        self.offloader = Offloader(self.transformer, self.text_encoder, self.vae, plan, device)
+        self.memory_plan, self._device = plan, device
 
     # ---- generation ------------------------------------------------------------------------
     def _check_size(self, name: str, value) -> int:
@@ -218,8 +294,46 @@ class Krea2Pipeline:
                              f"(images, channels, height/8, width/8), got {tuple(latents.shape)}")
         elif not torch.isfinite(latents).all():
             raise ValueError("latents contain NaN or inf")
+        call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
+                    guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
+        try:
+            return self._generate(**call)
+        except torch.cuda.OutOfMemoryError as exc:
+            first = exc
+        # One re-plan with a smaller budget, then a clear failure.
+        where = f"{total} image(s) at {width}×{height}{' with CFG' if negatives else ''}"
+        try:
+            plan = self._replan(width, height, negatives is not None, total)
+        except MemoryPlanError as exc:
+            raise DeviceMemoryError(f"out of GPU memory generating {where}: {str(first).splitlines()[0]}; no "
+                                    f"smaller memory plan exists ({str(exc).splitlines()[0]}) — lower the "
+                                    "resolution or num_images, or load a quantized model (quant='int4')") from first
+        warnings.warn(f"out of GPU memory generating {where}; retrying once with a smaller memory plan:\n{plan}",
+                      RuntimeWarning, stacklevel=2)
+        try:
+            return self._generate(**call)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise DeviceMemoryError(
+                f"out of GPU memory generating {where}, also after re-planning for "
+                f"{plan.budget_bytes / (1 << 30):.2f} GiB (offload '{plan.mode}', {len(plan.streamed_blocks)} blocks "
+                f"streamed): {str(exc).splitlines()[0]} — lower the resolution or num_images, pass a smaller "
+                "vram_gb, or load a quantized model (quant='int8' / 'int4')") from exc
 
-        hidden, mask = self.text_encoder.encode(prompts + (negatives or []), max_sequence_length)
+    def _replan(self, width: int, height: int, cfg: bool, images: int):
+        """After an out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied."""
+        last = self.memory_plan or self.plan(None, mode="none", width=width, height=height, cfg=cfg,
+                                             num_images=images)
+        budget = REPLAN_FACTOR * last.peak_bytes / (1 << 30)
+        plan = self.plan(budget, width=width, height=height, cfg=cfg, num_images=images, prefetch=last.prefetch)
+        self.apply_plan(plan, self.device)
+        return plan
+
+    def _generate(self, *, prompts, negatives, num_images, latents, steps, guidance, mu, max_sequence_length,
+                  progress) -> Krea2Output:
+        total = latents.shape[0]
+        lat_h, lat_w = latents.shape[-2:]
+        with self.offloader.encoding() if self.offloader is not None else contextlib.nullcontext():
+            hidden, mask = self.text_encoder.encode(prompts + (negatives or []), max_sequence_length)
         hidden = hidden.to(self.device, self.dtype).repeat_interleave(num_images, dim=0)
         mask = mask.to(self.device).repeat_interleave(num_images, dim=0)
         cond = compact_text(hidden[:total], mask[:total])
@@ -233,20 +347,14 @@ class Krea2Pipeline:
 
         from tqdm.auto import tqdm
 
-        stage = "sampling"
-        try:
-            with tqdm(total=steps, desc="sampling", unit="step", disable=not progress) as bar:
-                out = denoise(self.transformer, packed, cond, schedule, guidance=float(guidance), uncond=uncond,
-                              rows=rows, cols=cols, progress=lambda _: bar.update())
-            final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
-            stage = "decoding"
-            pixels = self.vae.decode(final, tile=self.vae_tile)
-        except torch.cuda.OutOfMemoryError as exc:
-            # The VRAM planner (automatic re-planning with offload) is not built yet: say what to change.
-            raise DeviceMemoryError(
-                f"out of GPU memory while {stage} {total} image(s) at {width}×{height}"
-                f"{' with CFG' if negatives else ''}: {str(exc).splitlines()[0]} — lower the resolution or "
-                "num_images, or load a quantized model (quant='int8' / 'int4')") from exc
+        with tqdm(total=steps, desc="sampling", unit="step", disable=not progress) as bar:
+            out = denoise(self.transformer, packed, cond, schedule, guidance=guidance, uncond=uncond,
+                          rows=rows, cols=cols, progress=lambda _: bar.update())
+        final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+        tile = self.vae_tile
+        if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
+            tile = self.memory_plan.vae_tile
+        pixels = self.vae.decode(final, tile=tile)
         return Krea2Output(images=to_pil(pixels), latents=final)
 
 

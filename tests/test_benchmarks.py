@@ -63,7 +63,7 @@ def test_vram_tiny_cpu(workdir):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("speed.py", ["--offload", "cpu"], "only 'none' exists"),
+    ("speed.py", ["--offload", "cpu"], "invalid choice: 'cpu'"),
     ("vram.py", ["--device", "cpu", "--preset", "full"], "meant for a GPU machine"),
 ])
 def test_bad_flags_are_refused(script, args, message, workdir):
@@ -71,3 +71,14 @@ def test_bad_flags_are_refused(script, args, message, workdir):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--workdir", str(workdir), *args],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_offload_benchmark_smoke_run_on_cpu():
+    """Every block streamed on the CPU: the script checks the output equals the resident one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload.py"), "--device", "cpu", "--preset",
+                           "tiny", "--resolution", "64", "--repeats", "1", "--quant", "int4"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.endswith("× |")]
+    assert len(rows) == 1 and "| 0 | 2 |" in rows[0], proc.stdout  # tiny: 0 resident, 2 streamed

@@ -1,0 +1,152 @@
+"""Byte counts for the memory planner: weights exactly, activations from the shapes of one step.
+
+Weights are counted on a meta-device model built with the same code that loads the real one
+(and, for a quantized model, the same quantized skeleton), so a byte here is a byte on the GPU.
+Activations follow the live tensors of the widest point of a step; see `transformer_activation_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import Krea2Config
+
+# Qwen3-VL-4B-Instruct's text path as Krea 2 uses it (layers 1..35, embedding table, no LM head).
+QWEN3VL_4B_TEXT = dict(hidden=2560, intermediate=9728, heads=32, kvheads=8, headdim=128, vocab=151936, layers=35)
+# Peak decoder activation per output pixel, in units of base_dim·itemsize: the last up-stage holds
+# about eight full-resolution tensors of base_dim channels (1394 MiB measured untiled at 1024² bf16
+# on an H100 for base_dim 96 → 7.3; 8 leaves a margin).
+VAE_BYTES_PER_PIXEL_PER_CHANNEL = 8
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def module_bytes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> int:
+    """Bytes `module` occupies once loaded as krea2_lite loads it, counted on a meta copy.
+
+    Quantized layers count their stored tensors as they are; float parameters count at `dtype`,
+    except norm scales and modulation tables, which the loader keeps in float32.
+    """
+    from ..checkpoint import keeps_fp32
+    from ..quantize.qlinear import QuantizedLinear
+
+    total = 0
+    for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(sub, QuantizedLinear):
+            total += sum(t.numel() * t.element_size() for t in sub.buffers())
+            if sub.bias is not None:
+                total += sub.bias.numel() * _itemsize(dtype)
+            continue
+        for pname, p in sub.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            total += p.numel() * (4 if keeps_fp32(full) else _itemsize(dtype))
+    return total
+
+
+@dataclass(frozen=True)
+class TransformerWeights:
+    """Bytes of the transformer: what always stays on the device, and each block."""
+
+    fixed: int  # everything outside `blocks` (embedders, text fusion, output layer)
+    blocks: tuple[int, ...]
+    largest_linear: int  # elements of the largest quantized weight (its bf16 dequantization scratch)
+
+    @property
+    def total(self) -> int:
+        return self.fixed + sum(self.blocks)
+
+
+def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> TransformerWeights:
+    """Exact weight bytes of a Krea 2 transformer of shape `config`, quantized by `quant` or not."""
+    from ..model import Krea2Transformer
+    from ..quantize import QuantSpec
+    from ..quantize.qlinear import QuantizedLinear
+    from ..quantize.stream import build_quantized_skeleton
+
+    spec = QuantSpec.parse(quant)
+    if spec is None:
+        with torch.device("meta"):
+            model = Krea2Transformer(config)
+    else:
+        model = build_quantized_skeleton(config, spec, dtype, log=False)
+    blocks = tuple(module_bytes(block, dtype, f"blocks.{i}.") for i, block in enumerate(model.blocks))
+    fixed = sum(module_bytes(child, dtype, f"{name}.") for name, child in model.named_children() if name != "blocks")
+    largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)),
+                  default=0)
+    return TransformerWeights(fixed=fixed, blocks=blocks, largest_linear=largest)
+
+
+def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: int, text_tokens: int,
+                                 dtype: torch.dtype, quantized: bool) -> int:
+    """Device bytes of activations at the widest point of one transformer forward.
+
+    Counted (itemsize s, B batch, L = text + image tokens, f width, m MLP width):
+      block MLP       x, its modulated norm, silu(gate·h), up·h and their product: B·L·s·(2f + 3m)
+      block attention x, h, q, k, v, gate, attention out, wo out: B·L·s·(5f + 2·kvdim) + B·L·f·s
+      norm            x plus the float32 input copy and output of RMSNorm: B·L·f·(s + 8)
+      text fusion     the layerwise blocks see B·Ltxt sequences of `txtlayers` tokens: same MLP form
+    plus what lives across the step (the stacked text context, latents, rope tables) and, for a
+    quantized model on the torch matmul path, one dequantized weight (the largest). Attention
+    never materialises an L×L matrix (flash-style kernels, fused or SDPA).
+    """
+    s = _itemsize(dtype)
+    f, m, kv = config.features, config.mlpdim, config.kvheads * config.headdim
+    length = image_tokens + text_tokens
+    tokens = batch * length
+    mlp = tokens * s * (2 * f + 3 * m)
+    attention = tokens * s * (6 * f + 2 * kv)
+    norm = tokens * f * (s + 8)
+    txt_tokens = batch * text_tokens * config.txtlayers
+    fusion = txt_tokens * s * (2 * config.txtdim + 3 * config.txtmlpdim)
+    persistent = (batch * text_tokens * config.txtlayers * config.txtdim * s  # stacked context
+                  + batch * image_tokens * config.in_channels * 4 * 3  # latents, velocity, next latents
+                  + length * config.headdim * 4)  # rope cos/sin, float32
+    scratch = 0
+    if quantized:
+        scratch = max(m * f, 3 * f * f) * s  # the largest dequantized weight (down / up / gate, or tproj kept)
+    return max(mlp, attention, norm, fusion) + persistent + scratch
+
+
+def text_encoder_weight_bytes(dtype: torch.dtype, shape: dict | None = None) -> int:
+    """Bytes of the Qwen3-VL text path (embedding + tapped layers) at `dtype`, unquantized."""
+    c = shape or QWEN3VL_4B_TEXT
+    h, inter, hd = c["hidden"], c["intermediate"], c["headdim"]
+    per_layer = (h * c["heads"] * hd * 2 + h * c["kvheads"] * hd * 2  # q, o / k, v
+                 + 3 * h * inter + 2 * h + 2 * hd)  # MLP, the two norms, q/k norms
+    return (c["vocab"] * h + c["layers"] * per_layer) * _itemsize(dtype)
+
+
+def text_encoder_activation_bytes(batch: int, tokens: int, dtype: torch.dtype, taps: int = 12,
+                                  shape: dict | None = None) -> int:
+    """Encoding `batch` prompts of `tokens` tokens: layer activations, the attention matrix, the taps."""
+    c = shape or QWEN3VL_4B_TEXT
+    s = _itemsize(dtype)
+    layer = batch * tokens * s * (4 * c["hidden"] + 3 * c["intermediate"])
+    attention = batch * c["heads"] * tokens * tokens * 4
+    return layer + attention + taps * batch * tokens * c["hidden"] * s
+
+
+def vae_activation_bytes(base_dim: int, height: int, width: int, batch: int, dtype: torch.dtype,
+                         tile_pixels: int | None) -> int:
+    """Decoder activations for `batch` images of height×width pixels, whole or in square tiles."""
+    s = _itemsize(dtype)
+    per_pixel = VAE_BYTES_PER_PIXEL_PER_CHANNEL * base_dim * s
+    if tile_pixels is None:
+        return batch * height * width * per_pixel
+    tile_area = min(tile_pixels, height) * min(tile_pixels, width)
+    accumulator = batch * 3 * height * width * 4  # float32 blend target
+    return batch * tile_area * per_pixel + accumulator + batch * 3 * height * width * s
+
+
+def vae_weight_bytes(dtype: torch.dtype, config=None) -> int:
+    """Bytes of the 2D VAE decoder krea2_lite builds (default: the Qwen-Image shape), counted on meta."""
+    from ..model.vae import QwenImageVAEDecoder
+
+    with torch.device("meta"):
+        decoder = QwenImageVAEDecoder(config)
+    return sum(t.numel() for t in decoder.parameters()) * _itemsize(dtype)
