@@ -299,15 +299,16 @@ class Krea2Pipeline:
         try:
             return self._generate(**call)
         except torch.cuda.OutOfMemoryError as exc:
-            first = exc
+            # Keep only the message: the exception's traceback holds the failed step's activations.
+            first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         # One re-plan with a smaller budget, then a clear failure.
         where = f"{total} image(s) at {width}×{height}{' with CFG' if negatives else ''}"
         try:
             plan = self._replan(width, height, negatives is not None, total)
         except MemoryPlanError as exc:
-            raise DeviceMemoryError(f"out of GPU memory generating {where}: {str(first).splitlines()[0]}; no "
-                                    f"smaller memory plan exists ({str(exc).splitlines()[0]}) — lower the "
-                                    "resolution or num_images, or load a quantized model (quant='int4')") from first
+            raise DeviceMemoryError(f"out of GPU memory generating {where}: {first}; no smaller memory plan "
+                                    f"exists ({str(exc).splitlines()[0]}) — lower the resolution or num_images, "
+                                    "or load a quantized model (quant='int4')") from None
         warnings.warn(f"out of GPU memory generating {where}; retrying once with a smaller memory plan:\n{plan}",
                       RuntimeWarning, stacklevel=2)
         try:
