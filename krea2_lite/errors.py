@@ -39,4 +39,8 @@ class DeviceMemoryError(Krea2LiteError, MemoryError):
 
 
 class MemoryPlanError(Krea2LiteError, MemoryError):
-    """No placement of the pipeline fits the device memory budget or the host RAM."""
+    """No placement of the pipeline fits the device memory budget ("device") or the host RAM ("host")."""
+
+    def __init__(self, message: str, limit: str = "device"):
+        super().__init__(message)
+        self.limit = limit

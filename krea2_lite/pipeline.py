@@ -82,6 +82,14 @@ def describe_transformer(path, quant):
     return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
 
 
+def text_encoder_shape(encoder) -> dict:
+    """The sizes the planner needs for the encoder's activations, from its own config."""
+    c = encoder.config
+    return dict(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
+                kvheads=c.num_key_value_heads, headdim=getattr(c, "head_dim", None) or c.hidden_size //
+                c.num_attention_heads, vocab=c.vocab_size, layers=c.num_hidden_layers)
+
+
 def _budget_gib(vram_gb: float | None, device: torch.device) -> float | None:
     """The plan's budget: vram_gb, else what CUDA reports free on `device`, else none (CPU)."""
     if vram_gb is not None or device.type != "cuda":
@@ -104,6 +112,7 @@ class Krea2Pipeline:
         self.vae_tile = vae_tile
         self.offloader = None  # set by apply_plan
         self.memory_plan = None
+        self.plan_request = None  # {"vram_gb", "mode"} when from_pretrained planned to a budget
         self._device = None
 
     @property
@@ -198,9 +207,18 @@ class Krea2Pipeline:
         plan = None
         if planned:
             config, spec = describe_transformer(transformer, quant)
-            plan = plan_memory(config, spec, _budget_gib(vram_gb, device), mode=offload, dtype=dtype,
-                               cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
-                               vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim)
+            budget = _budget_gib(vram_gb, device)
+            sizes = dict(dtype=dtype, cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
+                         vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
+                         text_encoder_shape=text_encoder_shape(encoder))
+            try:  # planned for 1024² here; every call re-plans for its own size (see _fit_plan)
+                plan = plan_memory(config, spec, budget, mode=offload, **sizes)
+            except MemoryPlanError as exc:
+                if exc.limit != "device" or budget is None:
+                    raise
+                plan = plan_memory(config, spec, None, mode="sequential", **sizes)
+                logger.warning("krea2_lite: %s GiB cannot hold a 1024² generation; every block will be streamed "
+                               "until a call's size says otherwise", f"{budget:.2f}")
             logger.info("krea2_lite: %s", plan)
             if plan.mode == "none":
                 load_device = device
@@ -211,11 +229,12 @@ class Krea2Pipeline:
         pipe = cls(model, encoder, decoder, variant=variant, shift=shift)
         if plan is not None:
             pipe.apply_plan(plan, device)
+            pipe.plan_request = dict(vram_gb=budget, mode=offload)
         return pipe
 
     # ---- memory placement ------------------------------------------------------------------
     def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
-             cfg: bool | None = None, num_images: int = 1, prefetch: int = 1):
+             cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512):
         """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape."""
         quantization = getattr(self.transformer, "quantization", None)
         return plan_memory(self.transformer.config, quantization.spec if quantization else None, vram_gb,
@@ -223,7 +242,8 @@ class Krea2Pipeline:
                            cfg=self.defaults.guidance > 0 if cfg is None else cfg, num_images=num_images,
                            text_encoder_bytes=tensor_bytes(self.text_encoder),
                            vae_weight_bytes=tensor_bytes(self.vae), vae_base_dim=self.vae.config.base_dim,
-                           prefetch=prefetch)
+                           prefetch=prefetch, max_sequence_length=max_sequence_length,
+                           text_encoder_shape=text_encoder_shape(self.text_encoder))
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""
@@ -233,6 +253,20 @@ class Krea2Pipeline:
             self.offloader = None
         self.offloader = Offloader(self.transformer, self.text_encoder, self.vae, plan, device)
         self.memory_plan, self._device = plan, device
+
+    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int) -> None:
+        """Re-plan for this call's shape when the pipeline was planned to a budget and the placement changes
+        (a larger image or batch may need more blocks streamed; a smaller one may need fewer)."""
+        request = self.plan_request
+        if self.memory_plan is None or request is None or request["vram_gb"] is None:
+            return
+        plan = self.plan(request["vram_gb"], mode=request["mode"], width=width, height=height, cfg=cfg,
+                         num_images=images, prefetch=self.memory_plan.prefetch,
+                         max_sequence_length=max_sequence_length)
+        if _placement(plan) != _placement(self.memory_plan):
+            logger.info("krea2_lite: re-planning for %d image(s) at %d×%d:\n%s", images, width, height, plan)
+            self.apply_plan(plan, self.device)
+        self.memory_plan = plan
 
     # ---- generation ------------------------------------------------------------------------
     def _check_size(self, name: str, value) -> int:
@@ -296,6 +330,7 @@ class Krea2Pipeline:
             raise ValueError("latents contain NaN or inf")
         call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
                     guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
+        self._fit_plan(width, height, negatives is not None, total, max_sequence_length)
         try:
             return self._generate(**call)
         except torch.cuda.OutOfMemoryError as exc:
@@ -304,7 +339,7 @@ class Krea2Pipeline:
         # One re-plan with a smaller budget, then a clear failure.
         where = f"{total} image(s) at {width}×{height}{' with CFG' if negatives else ''}"
         try:
-            plan = self._replan(width, height, negatives is not None, total)
+            plan = self._replan(width, height, negatives is not None, total, max_sequence_length)
         except MemoryPlanError as exc:
             raise DeviceMemoryError(f"out of GPU memory generating {where}: {first}; no smaller memory plan "
                                     f"exists ({str(exc).splitlines()[0]}) — lower the resolution or num_images, "
@@ -320,12 +355,13 @@ class Krea2Pipeline:
                 f"streamed): {str(exc).splitlines()[0]} — lower the resolution or num_images, pass a smaller "
                 "vram_gb, or load a quantized model (quant='int8' / 'int4')") from exc
 
-    def _replan(self, width: int, height: int, cfg: bool, images: int):
+    def _replan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int):
         """After an out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied."""
         last = self.memory_plan or self.plan(None, mode="none", width=width, height=height, cfg=cfg,
-                                             num_images=images)
+                                             num_images=images, max_sequence_length=max_sequence_length)
         budget = REPLAN_FACTOR * last.peak_bytes / (1 << 30)
-        plan = self.plan(budget, width=width, height=height, cfg=cfg, num_images=images, prefetch=last.prefetch)
+        plan = self.plan(budget, width=width, height=height, cfg=cfg, num_images=images, prefetch=last.prefetch,
+                         max_sequence_length=max_sequence_length)
         self.apply_plan(plan, self.device)
         return plan
 
@@ -357,6 +393,11 @@ class Krea2Pipeline:
             tile = self.memory_plan.vae_tile
         pixels = self.vae.decode(final, tile=tile)
         return Krea2Output(images=to_pil(pixels), latents=final)
+
+
+def _placement(plan) -> tuple:
+    return (plan.mode, plan.resident_blocks, plan.streamed_blocks, plan.text_encoder,
+            plan.transformer_leaves_for_encoding, plan.vae_tile, plan.prefetch)
 
 
 def to_pil(images: torch.Tensor) -> list:

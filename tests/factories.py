@@ -152,8 +152,10 @@ def official_scheduler():
 PIPELINE_CONFIG = Krea2Config.tiny(txtdim=32, txtheads=2, txtkvheads=1, txtlayers=12, channels=16)
 
 
-def tiny_diffusers_pipeline(is_distilled: bool = False, seed: int = 0):
-    """A complete random diffusers Krea2Pipeline (tiny Qwen3-VL, VAE and transformer)."""
+def tiny_diffusers_pipeline(is_distilled: bool = False, seed: int = 0, transformer_config: Krea2Config | None = None):
+    """A complete random diffusers Krea2Pipeline (tiny Qwen3-VL, VAE and transformer).
+
+    `transformer_config` replaces PIPELINE_CONFIG (keep txtdim / txtlayers / channels as there)."""
     from diffusers import Krea2Pipeline
     from transformers import Qwen3VLModel
 
@@ -161,5 +163,5 @@ def tiny_diffusers_pipeline(is_distilled: bool = False, seed: int = 0):
     tokenizer = train_tokenizer()
     text_encoder = Qwen3VLModel(tiny_qwen3vl_config()).eval()
     return Krea2Pipeline(scheduler=official_scheduler(), vae=tiny_vae(seed), text_encoder=text_encoder,
-                         tokenizer=tokenizer, transformer=diffusers_transformer(PIPELINE_CONFIG, seed=seed),
+                         tokenizer=tokenizer, transformer=diffusers_transformer(transformer_config or PIPELINE_CONFIG, seed=seed),
                          is_distilled=is_distilled)

@@ -1,5 +1,6 @@
 """The VRAM planner (pure arithmetic at the full shape) and the offload executors (tiny pipeline, CPU)."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from krea2_lite.offload import plan_memory
 from krea2_lite.offload.planner import GiB, spread
 from krea2_lite.offload.sizes import transformer_weights
 from krea2_lite.pipeline import Krea2Pipeline
-from factories import tiny_diffusers_pipeline
+from factories import PIPELINE_CONFIG, tiny_diffusers_pipeline
 
 FULL = Krea2Config.krea2()
 HOST = 64  # GiB of host RAM assumed by the budget tests (a workstation); host limits are tested apart
@@ -121,10 +122,15 @@ def test_spread_is_even_and_unique():
 WIDTH, HEIGHT = 64, 48
 
 
+# Wider and deeper than the other tests' pipeline, so that weights (not activations) dominate
+# memory, as in the real model: only then can streaming blocks make a plan smaller.
+HEAVY = dataclasses.replace(PIPELINE_CONFIG, features=256, heads=4, kvheads=2, layers=6)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("offload") / "pipe"
-    tiny_diffusers_pipeline().save_pretrained(root)
+    tiny_diffusers_pipeline(transformer_config=HEAVY).save_pretrained(root)
     return root
 
 
@@ -216,3 +222,20 @@ def test_bad_offload_arguments(saved):
         Krea2Pipeline.from_pretrained(saved, device="cpu", offload="disk")
     with pytest.raises(ValueError, match="vram_gb"):
         Krea2Pipeline.from_pretrained(saved, device="cpu", vram_gb=-3)
+
+
+def test_each_call_is_planned_for_its_shape(saved):
+    """Planned to a budget, the pipeline re-plans when a call's size changes what fits."""
+    probe = Krea2Pipeline.from_pretrained(saved, device="cpu", dtype=torch.float32, offload="none", progress=False)
+    small = probe.plan(None, mode="none", width=64, height=48, cfg=True, num_images=2, max_sequence_length=32)
+    large = probe.plan(None, mode="none", width=128, height=128, cfg=True, num_images=2, max_sequence_length=32)
+    assert large.peak_bytes > 1.2 * small.peak_bytes
+    budget = small.peak_bytes * 1.1 / 0.9 / GiB  # room for the small call's "none" plan and its reserve
+    pipe = Krea2Pipeline.from_pretrained(saved, device="cpu", dtype=torch.float32, vram_gb=budget, progress=False)
+    kwargs = dict(steps=1, guidance=2.0, seed=3, max_sequence_length=32, progress=False)
+    pipe(["a red fox", "a cat"], width=64, height=48, **kwargs)
+    assert pipe.memory_plan.mode == "none"
+    got = pipe(["a red fox", "a cat"], width=128, height=128, **kwargs)
+    assert pipe.memory_plan.mode != "none" and pipe.memory_plan.peak_bytes <= budget * GiB
+    expected = probe(["a red fox", "a cat"], width=128, height=128, **kwargs)
+    assert torch.equal(got.latents, expected.latents)

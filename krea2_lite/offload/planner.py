@@ -103,14 +103,15 @@ def available_host_bytes() -> int:
 def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, height: int = 1024, *,
                 mode: str = "auto", dtype: torch.dtype = torch.bfloat16, cfg: bool = True, num_images: int = 1,
                 max_sequence_length: int = 512, text_encoder_bytes: int | None = None,
-                vae_weight_bytes: int | None = None, vae_base_dim: int = 96, prefetch: int = 1,
+                vae_weight_bytes: int | None = None, text_encoder_shape: dict | None = None, vae_base_dim: int = 96, prefetch: int = 1,
                 host_ram_gb: float | None = None, reserve_bytes: int | None = None) -> MemoryPlan:
     """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory.
 
     `quant`: None, "int8" | "fp8" | "int4" or a QuantSpec (weights counted exactly on a meta model).
     `cfg`: the transformer runs a doubled batch (guidance > 0). `text_encoder_bytes`: the loaded
     encoder's size (default: Qwen3-VL-4B's text path at `dtype`); `vae_weight_bytes` likewise
-    (default: the Qwen-Image decoder at `dtype`). `mode` "auto" picks the first
+    (default: the Qwen-Image decoder at `dtype`); `text_encoder_shape` the encoder's sizes for its
+    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B). `mode` "auto" picks the first
     of none → model → sequential that fits; a named mode is planned as asked and refused when it
     cannot fit. Raises MemoryPlanError when nothing fits the device or the pinned host memory
     exceeds `host_ram_gb` (default: what the OS reports available).
@@ -136,7 +137,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     if vae_weight_bytes is None:
         vae_weight_bytes = sizes.vae_weight_bytes(dtype)
     te_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
-    te_act = sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype)
+    te_act = sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+                                                 shape=text_encoder_shape)
     vae_act = {tile: sizes.vae_activation_bytes(vae_base_dim, height, width, num_images, dtype,
                                                 None if tile is None else tile * 8)
                for tile in (None, VAE_TILE_PIXELS // 8)}
@@ -205,7 +207,7 @@ def _check_host(plan: MemoryPlan, host_limit: int, budget: str) -> MemoryPlan:
         raise MemoryPlanError(
             f"the '{plan.mode}' plan for {budget} needs {plan.host_bytes / GiB:.2f} GiB of host memory for the "
             f"offloaded weights but only {host_limit / GiB:.2f} GiB is available; free RAM, quantize "
-            f"(quant='int8' or 'int4'), or allow more device memory (vram_gb)\n{plan}")
+            f"(quant='int8' or 'int4'), or allow more device memory (vram_gb)\n{plan}", limit="host")
     return plan
 
 

@@ -7,6 +7,7 @@ Activations follow the live tensors of the widest point of a step; see `transfor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ class TransformerWeights:
         return self.fixed + sum(self.blocks)
 
 
+@functools.lru_cache(maxsize=16)  # the pipeline re-plans per call shape; the weights don't change
 def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> TransformerWeights:
     """Exact weight bytes of a Krea 2 transformer of shape `config`, quantized by `quant` or not."""
     from ..model import Krea2Transformer
