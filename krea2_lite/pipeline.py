@@ -131,7 +131,8 @@ class Krea2Pipeline:
                         device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                         transformer: str | os.PathLike | None = None,
                         text_encoder: str | os.PathLike | None = None,
-                        vae: str | os.PathLike | None = None, progress: bool | None = None) -> "Krea2Pipeline":
+                        vae: str | os.PathLike | None = None, progress: bool | None = None,
+                        prefetch: int = 1) -> "Krea2Pipeline":
         """Load a pipeline from a diffusers folder (model_index.json), a hub id, or explicit paths.
 
         `path_or_hub_id` may also be a single transformer file (official or ComfyUI); the text
@@ -139,6 +140,11 @@ class Krea2Pipeline:
         (Qwen/Qwen3-VL-4B-Instruct, Qwen/Qwen-Image's vae/). `variant` "raw" / "turbo" picks the
         sampling defaults; None reads diffusers' `is_distilled` from the folder and otherwise
         assumes "raw" (log line says so). `device=None` picks CUDA when present.
+
+        Memory: `offload` "none" puts everything on `device`; "model" / "sequential" / "auto" plan
+        with `krea2_lite.offload.plan_memory` for `vram_gb` GiB (default: the free CUDA memory;
+        on the CPU "auto" means "none"), streaming blocks with `prefetch` copies in flight. The
+        plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
@@ -210,7 +216,7 @@ class Krea2Pipeline:
             budget = _budget_gib(vram_gb, device)
             sizes = dict(dtype=dtype, cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
                          vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
-                         text_encoder_shape=text_encoder_shape(encoder))
+                         text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch)
             try:  # planned for 1024² here; every call re-plans for its own size (see _fit_plan)
                 plan = plan_memory(config, spec, budget, mode=offload, **sizes)
             except MemoryPlanError as exc:

@@ -146,13 +146,15 @@ def reference(saved):
     return _pixels(pipe)
 
 
-@pytest.mark.parametrize("mode", ["sequential", "model"])
-def test_offload_gives_the_identical_image(saved, reference, mode):
-    pipe = Krea2Pipeline.from_pretrained(saved, device="cpu", dtype=torch.float32, offload=mode, progress=False)
+@pytest.mark.parametrize("mode,prefetch", [("sequential", 1), ("sequential", 2), ("model", 1)])
+def test_offload_gives_the_identical_image(saved, reference, mode, prefetch):
+    pipe = Krea2Pipeline.from_pretrained(saved, device="cpu", dtype=torch.float32, offload=mode, prefetch=prefetch,
+                                         progress=False)
     plan = pipe.memory_plan
     assert plan.mode == mode
     if mode == "sequential":
         assert plan.streamed_blocks == tuple(range(pipe.transformer.config.layers))
+        assert len(pipe.offloader.streamer.device_flat) == prefetch + 1
     pixels, latents = _pixels(pipe)
     assert torch.equal(latents, reference[1])
     assert np.array_equal(pixels, reference[0])
