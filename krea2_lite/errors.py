@@ -44,3 +44,8 @@ class MemoryPlanError(Krea2LiteError, MemoryError):
     def __init__(self, message: str, limit: str = "device"):
         super().__init__(message)
         self.limit = limit
+
+
+class LoraError(Krea2LiteError, ValueError):
+    """A LoRA file that does not fit the model (other model, unknown module, rank or shape
+    mismatch, unsupported adapter type), or a LoRA name that is not loaded / already loaded."""

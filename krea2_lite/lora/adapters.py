@@ -1,0 +1,143 @@
+"""LoRA branches beside linear layers: y = W·x + Σᵢ sᵢ·Bᵢ(Aᵢ·x), W never rewritten.
+
+Each adapted layer gets one forward hook and a `LayerLoras` record kept in the module's
+`__dict__` (not a submodule, parameter or buffer), so `state_dict()`, `named_buffers()` and the
+quantized tensors stay exactly what they were. Works the same for `QuantizedLinear` and
+`nn.Linear`: the hook only sees the layer's input and output.
+
+Precision: A and B are stored in the activation dtype (`Krea2Transformer.compute_dtype`) and the
+branch runs in it, like PEFT: bf16 models compute (x·Aᵀ)·s in bf16, then ·Bᵀ. s = scale·alpha/rank
+is applied to the rank-r intermediate, the smallest tensor of the three. Not fused into the
+quantized matmul kernel: the hook adds one small matmul pair per layer.
+
+Merging (dense `nn.Linear` only): W ← W₀ + Σ merged sᵢ·BᵢAᵢ, summed in float32 from W₀ and cast
+once, so scale changes never accumulate rounding. W₀ is kept on the CPU while any LoRA is merged
+into the layer and copied back on unload: exact, at the cost of one host copy of every merged
+layer's weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
+
+from .formats import LoraPair
+
+ATTRIBUTE = "_krea2_lora"
+
+
+@dataclass
+class Branch:
+    down: torch.Tensor  # A (rank, in), activation dtype, the layer's device
+    up: torch.Tensor    # B (out, rank)
+    multiplier: float   # alpha / rank, from the file
+    scale: float        # the user's scale
+    merged: bool = False
+
+    @property
+    def factor(self) -> float:
+        return self.multiplier * self.scale
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.nbytes + self.up.nbytes
+
+
+@dataclass
+class LayerLoras:
+    branches: dict[str, Branch] = field(default_factory=dict)
+    hook: RemovableHandle | None = None
+    original: torch.Tensor | None = None  # W₀ on the CPU while a merged LoRA is in the weight
+
+
+def layer_device(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.buffers()), None)
+    if tensor is None:
+        tensor = next(iter(module.parameters()))
+    return tensor.device
+
+
+def is_dense(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def layer_loras(module: nn.Module) -> LayerLoras | None:
+    return module.__dict__.get(ATTRIBUTE)
+
+
+def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+    delta = None
+    for branch in module.__dict__[ATTRIBUTE].branches.values():
+        if branch.merged or branch.factor == 0:  # scale 0 gives exactly the base output
+            continue
+        if branch.down.device != x.device:  # the layer was moved after loading: follow it once
+            branch.down, branch.up = branch.down.to(x.device), branch.up.to(x.device)
+        hidden = F.linear(x.to(branch.down.dtype), branch.down) * branch.factor
+        part = F.linear(hidden, branch.up)
+        delta = part if delta is None else delta.add_(part)
+    if delta is None:
+        return output
+    delta = delta.to(output.dtype)
+    # In place when no autograd graph needs the output: saves an output-sized temporary.
+    return output + delta if output.requires_grad else output.add_(delta)
+
+
+def attach(module: nn.Module, name: str, pair: LoraPair, scale: float, dtype: torch.dtype,
+           merge: bool = False) -> None:
+    """Add LoRA `name` to a linear layer (A and B cast to `dtype`, moved to the layer's device)."""
+    layer = layer_loras(module)
+    if layer is None:
+        layer = LayerLoras()
+        module.__dict__[ATTRIBUTE] = layer
+    device = layer_device(module)
+    branch = Branch(pair.down.to(device=device, dtype=dtype), pair.up.to(device=device, dtype=dtype),
+                    pair.multiplier, float(scale), merged=merge)
+    layer.branches[name] = branch
+    if merge:
+        _remerge(module, layer)
+    elif layer.hook is None:
+        layer.hook = module.register_forward_hook(_lora_hook)
+
+
+def set_scale(module: nn.Module, name: str, scale: float) -> None:
+    layer = layer_loras(module)
+    branch = layer.branches[name]
+    branch.scale = float(scale)
+    if branch.merged:
+        _remerge(module, layer)
+
+
+def detach(module: nn.Module, name: str) -> None:
+    """Remove LoRA `name`; the layer computes exactly as before it was added."""
+    layer = layer_loras(module)
+    branch = layer.branches.pop(name)
+    if branch.merged:
+        _remerge(module, layer)
+    if not any(not b.merged for b in layer.branches.values()) and layer.hook is not None:
+        layer.hook.remove()
+        layer.hook = None
+    if not layer.branches:
+        del module.__dict__[ATTRIBUTE]
+
+
+@torch.no_grad()
+def _remerge(module: nn.Module, layer: LayerLoras) -> None:
+    """weight ← W₀ + Σ merged factor·B·A (float32 sum, one cast); W₀ itself when none is merged."""
+    merged = [b for b in layer.branches.values() if b.merged]
+    weight = module.weight
+    if not merged:
+        if layer.original is not None:
+            weight.copy_(layer.original)  # the exact bits kept at the first merge
+            layer.original = None
+        return
+    if layer.original is None:
+        layer.original = weight.detach().to("cpu", copy=True)
+    total = layer.original.to(device=weight.device, dtype=torch.float32, copy=True)  # never alias W₀
+    for branch in merged:
+        total.addmm_(branch.up.float(), branch.down.float(), alpha=branch.factor)
+    weight.copy_(total)  # in place: the parameter (and state_dict tensor) stays the same object
