@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where weights live: auto plans from --vram-gb or the free GPU memory")
     gen.add_argument("--vram-gb", type=float, help="device memory budget in GiB for the offload planner")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
+                     help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable")
     return parser
+
+
+# A trailing ":number" is the scale; any other ':' belongs to the path (C:\..., odd file names).
+_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` → (path, scale). A path that exists as written is taken whole."""
+    match = _LORA_SCALE.match(text)
+    if match is None or os.path.exists(text):
+        return text, 1.0
+    return match.group("path"), float(match.group("scale"))
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -77,6 +92,8 @@ def generate(args: argparse.Namespace) -> int:
                                          dtype=DTYPES[args.dtype], text_encoder=args.text_encoder,
                                          vae=args.vae, quant=args.quant, offload=args.offload,
                                          vram_gb=args.vram_gb, progress=not args.quiet)
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                   steps=args.steps, guidance=args.cfg, mu=args.mu, seed=args.seed,
                   num_images=args.num_images, progress=not args.quiet)

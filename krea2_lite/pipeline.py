@@ -274,6 +274,24 @@ class Krea2Pipeline:
             self.apply_plan(plan, self.device)
         self.memory_plan = plan
 
+    # ---- LoRA (krea2_lite.lora on the transformer) ------------------------------------------
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, *,
+                  merge: bool = False) -> str:
+        """Apply a LoRA file to the transformer as an unmerged branch; returns its name."""
+        from .lora import load_lora
+
+        return load_lora(self.transformer, path, scale=scale, name=name, merge=merge)
+
+    def set_lora_scale(self, scale: float, name: str | None = None) -> None:
+        from .lora import set_lora_scale
+
+        set_lora_scale(self.transformer, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        from .lora import unload_lora
+
+        unload_lora(self.transformer, name)
+
     # ---- generation ------------------------------------------------------------------------
     def _check_size(self, name: str, value) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
