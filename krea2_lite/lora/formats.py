@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import PICKLE_SUFFIXES, open_safetensors, read_safetensors_header, resolve_path
 from ..errors import LoraError, UnsafeCheckpointFormatError
-from .names import ModuleIndex, split_key, strip_prefixes, unsupported_kind, why_unknown
+from .names import ModuleIndex, split_key, unsupported_kind, why_unknown
 
 
 class LoraPair(NamedTuple):
@@ -144,8 +144,9 @@ def read_lora(path: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]]
     pairs = {}
     with open_safetensors(file) as handle:
         alphas = AlphaSource(file, dict(handle.metadata() or {}))
-        for module, slot in parts.items():
-            pairs[module] = _pair(file, handle, module, slot, linear_shapes[module], alphas)
+        for module in linear_shapes:  # in model order
+            if module in parts:
+                pairs[module] = _pair(file, handle, module, parts[module], linear_shapes[module], alphas)
     return file, pairs
 
 
@@ -183,12 +184,3 @@ def _pair(file: Path, handle, module: str, slot: dict[str, tuple[str, str]], sha
         alpha = alphas.for_module(slot["down"][1], down.shape[0])
     return LoraPair(down, up, alpha)
 
-
-def lora_family_hint(keys: list[str]) -> str:
-    """A short description of what a file's keys look like (for logs)."""
-    stripped = [strip_prefixes(k) for k in keys[:50]]
-    if any(k.startswith("lora_") for k in stripped):
-        return "kohya"
-    if any(k.startswith("transformer_blocks.") for k in stripped):
-        return "diffusers"
-    return "official"

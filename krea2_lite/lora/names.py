@@ -32,10 +32,9 @@ SUFFIXES = (
     (".lora_A", "down"), (".lora_B", "up"), (".alpha", "alpha"),
 )
 # Adapter types that are not a plain low-rank pair: recognised to say so, not applied.
-UNSUPPORTED_MARKERS = {
-    "hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon (conv mid weights)",
-    ".diff": "full weight differences", ".lora_B.bias": "LoRA biases", ".lora_up.bias": "LoRA biases",
-}
+UNSUPPORTED_MARKERS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon (conv mid weights)"}
+UNSUPPORTED_ENDINGS = {".diff": "full weight difference", ".diff_b": "bias difference",
+                       ".lora_B.bias": "LoRA bias", ".lora_up.bias": "LoRA bias"}
 
 # Official → diffusers module names (the inverse of checkpoint.diffusers_to_official_key for the
 # linear layers): whole-prefix rewrites, then rewrites inside attention and MLP blocks.
@@ -116,6 +115,9 @@ def split_key(key: str) -> tuple[str, str] | None:
 def unsupported_kind(key: str) -> str | None:
     for marker, kind in UNSUPPORTED_MARKERS.items():
         if marker in key:
+            return kind
+    for ending, kind in UNSUPPORTED_ENDINGS.items():
+        if key.endswith(ending):
             return kind
     return None
 
