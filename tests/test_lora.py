@@ -195,6 +195,27 @@ def test_layer_output_is_quantized_output_plus_fp32_delta(source, tmp_path, dtyp
         assert error < bound, (name, error)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_branch_beside_the_triton_qmatmul(source, tmp_path, dtype, monkeypatch):
+    """The hook is independent of the matmul backend: with the Triton kernel (interpreter here)
+    the layer gives the kernel's output plus the branch."""
+    import krea2_lite.kernels.qmatmul_triton as qmt
+
+    model = load_transformer(source, dtype=torch.float32, quant=dtype)
+    pairs = random_lora(linear_names(model), seed=14)
+    load_lora(model, write_lora(tmp_path, pairs, "kohya"), scale=0.9)
+    calls, real = [], qmt.qmatmul_triton
+    monkeypatch.setattr(qmt, "qmatmul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
+    layer = model.blocks[1].attn.gate
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(15))
+    a, b = pairs["blocks.1.attn.gate"]
+    with torch.no_grad():
+        got, kernel = layer(x), layer.forward(x)
+    assert len(calls) == 2, "the Triton qmatmul was not used"
+    torch.testing.assert_close(got, kernel + 0.9 * ALPHA / RANK * (x @ a.T @ b.T), rtol=1e-5, atol=1e-6)
+
+
 def snapshot(model):
     return {k: (v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}
 
