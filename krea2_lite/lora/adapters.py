@@ -7,8 +7,10 @@ quantized tensors stay exactly what they were. Works the same for `QuantizedLine
 
 Precision: A and B are stored in the activation dtype (`Krea2Transformer.compute_dtype`) and the
 branch runs in it, like PEFT: bf16 models compute (x·Aᵀ)·s in bf16, then ·Bᵀ. s = scale·alpha/rank
-is applied to the rank-r intermediate, the smallest tensor of the three. Not fused into the
-quantized matmul kernel: the hook adds one small matmul pair per layer.
+is applied to the rank-r intermediate, the smallest tensor of the three. B·h is added into the
+layer's output by one GEMM with beta=1 (`addmm_`, the BLAS epilogue), so no output-sized
+temporary is made; A·x is not fused into the quantized matmul kernel (the hook stays
+independent of the kernels).
 
 Merging (dense `nn.Linear` only): W ← W₀ + Σ merged sᵢ·BᵢAᵢ, summed in float32 from W₀ and cast
 once, so scale changes never accumulate rounding. W₀ is kept on the CPU while any LoRA is merged
@@ -70,21 +72,23 @@ def layer_loras(module: nn.Module) -> LayerLoras | None:
 
 
 def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    x = args[0]
-    delta = None
-    for branch in module.__dict__[ATTRIBUTE].branches.values():
-        if branch.merged or branch.factor == 0:  # scale 0 gives exactly the base output
-            continue
+    branches = [b for b in module.__dict__[ATTRIBUTE].branches.values()
+                if not b.merged and b.factor != 0]  # scale 0 gives exactly the base output
+    if not branches:
+        return output
+    x = args[0].reshape(-1, args[0].shape[-1])
+    out = output.reshape(-1, output.shape[-1])  # a view of the output when it is contiguous
+    for branch in branches:
         if branch.down.device != x.device:  # the layer was moved after loading: follow it once
             branch.down, branch.up = branch.down.to(x.device), branch.up.to(x.device)
-        hidden = F.linear(x.to(branch.down.dtype), branch.down) * branch.factor
-        part = F.linear(hidden, branch.up)
-        delta = part if delta is None else delta.add_(part)
-    if delta is None:
-        return output
-    delta = delta.to(output.dtype)
-    # In place when no autograd graph needs the output: saves an output-sized temporary.
-    return output + delta if output.requires_grad else output.add_(delta)
+        hidden = F.linear(x.to(branch.down.dtype), branch.down) * branch.factor  # (tokens, rank)
+        if out.requires_grad or out.dtype != hidden.dtype:
+            out = out + F.linear(hidden, branch.up).to(out.dtype)
+        else:
+            # B·h and the add as one GEMM with beta=1 (the BLAS epilogue): no output-sized
+            # temporary, one rounding to the output dtype.
+            out.addmm_(hidden, branch.up.t())
+    return out.view(output.shape)
 
 
 def attach(module: nn.Module, name: str, pair: LoraPair, scale: float, dtype: torch.dtype,
