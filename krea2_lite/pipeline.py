@@ -277,10 +277,21 @@ class Krea2Pipeline:
     # ---- LoRA (krea2_lite.lora on the transformer) ------------------------------------------
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, *,
                   merge: bool = False) -> str:
-        """Apply a LoRA file to the transformer as an unmerged branch; returns its name."""
+        """Apply a LoRA file to the transformer as an unmerged branch; returns its name.
+
+        A and B go to the compute device even when the memory plan keeps blocks on the host (the
+        planner does not count them: `krea2_lite.lora.lora_bytes(pipe.transformer)` more on the
+        device). merge=True is refused while the plan streams or swaps the transformer's weights.
+        """
+        from .errors import LoraError
         from .lora import load_lora
 
-        return load_lora(self.transformer, path, scale=scale, name=name, merge=merge)
+        offloader = self.offloader
+        if merge and offloader is not None and (offloader.streamer or offloader.transformer_swap):
+            raise LoraError(f"{path}: merge=True is not available while the memory plan "
+                            f"'{self.memory_plan.mode}' streams or swaps the transformer's weights; load it "
+                            "unmerged (merge=False)")
+        return load_lora(self.transformer, path, scale=scale, name=name, merge=merge, device=self.device)
 
     def set_lora_scale(self, scale: float, name: str | None = None) -> None:
         from .lora import set_lora_scale

@@ -466,17 +466,23 @@ def pipeline_folder(tmp_path_factory):
     return root
 
 
-def test_pipeline_verbs_and_cli_apply_the_lora(pipeline_folder, tmp_path):
-    from PIL import Image
-
+def pipeline_lora(folder):
+    """A LoRA over every block linear of the tiny pipeline's transformer."""
     from factories import PIPELINE_CONFIG
-    from krea2_lite.__main__ import main
-    from krea2_lite.pipeline import Krea2Pipeline
 
     with torch.device("meta"):
         shapes = linear_names(Krea2Transformer(PIPELINE_CONFIG))
-    path = write_lora(tmp_path, random_lora({n: s for n, s in shapes.items() if n.startswith("blocks.")}, seed=12),
+    return write_lora(folder, random_lora({n: s for n, s in shapes.items() if n.startswith("blocks.")}, seed=12),
                       "krea2-comfyui")
+
+
+def test_pipeline_verbs_and_cli_apply_the_lora(pipeline_folder, tmp_path):
+    from PIL import Image
+
+    from krea2_lite.__main__ import main
+    from krea2_lite.pipeline import Krea2Pipeline
+
+    path = pipeline_lora(tmp_path)
     pipe = Krea2Pipeline.from_pretrained(pipeline_folder, device="cpu", dtype=torch.float32, progress=False)
     kwargs = dict(width=32, height=32, steps=2, seed=3, progress=False)
     pixels = lambda result: np.asarray(result.images[0], dtype=np.int16)  # noqa: E731
@@ -496,6 +502,26 @@ def test_pipeline_verbs_and_cli_apply_the_lora(pipeline_folder, tmp_path):
                  "--device", "cpu", "--output", str(out), "--quiet", "--lora", f"{path}:12"])
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(out), dtype=np.int16), styled)
+
+
+def test_lora_beside_sequential_offload_gives_the_same_image(pipeline_folder, tmp_path):
+    """Streamed blocks sit on the host between uses; their LoRA lives on the compute device."""
+    from krea2_lite.pipeline import Krea2Pipeline
+
+    path = pipeline_lora(tmp_path)
+    results = []
+    for offload in ("none", "sequential"):
+        pipe = Krea2Pipeline.from_pretrained(pipeline_folder, device="cpu", dtype=torch.float32, offload=offload,
+                                             progress=False)
+        pipe.load_lora(path, scale=12.0)
+        results.append(pipe("a fox", width=32, height=32, steps=2, seed=3, progress=False).latents)
+    assert pipe.memory_plan.mode == "sequential" and pipe.offloader.streamer is not None
+    assert torch.equal(results[0], results[1])
+    pipe.set_lora_scale(0.0)
+    assert not torch.allclose(pipe("a fox", width=32, height=32, steps=2, seed=3, progress=False).latents,
+                              results[1], atol=1e-2)  # the LoRA did apply
+    with pytest.raises(LoraError, match="merge=True is not available while the memory plan 'sequential'"):
+        pipe.load_lora(path, name="merged", merge=True)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------

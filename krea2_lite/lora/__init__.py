@@ -66,13 +66,15 @@ def _names(transformer: nn.Module, name: str | None) -> list[str]:
 
 
 def load_lora(transformer: nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str | None = None,
-              *, merge: bool = False) -> str:
+              *, merge: bool = False, device=None) -> str:
     """Apply a LoRA file (official krea-2, ComfyUI, diffusers/PEFT or kohya layout); returns its name.
 
     name defaults to the file's stem. The effective multiplier of each layer is
     scale·alpha/rank. merge=True adds the update into dense weights (exactly undone by
-    unload_lora) and raises LoraError if any targeted layer is quantized. The whole file is
-    checked before any layer changes, so a failed load leaves the model as it was.
+    unload_lora) and raises LoraError if any targeted layer is quantized. `device`: where A and B
+    live (None: each layer's current device; an offloading pipeline passes its compute device,
+    since streamed blocks sit on the host between uses). The whole file is checked before any
+    layer changes, so a failed load leaves the model as it was.
     """
     scale = _check_scale(scale)
     registry = _registry(transformer)
@@ -84,7 +86,7 @@ def load_lora(transformer: nn.Module, path: str | os.PathLike, scale: float = 1.
     if name in registry:
         raise LoraError(f"a LoRA named {name!r} is already loaded; unload_lora(..., {name!r}) first or pass "
                         "another name=")
-    if any(adapters.layer_device(layers[m]).type == "meta" for m in pairs):
+    if device is None and any(adapters.layer_device(layers[m]).type == "meta" for m in pairs):
         raise LoraError(f"{file}: the model is on the meta device (not loaded yet); load its weights first")
     if merge:
         quantized = [m for m in pairs if not adapters.is_dense(layers[m])]
@@ -96,7 +98,7 @@ def load_lora(transformer: nn.Module, path: str | os.PathLike, scale: float = 1.
     done = []
     try:
         for module, pair in pairs.items():
-            adapters.attach(layers[module], name, pair, scale, dtype or pair.down.dtype, merge=merge)
+            adapters.attach(layers[module], name, pair, scale, dtype or pair.down.dtype, merge=merge, device=device)
             done.append(module)
     except BaseException:  # e.g. out of device memory half-way: leave the model as it was
         for module in done:

@@ -92,13 +92,14 @@ def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
 
 
 def attach(module: nn.Module, name: str, pair: LoraPair, scale: float, dtype: torch.dtype,
-           merge: bool = False) -> None:
-    """Add LoRA `name` to a linear layer (A and B cast to `dtype`, moved to the layer's device)."""
+           merge: bool = False, device: torch.device | None = None) -> None:
+    """Add LoRA `name` to a linear layer: A and B cast to `dtype`, on `device` (None: where the
+    layer's tensors are now; a merged LoRA always sits beside the weight it is merged into)."""
     layer = layer_loras(module)
     if layer is None:
         layer = LayerLoras()
         module.__dict__[ATTRIBUTE] = layer
-    device = layer_device(module)
+    device = layer_device(module) if device is None or merge else torch.device(device)
     branch = Branch(pair.down.to(device=device, dtype=dtype), pair.up.to(device=device, dtype=dtype),
                     pair.multiplier, float(scale), merged=merge)
     layer.branches[name] = branch
