@@ -12,8 +12,8 @@ layer's output by one GEMM with beta=1 (`addmm_`, the BLAS epilogue), so no outp
 temporary is made; A·x is not fused into the quantized matmul kernel (the hook stays
 independent of the kernels).
 
-Merging (dense `nn.Linear` only): W ← W₀ + Σ merged sᵢ·BᵢAᵢ, summed in float32 from W₀ and cast
-once, so scale changes never accumulate rounding. W₀ is kept on the CPU while any LoRA is merged
+Merging (dense `nn.Linear` only): W ← W₀ + Σ merged sᵢ·BᵢAᵢ, summed in float32 from W₀ (A and B
+kept in float32) and cast once, so scale changes never accumulate rounding. W₀ is kept on the CPU while any LoRA is merged
 into the layer and copied back on unload: exact, at the cost of one host copy of every merged
 layer's weight.
 """
@@ -94,12 +94,14 @@ def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Te
 def attach(module: nn.Module, name: str, pair: LoraPair, scale: float, dtype: torch.dtype,
            merge: bool = False, device: torch.device | None = None) -> None:
     """Add LoRA `name` to a linear layer: A and B cast to `dtype`, on `device` (None: where the
-    layer's tensors are now; a merged LoRA always sits beside the weight it is merged into)."""
+    layer's tensors are now). A merged LoRA keeps A and B in float32 beside its weight."""
     layer = layer_loras(module)
     if layer is None:
         layer = LayerLoras()
         module.__dict__[ATTRIBUTE] = layer
     device = layer_device(module) if device is None or merge else torch.device(device)
+    if merge:  # only read when (re)merging, which sums in float32: keep the file's precision
+        dtype = torch.float32
     branch = Branch(pair.down.to(device=device, dtype=dtype), pair.up.to(device=device, dtype=dtype),
                     pair.multiplier, float(scale), merged=merge)
     layer.branches[name] = branch
