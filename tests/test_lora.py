@@ -139,6 +139,38 @@ def test_every_layout_loads_to_the_same_deltas(source, inputs, tmp_path):
         assert not torch.allclose(model(*inputs), outputs[0], rtol=1e-3)  # the LoRA does something
 
 
+def test_alpha_sources_and_key_variants(source, tmp_path):
+    shapes = linear_names(load_transformer(source, dtype=torch.float32))
+    pairs = random_lora({n: shapes[n] for n in ("blocks.0.attn.wq", "blocks.0.attn.wk", "first")}, seed=18)
+    product = {n: b @ a for n, (a, b) in pairs.items()}
+
+    def multipliers(path):
+        return {n: p.multiplier for n, p in read_lora(path, shapes, CFG.layers)[1].items()}
+
+    # PEFT's alpha_pattern (diffusers module names) overrides lora_alpha for the modules it matches.
+    tensors = {f"transformer.{official_to_diffusers(n)}.lora_{s}.weight": t
+               for n, (a, b) in pairs.items() for s, t in (("A", a), ("B", b))}
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 8, "transformer.r": RANK,
+                                                 "transformer.alpha_pattern": {"attn.to_q": 2}})}
+    save_file(tensors, tmp_path / "pattern.safetensors", metadata=meta)
+    assert multipliers(tmp_path / "pattern.safetensors") == {"blocks.0.attn.wq": 0.5, "blocks.0.attn.wk": 2.0,
+                                                             "first": 2.0}
+    # krea-2 training metadata: lora_alpha / rank × lora_scale.
+    tensors = {f"{n}.lora_{s}": t for n, (a, b) in pairs.items() for s, t in (("A", a), ("B", b))}
+    save_file(tensors, tmp_path / "train.safetensors", metadata={"lora_alpha": "16", "lora_scale": "0.5"})
+    assert set(multipliers(tmp_path / "train.safetensors").values()) == {2.0}
+    # No alpha anywhere: alpha = rank. PEFT's `.default` adapter infix.
+    tensors = {f"diffusion_model.{n}.lora_{s}.default.weight": t
+               for n, (a, b) in pairs.items() for s, t in (("A", a), ("B", b))}
+    save_file(tensors, tmp_path / "plain.safetensors")
+    _, parsed = read_lora(tmp_path / "plain.safetensors", shapes, CFG.layers)
+    for name, pair in parsed.items():
+        assert pair.multiplier == 1.0 and torch.equal(pair.delta(), product[name])
+    # A PEFT folder (adapter_model.safetensors + adapter_config.json) given as the folder.
+    folder = write_lora(tmp_path, pairs, "peft").parent
+    assert set(multipliers(folder).values()) == {ALPHA / RANK}
+
+
 def reference_with_deltas(source, quantized, deltas: dict[str, torch.Tensor]):
     """A float32 model whose linear weights are the quantized model's (dequantized) plus `deltas`."""
     reference = load_transformer(source, dtype=torch.float32)
