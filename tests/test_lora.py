@@ -562,7 +562,7 @@ def test_lora_beside_sequential_offload_gives_the_same_image(pipeline_folder, tm
 @pytest.mark.gpu
 def test_device_memory_added_is_the_lora_weights_only(source, tmp_path, cuda_device):
     """Not run on the CPU machines this was written on: skips without CUDA."""
-    model = load_transformer(source, dtype=torch.bfloat16, quant="int8", device=cuda_device)
+    model = load_transformer(source, dtype=torch.bfloat16, quant="int8").to(cuda_device)
     shapes = linear_names(model)
     path = write_lora(tmp_path, random_lora(shapes, seed=13), "kohya")
     torch.cuda.synchronize()

@@ -102,8 +102,9 @@ def attach(module: nn.Module, name: str, pair: LoraPair, scale: float, dtype: to
     device = layer_device(module) if device is None or merge else torch.device(device)
     if merge:  # only read when (re)merging, which sums in float32: keep the file's precision
         dtype = torch.float32
-    branch = Branch(pair.down.to(device=device, dtype=dtype), pair.up.to(device=device, dtype=dtype),
-                    pair.multiplier, float(scale), merged=merge)
+    # Cast where the file was read, then move: the device only ever holds the final tensors.
+    branch = Branch(pair.down.to(dtype).to(device), pair.up.to(dtype).to(device), pair.multiplier,
+                    float(scale), merged=merge)
     layer.branches[name] = branch
     if merge:
         _remerge(module, layer)
