@@ -281,16 +281,16 @@ class Krea2Pipeline:
 
         A and B go to the compute device even when the memory plan keeps blocks on the host (the
         planner does not count them: `krea2_lite.lora.lora_bytes(pipe.transformer)` more on the
-        device). merge=True is refused while the plan streams or swaps the transformer's weights.
+        device). merge=True needs a pipeline without a memory plan (offload="none"): a plan may
+        stream or swap the weights from host copies that would not see the merge.
         """
         from .errors import LoraError
         from .lora import load_lora
 
-        offloader = self.offloader
-        if merge and offloader is not None and (offloader.streamer or offloader.transformer_swap):
-            raise LoraError(f"{path}: merge=True is not available while the memory plan "
-                            f"'{self.memory_plan.mode}' streams or swaps the transformer's weights; load it "
-                            "unmerged (merge=False)")
+        if merge and self.offloader is not None:
+            raise LoraError(f"{path}: merge=True is not available while a memory plan ('{self.memory_plan.mode}') "
+                            "places the transformer; load it unmerged (merge=False), or load the pipeline with "
+                            "offload='none'")
         return load_lora(self.transformer, path, scale=scale, name=name, merge=merge, device=self.device)
 
     def set_lora_scale(self, scale: float, name: str | None = None) -> None:

@@ -13,9 +13,9 @@ temporary is made; A·x is not fused into the quantized matmul kernel (the hook 
 independent of the kernels).
 
 Merging (dense `nn.Linear` only): W ← W₀ + Σ merged sᵢ·BᵢAᵢ, summed in float32 from W₀ (A and B
-kept in float32) and cast once, so scale changes never accumulate rounding. W₀ is kept on the CPU while any LoRA is merged
-into the layer and copied back on unload: exact, at the cost of one host copy of every merged
-layer's weight.
+kept in float32) and cast once, so scale changes never accumulate rounding. W₀ is kept on the
+CPU while any LoRA is merged into the layer and copied back on unload: exact, at the cost of one
+host copy of every merged layer's weight.
 """
 
 from __future__ import annotations
