@@ -23,6 +23,7 @@ from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve
 from .errors import CheckpointNotFoundError, DeviceMemoryError, MemoryPlanError
 from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
 from .model.vae import load_vae_decoder
+from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.manager import Offloader
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
@@ -249,7 +250,8 @@ class Krea2Pipeline:
                            text_encoder_bytes=tensor_bytes(self.text_encoder),
                            vae_weight_bytes=tensor_bytes(self.vae), vae_base_dim=self.vae.config.base_dim,
                            prefetch=prefetch, max_sequence_length=max_sequence_length,
-                           text_encoder_shape=text_encoder_shape(self.text_encoder))
+                           text_encoder_shape=text_encoder_shape(self.text_encoder),
+                           extra_device_bytes=lora_bytes(self.transformer))
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""
@@ -279,9 +281,8 @@ class Krea2Pipeline:
                   merge: bool = False) -> str:
         """Apply a LoRA file to the transformer as an unmerged branch; returns its name.
 
-        A and B go to the compute device even when the memory plan keeps blocks on the host (the
-        planner does not count them: `krea2_lite.lora.lora_bytes(pipe.transformer)` more on the
-        device). merge=True needs a pipeline without a memory plan (offload="none"): a plan may
+        A and B go to the compute device even when the memory plan keeps blocks on the host; the
+        next call's plan counts them (`krea2_lite.lora.lora_bytes`). merge=True needs a pipeline without a memory plan (offload="none"): a plan may
         stream or swap the weights from host copies that would not see the merge.
         """
         from .errors import LoraError

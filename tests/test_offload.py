@@ -241,3 +241,9 @@ def test_each_call_is_planned_for_its_shape(saved):
     assert pipe.memory_plan.mode != "none" and pipe.memory_plan.peak_bytes <= budget * GiB
     expected = probe(["a red fox", "a cat"], width=128, height=128, **kwargs)
     assert torch.equal(got.latents, expected.latents)
+
+
+def test_plan_counts_extra_device_bytes():
+    base = plan_memory(FULL, "int8", 16, host_ram_gb=HOST)
+    with_lora = plan_memory(FULL, "int8", 16, host_ram_gb=HOST, extra_device_bytes=256 << 20)
+    assert with_lora.phases["sample"] == base.phases["sample"] + (256 << 20)

@@ -104,14 +104,16 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                 mode: str = "auto", dtype: torch.dtype = torch.bfloat16, cfg: bool = True, num_images: int = 1,
                 max_sequence_length: int = 512, text_encoder_bytes: int | None = None,
                 vae_weight_bytes: int | None = None, text_encoder_shape: dict | None = None, vae_base_dim: int = 96, prefetch: int = 1,
-                host_ram_gb: float | None = None, reserve_bytes: int | None = None) -> MemoryPlan:
+                host_ram_gb: float | None = None, reserve_bytes: int | None = None,
+                extra_device_bytes: int = 0) -> MemoryPlan:
     """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory.
 
     `quant`: None, "int8" | "fp8" | "int4" or a QuantSpec (weights counted exactly on a meta model).
     `cfg`: the transformer runs a doubled batch (guidance > 0). `text_encoder_bytes`: the loaded
     encoder's size (default: Qwen3-VL-4B's text path at `dtype`); `vae_weight_bytes` likewise
     (default: the Qwen-Image decoder at `dtype`); `text_encoder_shape` the encoder's sizes for its
-    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B). `mode` "auto" picks the first
+    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B). `extra_device_bytes`: what
+    else stays on the device through sampling and decoding (LoRA branches). `mode` "auto" picks the first
     of none → model → sequential that fits; a named mode is planned as asked and refused when it
     cannot fit. Raises MemoryPlanError when nothing fits the device or the pinned host memory
     exceeds `host_ram_gb` (default: what the OS reports available).
@@ -145,14 +147,15 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     host_limit = int(host_ram_gb * GiB) if host_ram_gb is not None else available_host_bytes()
     parts = dict(transformer_fixed=weights.fixed, block=max(weights.blocks), transformer_total=weights.total,
                  activations=act, text_encoder=te_bytes, text_encoder_activations=te_act,
-                 vae_weights=vae_weight_bytes, vae_activations=vae_act[None], reserve=reserve)
+                 vae_weights=vae_weight_bytes, vae_activations=vae_act[None], reserve=reserve,
+                 extra=extra_device_bytes)
 
     def build(kind: str, streamed: int, text: str, leaves: bool, tile: int | None) -> MemoryPlan:
         n = config.layers
         streamed_ids = spread(streamed, n) if kind == "sequential" else ()
         resident_ids = tuple(i for i in range(n) if i not in streamed_ids)
         slots = min(prefetch + 1, len(streamed_ids))
-        resident = weights.fixed + sum(weights.blocks[i] for i in resident_ids)
+        resident = weights.fixed + sum(weights.blocks[i] for i in resident_ids) + extra_device_bytes
         slot_bytes = slots * max((weights.blocks[i] for i in streamed_ids), default=0)
         te_on_device = te_bytes if text == "device" else 0
         encode = (0 if text == "cpu" else te_bytes + te_act) + (0 if leaves else resident) + vae_weight_bytes
