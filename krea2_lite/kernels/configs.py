@@ -69,7 +69,12 @@ def act_quant_configs(cap: tuple[int, int]) -> list[triton.Config]:
             for bm, w, s in ((16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 8, 3))]
 
 
+TUNED: dict[tuple[str, tuple[int, int]], object] = {}  # (kernel name, capability) -> Autotuner
+
+
 @functools.lru_cache(maxsize=None)
 def autotuned(kernel, configs_fn, cap: tuple[int, int], key: tuple[str, ...]):
     """`triton.autotune(configs_fn(cap), key)(kernel)`, built once per (kernel, capability)."""
-    return triton.autotune(configs=configs_fn(cap), key=list(key))(kernel)
+    tuned = triton.autotune(configs=configs_fn(cap), key=list(key))(kernel)
+    TUNED[(getattr(kernel, "__name__", str(kernel)), cap)] = tuned
+    return tuned
