@@ -174,6 +174,18 @@ def test_int8_accumulation_is_exact():
     assert torch.equal(torch._int_mm(xq[:, :64], wq[:, :64].t()).long(), xq[:, :64].long() @ wq[:, :64].long().t())
 
 
+def test_reference_gemm_in_row_chunks(monkeypatch):
+    """Large outputs are computed in row chunks (bounded int32 / fp32 temporaries): same result."""
+    import krea2_lite.kernels.w8a8_torch as w8t
+
+    for dtype in ("int8", "fp8"):
+        xq, sx, wq, sw, b = quantized_operands(700, 64, 48, dtype)
+        whole = w8a8_matmul_torch(xq, sx, wq, sw, b, torch.bfloat16)
+        monkeypatch.setattr(w8t, "CHUNK_OUTPUTS", 48 * 300)  # 300 rows → 256 rows per chunk (the floor)
+        assert torch.equal(w8a8_matmul_torch(xq, sx, wq, sw, b, torch.bfloat16), whole)
+        monkeypatch.undo()
+
+
 def test_w8a8_supports_reasons():
     xq, sx, wq, sw, b = quantized_operands(5, 64, 16)
     assert w8a8_supports(xq, sx, wq, sw, b, torch.bfloat16) is None

@@ -38,23 +38,37 @@ def int8_mm_exact(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
 def w8a8_epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
     """acc (M, N) · sx (M, 1) · sw[n] + bias[n] in fp32, cast to out_dtype."""
-    y = acc.float() * sx.float()
-    y = y * sw.float().reshape(1, -1)
+    y = acc.float()
+    y.mul_(sx.float())
+    y.mul_(sw.float().reshape(1, -1))
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias.float())
     return y.to(out_dtype)
+
+
+# Output rows per GEMM call: bounds the int32 accumulator and its fp32 epilogue copy to
+# ~64 MB each (16384-wide MLP layers at 4608 tokens would otherwise make 300 MB of each).
+CHUNK_OUTPUTS = 1 << 24
 
 
 def w8a8_matmul_torch(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """(xq·sx)(wq·sw)ᵀ + bias → (M, N) out_dtype; int8 or fp8 operands (see the module docstring)."""
     if xq.dtype == torch.int8 and wq.dtype == torch.int8:
-        acc = int8_mm_exact(xq, wq)
+        gemm = int8_mm_exact
     elif xq.dtype == torch.float8_e4m3fn and wq.dtype == torch.float8_e4m3fn:
-        acc = xq.float() @ wq.float().t()
+        def gemm(a, b):
+            return a.float() @ b.float().t()
     else:
         raise ValueError(f"w8a8 operands must both be int8 or both float8_e4m3fn, got {xq.dtype} and {wq.dtype}")
-    return w8a8_epilogue(acc, sx, sw, bias, out_dtype)
+    M, N = xq.shape[0], wq.shape[0]
+    rows = max(256, CHUNK_OUTPUTS // max(N, 1))
+    if M <= rows:
+        return w8a8_epilogue(gemm(xq, wq), sx, sw, bias, out_dtype)
+    y = torch.empty((M, N), dtype=out_dtype, device=xq.device)
+    for i in range(0, M, rows):
+        y[i:i + rows] = w8a8_epilogue(gemm(xq[i:i + rows], wq), sx[i:i + rows], sw, bias, out_dtype)
+    return y
 
 
 def w8a8_linear_torch(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
