@@ -276,6 +276,36 @@ def test_dispatch_backends(monkeypatch, caplog):
     assert "fp8 W8A8 has no Triton GEMM" in caplog.text
 
 
+def test_shared_input_is_quantized_once(monkeypatch):
+    """wq/wk/wv/gate (and MLP gate/up) get the same tensor: one quantizer call, until it changes or dies."""
+    import gc
+
+    from krea2_lite.kernels import dispatch
+
+    layers = [w8a8_layer(128, 32, "int8", 64, seed=i)[1] for i in range(4)]
+    calls = []
+    real = aqt.act_quant_triton
+    monkeypatch.setattr(aqt, "act_quant_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
+    x = activations(20, 128, seed=5)
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+        assert len(calls) == 1
+        monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
+        for out, layer in zip(outs, layers):
+            assert rel_err(out, layer(x)) < 1e-3
+        monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
+        x.mul_(2)  # in place: the version counter invalidates the entry
+        doubled = layers[0](x)
+        assert len(calls) == 2
+        monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
+        assert rel_err(doubled, layers[0](x)) < 1e-3
+    assert dispatch._LAST_QUANT
+    del x
+    gc.collect()
+    assert not dispatch._LAST_QUANT  # the 8-bit copy went with its activation
+
+
 def test_rotation_helps_with_outlier_channels():
     """Injected outlier channels (×50): the rotated int8 layer's error is several times smaller."""
     linear, plain = w8a8_layer(512, 128, "int8", 0, seed=3)

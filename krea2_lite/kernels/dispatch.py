@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 
 import torch
 
@@ -169,6 +170,48 @@ def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tens
     return buf
 
 
+# The last quantized activation: the attention's four input projections (wq, wk, wv, gate) and the
+# MLP's gate/up each receive the same tensor, which is quantized once instead of four (two) times.
+# The entry refers to that tensor weakly and is dropped as soon as the tensor is (so the 8-bit copy
+# never outlives the activation); the version counter catches in-place changes.
+_LAST_QUANT: dict[str, object] = {}
+
+
+def _forget(ref) -> None:
+    if _LAST_QUANT.get("ref") is ref:
+        _LAST_QUANT.clear()
+
+
+def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: int,
+                          forced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .act_quant_torch import act_quant_torch
+
+    use_kernel = forced and use_triton("act_quant", x)
+    key = (act, rotate, use_kernel, tuple(x.shape), x.stride(), x._version)
+    ref = _LAST_QUANT.get("ref")
+    if ref is not None and ref() is x and _LAST_QUANT.get("key") == key:
+        return _LAST_QUANT["q"]
+    q = None
+    if use_kernel:
+        from .act_quant_triton import act_quant_supports, act_quant_triton
+
+        reason = act_quant_supports(x2, act, rotate)
+        if reason is None:
+            q = act_quant_triton(x2, act, rotate)
+        else:
+            log_fallback("act_quant", reason)
+    if q is None:
+        q = act_quant_torch(x2, act, rotate)
+    _LAST_QUANT.clear()
+    _LAST_QUANT.update(ref=weakref.ref(x, _forget), key=key, q=q)
+    return q
+
+
+def clear_activation_cache() -> None:
+    """Drop the cached quantized activation."""
+    _LAST_QUANT.clear()
+
+
 def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 act: str, rotate: int = 0) -> torch.Tensor:
     """y = x·Wᵀ + bias for a W8A8 layer: x (..., K) in bf16/fp16/fp32 → (..., N) in x.dtype.
@@ -177,7 +220,6 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
     H the block Hadamard of size `rotate`); `act` ("int8" | "fp8") is the activation type, quantized
     per token on the fly (after the same rotation). Backend choice: see the module docstring.
     """
-    from .act_quant_torch import act_quant_torch
     from .w8a8_torch import (dequant_matmul, scaled_mm_fp8, scaled_mm_reason, w8a8_linear_torch,
                              w8a8_matmul_torch)
 
@@ -202,17 +244,7 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
                      "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
                      "KREA2_LITE_KERNELS=triton forces them)")
 
-    xq = sx = None
-    if forced and use_triton("act_quant", x):
-        from .act_quant_triton import act_quant_supports, act_quant_triton
-
-        reason = act_quant_supports(x2, act, rotate)
-        if reason is None:
-            xq, sx = act_quant_triton(x2, act, rotate)
-        else:
-            log_fallback("act_quant", reason)
-    if xq is None:
-        xq, sx = act_quant_torch(x2, act, rotate)
+    xq, sx = _quantized_activation(x, x2, act, rotate, forced)
 
     if act == "int8":
         if forced and use_triton("w8a8_int8", x):
