@@ -3,11 +3,15 @@
   linears  relative L2 error of one full-width linear's output vs fp32: the 6144×6144 attention
            projection and the MLP down projection (in 16384 → out 6144), --tokens tokens of N(0, 1)
            activations, plain and with --outliers channels multiplied by --outlier-scale
+  block    one full-width Krea 2 block (all seven linears quantized), --tokens tokens, residual
+           stream N(0, 1) plain and with outlier channels; relative L2 error of the block's
+           residual update (output − input), which is what quantization perturbs
   tiny     relative L2 error of a whole tiny transformer's output vs its fp32 output, plain and
            with outlier channels injected into the residual stream (rows of the input projection
            `first` scaled by --outlier-scale)
 
-    python benchmarks/w8a8_error.py                      # both, full width (a few minutes on 2 cores)
+    python benchmarks/w8a8_error.py                      # linears + tiny, full width (minutes on 2 cores)
+    python benchmarks/w8a8_error.py --what block         # one full-width block (~2 GB RAM, slower)
     python benchmarks/w8a8_error.py --what tiny --json out.json
     python benchmarks/w8a8_error.py --width 512 --hidden 1024   # quick check at small width
 
@@ -79,6 +83,45 @@ def linear_errors(args) -> list[dict]:
     return rows
 
 
+def block_errors(args) -> list[dict]:
+    from krea2_lite.model.transformer import SingleStreamBlock
+
+    cfg = Krea2Config.krea2()
+    if args.width != cfg.features:  # a narrower block with the released head size (quick checks)
+        cfg = cfg.replace(features=args.width, heads=args.width // 128, kvheads=max(1, args.width // 512))
+    torch.manual_seed(0)
+    block = SingleStreamBlock(cfg).eval()
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.normal_(0.0, 0.1 if name.endswith((".scale", ".lin")) else 0.02)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, args.tokens, cfg.features, generator=g)
+    inputs = {"plain": x, f"{args.outliers} outlier channels ×{args.outlier_scale:g}":
+              with_outliers(x, args.outliers, args.outlier_scale)}
+    vec = torch.randn(1, 1, 6 * cfg.features, generator=g) * 0.1
+    angles = torch.rand(1, args.tokens, cfg.headdim // 2, generator=g)
+    rope = (torch.cos(angles), torch.sin(angles))
+    with torch.no_grad():
+        refs = {name: block(xi, vec, rope) - xi for name, xi in inputs.items()}
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    rows = []
+    for label, spec in VARIANTS.items():
+        t = time.time()
+        for name, linear in linears.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(parent), leaf, QuantizedLinear.from_linear(
+                linear, spec.dtype, None, torch.float32, spec.activations, spec.rotate_for(linear.in_features)))
+        with torch.no_grad():
+            errs = {name: rel_err(block(xi, vec, rope) - xi, refs[name]) for name, xi in inputs.items()}
+        for name, linear in linears.items():  # back to the float layers for the next variant
+            parent, _, leaf = name.rpartition(".")
+            setattr(block.get_submodule(parent), leaf, linear)
+        rows.append(dict(what="block", layer=f"block update, width {cfg.features}", tokens=args.tokens,
+                         variant=label, **errs, seconds=round(time.time() - t, 1)))
+        print(f"  {rows[-1]}", file=sys.stderr)
+    return rows
+
+
 def tiny_errors(args) -> list[dict]:
     cfg = Krea2Config.tiny(features=256, heads=2, kvheads=1, txtdim=128, txtheads=2, txtkvheads=2)
     torch.manual_seed(0)
@@ -133,7 +176,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--what", nargs="+", choices=["linears", "tiny"], default=["linears", "tiny"])
+    p.add_argument("--what", nargs="+", choices=["linears", "block", "tiny"], default=["linears", "tiny"])
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--width", type=int, default=6144, help="model width (the released 6144)")
     p.add_argument("--hidden", type=int, default=16384, help="MLP hidden width (the released 16384)")
@@ -148,10 +191,11 @@ def main(argv=None) -> int:
     if "tiny" in args.what:
         rows += tiny_errors(args)
         print_table([r for r in rows if r["what"] == "tiny"])
-    if "linears" in args.what:
-        linear_rows = linear_errors(args)
-        print_table(linear_rows)
-        rows += linear_rows
+    for what, fn in (("linears", linear_errors), ("block", block_errors)):
+        if what in args.what:
+            new = fn(args)
+            print_table(new)
+            rows += new
     print(f"\nrelative L2 error vs fp32 (CPU, torch {torch.__version__}, random weights N(0, 0.02) for the "
           "linears, N(0, 1/in_features) for the tiny model)")
     if args.json:
