@@ -139,7 +139,10 @@ def act_quant_triton(x: torch.Tensor, dtype: str = "int8", rotate: int = 0) -> t
         args = (x2, h, q, scale, M, K, x2.stride(0), x2.stride(1), q.stride(0),
                 1.0 / math.sqrt(rotate) if rotate else 1.0)
         flags = dict(QMAX=QMAX[dtype], FP8=dtype == "fp8", ROTATE=bool(rotate),
-                     DOT_IN_INPUT_DTYPE=on_gpu and x.dtype != torch.float32, DOT_PRECISION="ieee",
+                     DOT_IN_INPUT_DTYPE=on_gpu and x.dtype != torch.float32,
+                     # fp32 rotation dots must stay exact (TF32 would round x to 10 bits); bf16/fp16
+                     # operands ignore the setting (as in `attention_triton.launch_options`).
+                     DOT_PRECISION="ieee" if (x.dtype == torch.float32 or not on_gpu) else "tf32",
                      BLOCK_K=rotate or PLAIN_BLOCK_K)
         if on_gpu:
             tuned = autotuned(_act_quant_kernel, act_quant_configs, capability(x.device), ("K", "ROTATE", "FP8"))
