@@ -221,6 +221,39 @@ def test_dequant_matmul_path_matches_reference(act):
     assert rel_err(dequant_matmul(x, wq, sw, bias, act, 64), ref) < 1e-5
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_weight_only_scratch_path_is_bit_identical(dtype, act):
+    """What `auto` runs for weight-only int8/fp8 on CUDA: dequantize into a reused buffer, then F.linear."""
+    from krea2_lite.kernels.qmatmul_torch import qmatmul_scratch, qmatmul_torch
+
+    torch.manual_seed(0)
+    ql = QuantizedLinear.from_linear(nn.Linear(96, 40, bias=True), dtype, None, act)
+    x = torch.randn(7, 96).to(act)
+    buffer = torch.full((96 * 40 + 5,), float("nan"), dtype=act)
+    ours = qmatmul_scratch(x, ql.qdata, ql.scale, dtype, 40, 96, ql.bias, buffer)
+    ref = qmatmul_torch(x, ql.qdata, ql.scale, None, dtype, None, 40, 96, ql.bias)
+    assert torch.equal(ours, ref)
+
+
+def test_scratch_buffer_reuse_and_modes():
+    from krea2_lite.kernels import dispatch
+
+    dispatch.clear_scratch()
+    assert dispatch._scratch(torch.device("cpu"), torch.bfloat16, 10) is None  # autograd records
+    with torch.no_grad():
+        a = dispatch._scratch(torch.device("cpu"), torch.bfloat16, 100)
+        assert dispatch._scratch(torch.device("cpu"), torch.bfloat16, 50) is a  # reused
+        assert dispatch._scratch(torch.device("cpu"), torch.bfloat16, 200).numel() == 200  # grown
+    with torch.inference_mode():
+        b = dispatch._scratch(torch.device("cpu"), torch.bfloat16, 100)
+    with torch.no_grad():
+        c = dispatch._scratch(torch.device("cpu"), torch.bfloat16, 100)
+        c.mul_(2)  # not the inference tensor `b`: writable here
+    assert b is not c
+    dispatch.clear_scratch()
+
+
 # ---------------------------------------------------------------- the layer, the dispatch
 def w8a8_layer(K, N, act, rotate, bias=True, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)

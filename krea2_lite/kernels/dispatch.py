@@ -9,8 +9,10 @@ logged once, with the reason.
 only picks a Triton matmul kernel once it is known to be correct and fast on the device):
 * attention / fused_attention: Triton on CUDA tensors (validated and timed on an H100), torch
   elsewhere.
-* qmatmul (weight-only int8 / fp8 / int4): dequantize + cuBLAS (`qmatmul_torch`) everywhere;
-  the Triton dequant-matmul runs only with KREA2_LITE_KERNELS=triton.
+* qmatmul (weight-only int8 / fp8 / int4): dequantize + cuBLAS everywhere (on CUDA, int8 / fp8
+  weights are dequantized into one reused scratch buffer per device and dtype, bit-identical to
+  `qmatmul_torch`; `clear_scratch()` frees it); the Triton dequant-matmul runs only with
+  KREA2_LITE_KERNELS=triton.
 * w8a8_linear (dynamic per-token activations): CPU → the torch reference. CUDA → the torch
   activation quantizer, then stock torch GEMMs: int8 `torch._int_mm` (cuBLASLt, exact int32)
   with a torch epilogue; fp8 `torch._scaled_mm` with row-wise scales on sm_89+, and below sm_89
@@ -141,6 +143,12 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
     if backend == "auto" and x.is_cuda:
         log_fallback("qmatmul", "auto keeps dequantize + cuBLAS on CUDA (the Triton dequant-matmul is not yet "
                      "validated on a GPU; KREA2_LITE_KERNELS=triton forces it)")
+        if dtype in ("int8", "fp8") and scale.dtype == x.dtype:
+            buffer = _scratch(x.device, x.dtype, out_features * in_features)
+            if buffer is not None:
+                from .qmatmul_torch import qmatmul_scratch
+
+                return qmatmul_scratch(x, qdata, scale, dtype, out_features, in_features, bias, buffer)
     if backend == "triton" and use_triton("qmatmul", x, qdata):
         from .qmatmul_triton import qmatmul_supports, qmatmul_triton
 
@@ -154,7 +162,7 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
 # Token counts from which dequantize-to-x.dtype + cuBLAS beats the int8 GEMM, per GPU capability
 # (major, minor). Fill from `benchmarks/kernels.py` runs; absent = never.
 DEQUANT_MIN_TOKENS: dict[tuple[int, int], int] = {}
-_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
 
 
 def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
@@ -162,7 +170,8 @@ def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tens
     records (a saved weight must not be overwritten by the next layer)."""
     if torch.is_grad_enabled():
         return None
-    key = (str(device), dtype)
+    # A buffer made under inference_mode is an inference tensor: not writable outside that mode.
+    key = (str(device), dtype, torch.is_inference_mode_enabled())
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         _SCRATCH.pop(key, None)
@@ -210,6 +219,11 @@ def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: i
 def clear_activation_cache() -> None:
     """Drop the cached quantized activation."""
     _LAST_QUANT.clear()
+
+
+def clear_scratch() -> None:
+    """Free the reused dequantization buffers (e.g. before the VAE decode on a small GPU)."""
+    _SCRATCH.clear()
 
 
 def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
