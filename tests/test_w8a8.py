@@ -109,6 +109,24 @@ def test_act_quant_matches_reference(dtype, rotate, act):
         assert rel_err(q.float() * s, qr.float() * sr) < 1e-3
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rotate", [0, 64])
+def test_act_quant_fused_swiglu_matches_reference(rotate, act):
+    """Quantizing silu(gate)·up in the kernel = forming the product in torch, then quantizing."""
+    g = torch.Generator().manual_seed(6)
+    gate = (torch.randn(2, 19, 192, generator=g) * 3).to(act)  # 38 rows: ragged; K tail without rotation
+    up = torch.randn(2, 19, 192, generator=g).to(act)
+    for dtype in ("int8", "fp8"):
+        q, s = act_quant_triton(gate, dtype, rotate, up=up)
+        qr, sr = act_quant_torch(gate, dtype, rotate, up=up)
+        assert torch.equal(qr.view(torch.uint8), act_quant_torch(torch.nn.functional.silu(gate) * up, dtype,
+                                                                  rotate)[0].view(torch.uint8))
+        assert torch.allclose(s, sr, rtol=1e-6, atol=0)
+        assert (q.float() != qr.float()).float().mean() <= 0.005
+        assert rel_err(q.float() * s, qr.float() * sr) < 1e-3
+    assert "does not match" in act_quant_supports(gate, "int8", 0, up[..., :64])
+
+
 def test_act_quant_rounding_edge_cases():
     """Ties round to even (int8) and fp8 codes equal torch's cast over the whole range, subnormals included."""
     K = 16
@@ -339,6 +357,31 @@ def test_shared_input_is_quantized_once(monkeypatch):
     assert not dispatch._LAST_QUANT  # the 8-bit copy went with its activation
 
 
+def test_swiglu_uses_the_fused_path_only_without_hooks(monkeypatch):
+    from krea2_lite.model.layers import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(64, 256)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        float_out = mlp(x)
+    mlp.down = QuantizedLinear.from_linear(mlp.down, "int8", None, torch.float32, activations="int8", rotate=128)
+    fused = []
+    real = QuantizedLinear.forward_swiglu
+    monkeypatch.setattr(QuantizedLinear, "forward_swiglu", lambda *a: fused.append(1) or real(*a))
+    monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
+    with torch.no_grad():
+        plain = mlp(x)
+        assert fused and rel_err(plain, float_out) < 0.03
+        seen = []
+        handle = mlp.down.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        hooked = mlp(x)
+        handle.remove()
+    assert len(fused) == 1 and len(seen) == 1  # the hooked call went through forward()
+    assert torch.equal(seen[0], torch.nn.functional.silu(mlp.gate(x)) * mlp.up(x))
+    assert torch.equal(hooked, plain)
+
+
 def test_rotation_helps_with_outlier_channels():
     """Injected outlier channels (×50): the rotated int8 layer's error is several times smaller."""
     linear, plain = w8a8_layer(512, 128, "int8", 0, seed=3)
@@ -399,11 +442,13 @@ def test_w8a8_model_triton_equals_torch(source, inputs, quant, monkeypatch):
         fp32 = load_transformer(source, dtype=torch.float32)(*inputs)
     calls = []
     real = aqt.act_quant_triton
-    monkeypatch.setattr(aqt, "act_quant_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(aqt, "act_quant_triton",
+                        lambda *a, **k: calls.append(k.get("up") is not None) or real(*a, **k))
     monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
     with torch.no_grad():
         ours = model(*inputs)
     assert calls, "the Triton quantizer was never called"
+    assert any(calls), "mlp.down never took the fused SwiGLU quantizer"
     assert rel_err(ours, ref) < 1e-3, rel_err(ours, ref)
     assert rel_err(ref, fp32) < {"int8": 0.05, "fp8": 0.15}[quant.split("-")[0]]
 

@@ -11,6 +11,10 @@ of a row is multiplied by H_b / √b, H_b the ±1 Sylvester Hadamard matrix. H_b
 and orthonormal, so (x·H)(W·H)ᵀ = x·Wᵀ: a layer stores its weight rotated (W·H, quantized after the
 rotation) and rotates activations here, before their absmax. Rotation spreads an outlier channel
 over b channels, which shrinks the per-token scale for every other channel.
+
+SwiGLU fusion (`up` given): the quantized activation is silu(x)·up, formed exactly as the model's
+`SwiGLU` forms it (silu in x.dtype, then the product in x.dtype), so the fused Triton kernel can
+read gate and up once and never write the product.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 ACT_QUANT_DTYPES = ("int8", "fp8")
 QMAX = {"int8": 127.0, "fp8": 448.0}
@@ -62,13 +67,17 @@ def round_half_even(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v)
 
 
-def act_quant_torch(x: torch.Tensor, dtype: str = "int8", rotate: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant_torch(x: torch.Tensor, dtype: str = "int8", rotate: int = 0,
+                    up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x (..., K) per row → (q (M, K), scale (M, 1) fp32), M = x.numel() // K.
 
     dtype "int8" → q torch.int8; "fp8" → q torch.float8_e4m3fn. rotate = Hadamard block size or 0.
+    up (same shape as x): quantize silu(x)·up instead (the SwiGLU product).
     """
     if dtype not in ACT_QUANT_DTYPES:
         raise ValueError(f"activation quant dtype must be one of {ACT_QUANT_DTYPES}, got {dtype!r}")
+    if up is not None:
+        x = F.silu(x) * up
     K = x.shape[-1]
     v = x.reshape(-1, K).float()
     if rotate:

@@ -33,6 +33,7 @@ import os
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .attention_torch import attention_torch
 from .fused_attention_torch import fused_attention_torch
@@ -216,6 +217,18 @@ def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: i
     return q
 
 
+def _fused_glu_activation(gate: torch.Tensor, up: torch.Tensor, act: str,
+                          rotate: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """silu(gate)·up quantized by the Triton kernel without writing the product, or None."""
+    from .act_quant_triton import act_quant_supports, act_quant_triton
+
+    reason = act_quant_supports(gate, act, rotate, up)
+    if reason is not None:
+        log_fallback("act_quant (SwiGLU fused)", reason)
+        return None
+    return act_quant_triton(gate, act, rotate, up=up)
+
+
 def clear_activation_cache() -> None:
     """Drop the cached quantized activation."""
     _LAST_QUANT.clear()
@@ -227,24 +240,32 @@ def clear_scratch() -> None:
 
 
 def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                act: str, rotate: int = 0) -> torch.Tensor:
+                act: str, rotate: int = 0, up: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·Wᵀ + bias for a W8A8 layer: x (..., K) in bf16/fp16/fp32 → (..., N) in x.dtype.
 
     qdata (N, K) int8 or float8_e4m3fn and scale (N, 1) are the stored weight (W·H when rotate > 0,
     H the block Hadamard of size `rotate`); `act` ("int8" | "fp8") is the activation type, quantized
-    per token on the fly (after the same rotation). Backend choice: see the module docstring.
+    per token on the fly (after the same rotation). With `up` (like x), the layer's input is the
+    SwiGLU product silu(x)·up, formed in x.dtype; the Triton quantizer fuses it (the product is never
+    written), every other path forms it first. Backend choice: see the module docstring.
     """
     from .w8a8_torch import (dequant_matmul, scaled_mm_fp8, scaled_mm_reason, w8a8_linear_torch,
                              w8a8_matmul_torch)
 
     backend = kernel_backend()
     N, K = qdata.shape
+    forced = backend == "triton"
+    fused = None
+    if up is not None:
+        if forced and use_triton("act_quant", x, up):
+            fused = _fused_glu_activation(x, up, act, rotate)
+        if fused is None:
+            x, up = F.silu(x) * up, None
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return w8a8_linear_torch(x, qdata, scale, bias, act, rotate)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     lead = x.shape[:-1]
-    forced = backend == "triton"
 
     if x.is_cuda and not forced:
         threshold = DEQUANT_MIN_TOKENS.get(torch.cuda.get_device_capability(x.device))
@@ -258,7 +279,7 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
                      "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
                      "KREA2_LITE_KERNELS=triton forces them)")
 
-    xq, sx = _quantized_activation(x, x2, act, rotate, forced)
+    xq, sx = fused if fused is not None else _quantized_activation(x, x2, act, rotate, forced)
 
     if act == "int8":
         if forced and use_triton("w8a8_int8", x):

@@ -164,6 +164,13 @@ class QuantizedLinear(nn.Module):
                               self.in_features, torch.float32)
         return (rotate_blocks(w, self.rotate) if self.rotate else w).to(dtype)
 
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(F.silu(gate) * up) for a W8A8 layer, letting the Triton quantizer form the product
+        in registers. Bypasses this module's hooks: callers use it only when it has none."""
+        if self.activations is None:
+            return self(torch.nn.functional.silu(gate) * up)
+        return kernels.w8a8_linear(gate, self.qdata, self.scale, self.bias, self.activations, self.rotate, up=up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations is not None:
             return kernels.w8a8_linear(x, self.qdata, self.scale, self.bias, self.activations, self.rotate)
