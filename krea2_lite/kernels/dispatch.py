@@ -21,8 +21,12 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
   Token counts at or above `DEQUANT_MIN_TOKENS[capability]` take `dequant_matmul` for int8 too
   (weight dequantized into one reused scratch buffer); the table is empty until
   `benchmarks/kernels.py` has measured where that wins on a card.
-  With KREA2_LITE_KERNELS=triton: the Triton quantizer (rotation fused) and the Triton int8 GEMM;
-  fp8 has no Triton GEMM (`torch._scaled_mm` on sm_89+, else the torch reference).
+  With KREA2_LITE_KERNELS=triton: the Triton quantizer (rotation fused; for `mlp.down` the SwiGLU
+  product fused too) and the Triton int8 GEMM; fp8 has no Triton GEMM (`torch._scaled_mm` on
+  sm_89+, else dequantized operands through cuBLAS on CUDA, the torch reference on the CPU).
+  On every path an activation shared by several W8A8 layers (wq/wk/wv/gate, MLP gate/up) is
+  quantized once. `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples
+  of 128); other shapes take an exact float64 GEMM, correct but slow on a GPU.
 """
 
 from __future__ import annotations
@@ -250,7 +254,7 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
     written), every other path forms it first. Backend choice: see the module docstring.
     """
     from .w8a8_torch import (dequant_matmul, scaled_mm_fp8, scaled_mm_reason, w8a8_linear_torch,
-                             w8a8_matmul_torch)
+                             w8a8_matmul_dequant, w8a8_matmul_torch)
 
     backend = kernel_backend()
     N, K = qdata.shape
@@ -270,10 +274,6 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
     if x.is_cuda and not forced:
         threshold = DEQUANT_MIN_TOKENS.get(torch.cuda.get_device_capability(x.device))
         if threshold is not None and M >= threshold:
-            return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(x.device, x.dtype, N * K))
-        if act == "fp8" and scaled_mm_reason(x2, qdata) is not None:
-            log_fallback("w8a8_linear", f"fp8: {scaled_mm_reason(x2, qdata)}; quantized activations and "
-                         "dequantized weights go through one cuBLAS GEMM in the activation dtype")
             return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(x.device, x.dtype, N * K))
         log_fallback("w8a8_linear", "auto on CUDA uses the torch activation quantizer and torch._int_mm / "
                      "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
@@ -295,8 +295,14 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
         try:
             return scaled_mm_fp8(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)
         except RuntimeError as exc:  # e.g. a torch build without row-wise fp8 scaling for this GPU
-            log_fallback("w8a8_fp8", f"torch._scaled_mm failed ({str(exc).splitlines()[0][:120]})")
-    else:
-        log_fallback("w8a8_fp8", "fp8 W8A8 has no Triton GEMM; torch._scaled_mm needs CUDA sm_89+ "
-                     "(using the torch reference GEMM)")
+            log_fallback("w8a8_fp8", f"torch._scaled_mm failed ({str(exc).splitlines()[0][:120]}); "
+                         "dequantized operands through one cuBLAS GEMM instead")
+    if x.is_cuda:
+        if scaled_mm_reason(xq, qdata) is not None:
+            log_fallback("w8a8_fp8", f"{scaled_mm_reason(xq, qdata)}; dequantized operands through one "
+                         "cuBLAS GEMM instead")
+        return w8a8_matmul_dequant(xq, sx, qdata, scale, bias, x.dtype,
+                                   _scratch(x.device, x.dtype, N * K)).reshape(*lead, N)
+    log_fallback("w8a8_fp8", "fp8 W8A8 has no Triton GEMM; torch._scaled_mm needs CUDA sm_89+ "
+                 "(using the torch reference GEMM)")
     return w8a8_matmul_torch(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)

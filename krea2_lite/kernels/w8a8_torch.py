@@ -109,24 +109,32 @@ def scaled_mm_reason(xq: torch.Tensor, wq: torch.Tensor) -> str | None:
     return None
 
 
-def dequant_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                   act: str, rotate: int = 0, weight_buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """W8A8 semantics through one GEMM in x.dtype (cuBLAS bf16/fp16 on a GPU): the activation is
-    quantized and dequantized per token (fake-quant), the weight dequantized into `weight_buffer`
-    (a reused scratch tensor of ≥ N·K elements in x.dtype) or a fresh tensor. Differs from
-    `w8a8_matmul_torch` by the rounding of both operands to x.dtype and the GEMM's accumulation.
+def w8a8_matmul_dequant(xq: torch.Tensor, sx: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor,
+                        bias: torch.Tensor | None, out_dtype: torch.dtype,
+                        weight_buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """(xq·sx)(wq·sw)ᵀ + bias as one GEMM in `out_dtype` (cuBLAS bf16/fp16 on a GPU): both operands
+    dequantized, the weight into `weight_buffer` (a reused scratch tensor of ≥ N·K elements of
+    out_dtype) or a fresh tensor. Differs from `w8a8_matmul_torch` by the rounding of both operands
+    to out_dtype and the GEMM's accumulation order.
     """
-    xq, sx = act_quant_torch(x, act, rotate)
-    xd = (xq.float() * sx).to(x.dtype)
-    N, K = qdata.shape
+    N, K = wq.shape
+    xd = (xq.float() * sx).to(out_dtype)
     if weight_buffer is not None:
         w = weight_buffer.view(-1)[: N * K].view(N, K)
-        w.copy_(qdata)
-        w.mul_(scale.to(x.dtype))
+        w.copy_(wq)
+        w.mul_(sw.to(out_dtype))
     else:
-        w = (qdata.float() * scale.float()).to(x.dtype)
-    y = F.linear(xd, w, None if bias is None else bias.to(x.dtype))
-    return y.reshape(*x.shape[:-1], N)
+        w = (wq.float() * sw.float()).to(out_dtype)
+    return F.linear(xd, w, None if bias is None else bias.to(out_dtype))
+
+
+def dequant_matmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   act: str, rotate: int = 0, weight_buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """A W8A8 layer through one GEMM in x.dtype: the activation quantized per token (fake-quant),
+    then `w8a8_matmul_dequant`. x (..., K) → (..., N)."""
+    xq, sx = act_quant_torch(x, act, rotate)
+    y = w8a8_matmul_dequant(xq, sx, qdata, scale, bias, x.dtype, weight_buffer)
+    return y.reshape(*x.shape[:-1], qdata.shape[0])
 
 
 def unrotate_weight(w: torch.Tensor, rotate: int) -> torch.Tensor:
