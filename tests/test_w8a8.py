@@ -355,6 +355,12 @@ def test_shared_input_is_quantized_once(monkeypatch):
     del x
     gc.collect()
     assert not dispatch._LAST_QUANT  # the 8-bit copy went with its activation
+    monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
+    with torch.inference_mode():  # inference tensors have no version counter: quantized every time
+        x = activations(20, 128, seed=5)
+        for layer in layers[:2]:
+            layer(x)
+    assert len(calls) == 4 and not dispatch._LAST_QUANT
 
 
 def test_swiglu_uses_the_fused_path_only_without_hooks(monkeypatch):

@@ -201,9 +201,11 @@ def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: i
     from .act_quant_torch import act_quant_torch
 
     use_kernel = forced and use_triton("act_quant", x)
-    key = (act, rotate, use_kernel, tuple(x.shape), x.stride(), x._version)
+    # Inference tensors keep no version counter, so in-place changes could not be seen: no caching.
+    cacheable = not x.is_inference()
+    key = (act, rotate, use_kernel, tuple(x.shape), x.stride(), x._version if cacheable else None)
     ref = _LAST_QUANT.get("ref")
-    if ref is not None and ref() is x and _LAST_QUANT.get("key") == key:
+    if cacheable and ref is not None and ref() is x and _LAST_QUANT.get("key") == key:
         return _LAST_QUANT["q"]
     q = None
     if use_kernel:
@@ -217,7 +219,8 @@ def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: i
     if q is None:
         q = act_quant_torch(x2, act, rotate)
     _LAST_QUANT.clear()
-    _LAST_QUANT.update(ref=weakref.ref(x, _forget), key=key, q=q)
+    if cacheable:
+        _LAST_QUANT.update(ref=weakref.ref(x, _forget), key=key, q=q)
     return q
 
 
