@@ -202,15 +202,15 @@ def act_quant_cases(args) -> list[Case]:
     for M in args.tokens:
         for K in (6144, 16384):
             x = torch.randn(M, K, device=dev, dtype=dt)
-            moved = M * K * (x.element_size() + 1)  # bytes read + written ("flops" column → GB/s)
+            moved = M * K * (x.element_size() + 1)  # bytes read + written; ×1e3 makes the TFLOP/s column GB/s
             group, shape = f"act-quant M={M} K={K}", f"M={M} K={K}"
             for rot in (0, 128):
                 tag = f", rotation {rot}" if rot else ""
                 for d in ("int8", "fp8"):
                     cases.append(Case(f"torch quantizer {d}{tag}", group, lambda x=x, d=d, r=rot: act_quant_torch(
-                        x, d, r)[0].view(torch.uint8), moved / 1e3, shape, dt, baseline=(d == "int8" and not rot)))
+                        x, d, r)[0].view(torch.uint8), moved * 1e3, shape, dt, baseline=(d == "int8" and not rot)))
                     cases.append(Case(f"Triton quantizer {d}{tag}", group, lambda x=x, d=d, r=rot: act_quant_triton(
-                        x, d, r)[0].view(torch.uint8), moved / 1e3, shape, dt))
+                        x, d, r)[0].view(torch.uint8), moved * 1e3, shape, dt))
     return cases
 
 

@@ -419,6 +419,13 @@ def test_quant_spec_w8a8_fields_and_shortcuts():
             QuantSpec(**bad)
 
 
+def test_text_encoder_spec_drops_w8a8():
+    from krea2_lite.quantize.text_encoder import text_encoder_spec
+
+    spec = text_encoder_spec("int8-w8a8-rot")
+    assert spec.dtype == "int8" and spec.activations is None and spec.rotate == 0
+
+
 # ---------------------------------------------------------------- whole (tiny) W8A8 model
 CFG = Krea2Config.tiny(features=128, heads=4, kvheads=2, txtdim=64, txtheads=2, txtkvheads=2)
 

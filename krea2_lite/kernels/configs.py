@@ -45,8 +45,9 @@ def qmatmul_configs(cap: tuple[int, int]) -> list[triton.Config]:
     ]
     if _family(cap) == "sm90":
         return [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)] + common
-    if _family(cap) == "consumer":
-        return [c for c in common if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    if _family(cap) == "consumer":  # 128×128×64 bf16 tiles: 32 KB a stage, so at most 3 stages in ~100 KB
+        return [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 64, 4, 3),
+                _cfg(128, 64, 64, 4, 3), _cfg(64, 64, 64, 4, 4), _cfg(16, 128, 128, 4, 3)]
     return common
 
 
