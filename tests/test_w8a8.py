@@ -522,6 +522,13 @@ def test_error_script_runs_small():
     assert "| mlp down 256×512 | 16 | int8 W8A8 + rotation |" in out
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_gpu_targets():
+    """Every quantized-matmul kernel compiles to a cubin for sm_80 and sm_90 (no GPU needed)."""
+    out = _run_script("compile_kernels.py", "--quick")
+    assert "0 failure(s)" in out and out.count("| ok,") >= 20
+
+
 # ---------------------------------------------------------------- GPU only
 def test_gpu_kernels_match_reference(cuda_device):
     if aqt.INTERPRETED:
