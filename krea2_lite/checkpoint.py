@@ -392,8 +392,8 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     weights. `config=None` infers the shape from the tensors. Returns the model in eval mode
     with gradients off.
 
-    `quant` ("int8" | "fp8" | "int4" | QuantSpec) quantizes while streaming: the float model is
-    never whole in memory. A krea2_lite quantized folder loads as it was written.
+    `quant` ("int8" | "fp8" | "int4" | "int8-w8a8[-rot]" | "fp8-w8a8[-rot]" | QuantSpec) quantizes
+    while streaming: the float model is never whole in memory. A krea2_lite quantized folder loads as it was written.
     """
     from .quantize import QuantSpec
     from .quantize.format import is_quantized_folder, load_quantized_folder, read_manifest
@@ -402,9 +402,9 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     device = torch.device(device)
     location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
     if is_quantized_folder(location):
-        stored = read_manifest(location)["quant"]["dtype"]
-        if spec is not None and spec.dtype != stored:
-            raise ValueError(f"{location} is already quantized to {stored}; quant={spec.dtype!r} cannot apply "
+        stored = QuantSpec.from_dict(read_manifest(location)["quant"]).name
+        if spec is not None and spec.name != stored:
+            raise ValueError(f"{location} is already quantized to {stored}; quant={spec.name!r} cannot apply "
                              "(quantize the float checkpoint instead, or pass quant=None)")
         return load_quantized_folder(location, device=device, dtype=dtype)
     source = open_checkpoint(location)

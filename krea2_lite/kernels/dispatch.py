@@ -1,10 +1,32 @@
 """Picks the kernel backend: `KREA2_LITE_KERNELS` = auto (default) | triton | torch.
 
-`auto` uses Triton kernels on CUDA tensors when Triton imports, torch elsewhere.
-`triton` forces them; on a machine without a GPU they then run under the Triton interpreter
-(TRITON_INTERPRET=1 must be set before triton is first imported — the tests do that).
-`torch` always uses the plain-torch references.
-Every fallback away from a requested kernel is logged once, with the reason.
+`triton` forces the Triton kernels; on a machine without a GPU they then run under the Triton
+interpreter (TRITON_INTERPRET=1 must be set before triton is first imported — the tests do that).
+`torch` always uses the plain-torch references. Every fallback away from a requested kernel is
+logged once, with the reason.
+
+`auto`, per kernel (nothing Triton-compiled in the matmul family has run on a GPU yet, so `auto`
+only picks a Triton matmul kernel once it is known to be correct and fast on the device):
+* attention / fused_attention: Triton on CUDA tensors (validated and timed on an H100), torch
+  elsewhere.
+* qmatmul (weight-only int8 / fp8 / int4): dequantize + cuBLAS everywhere (on CUDA, int8 / fp8
+  weights are dequantized into one reused scratch buffer per device and dtype, bit-identical to
+  `qmatmul_torch`; `clear_scratch()` frees it); the Triton dequant-matmul runs only with
+  KREA2_LITE_KERNELS=triton.
+* w8a8_linear (dynamic per-token activations): CPU → the torch reference. CUDA → the torch
+  activation quantizer, then stock torch GEMMs: int8 `torch._int_mm` (cuBLASLt, exact int32)
+  with a torch epilogue; fp8 `torch._scaled_mm` with row-wise scales on sm_89+, and below sm_89
+  (no fp8 tensor cores) the activation is quantized, dequantized and multiplied with the
+  dequantized weight in one bf16/fp16 cuBLAS GEMM (`dequant_matmul`, same W8A8 semantics).
+  Token counts at or above `DEQUANT_MIN_TOKENS[capability]` take `dequant_matmul` for int8 too
+  (weight dequantized into one reused scratch buffer); the table is empty until
+  `benchmarks/kernels.py` has measured where that wins on a card.
+  With KREA2_LITE_KERNELS=triton: the Triton quantizer (rotation fused; for `mlp.down` the SwiGLU
+  product fused too) and the Triton int8 GEMM; fp8 has no Triton GEMM (`torch._scaled_mm` on
+  sm_89+, else dequantized operands through cuBLAS on CUDA, the torch reference on the CPU).
+  On every path an activation shared by several W8A8 layers (wq/wk/wv/gate, MLP gate/up) is
+  quantized once. `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples
+  of 128); other shapes take an exact float64 GEMM, correct but slow on a GPU.
 """
 
 from __future__ import annotations
@@ -12,8 +34,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .attention_torch import attention_torch
 from .fused_attention_torch import fused_attention_torch
@@ -120,7 +144,17 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
 
     # Not yet compiled and timed on a GPU: `auto` keeps the torch path until it has been; the
     # kernel runs when asked for explicitly (KREA2_LITE_KERNELS=triton).
-    if kernel_backend() == "triton" and use_triton("qmatmul", x, qdata):
+    backend = kernel_backend()
+    if backend == "auto" and x.is_cuda:
+        log_fallback("qmatmul", "auto keeps dequantize + cuBLAS on CUDA (the Triton dequant-matmul is not yet "
+                     "validated on a GPU; KREA2_LITE_KERNELS=triton forces it)")
+        if dtype in ("int8", "fp8") and scale.dtype == x.dtype:
+            buffer = _scratch(x.device, x.dtype, out_features * in_features)
+            if buffer is not None:
+                from .qmatmul_torch import qmatmul_scratch
+
+                return qmatmul_scratch(x, qdata, scale, dtype, out_features, in_features, bias, buffer)
+    if backend == "triton" and use_triton("qmatmul", x, qdata):
         from .qmatmul_triton import qmatmul_supports, qmatmul_triton
 
         reason = qmatmul_supports(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
@@ -128,3 +162,150 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
             return qmatmul_triton(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
         log_fallback("qmatmul", reason)
     return qmatmul_torch(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
+
+
+# Token counts from which dequantize-to-x.dtype + cuBLAS beats the int8 GEMM, per GPU capability
+# (major, minor). Fill from `benchmarks/kernels.py` runs; absent = never.
+DEQUANT_MIN_TOKENS: dict[tuple[int, int], int] = {}
+_SCRATCH: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+    """One reused weight buffer per (device, dtype), grown to the largest layer; None while autograd
+    records (a saved weight must not be overwritten by the next layer)."""
+    if torch.is_grad_enabled():
+        return None
+    # A buffer made under inference_mode is an inference tensor: not writable outside that mode.
+    key = (str(device), dtype, torch.is_inference_mode_enabled())
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        _SCRATCH.pop(key, None)
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+# The last quantized activation: the attention's four input projections (wq, wk, wv, gate) and the
+# MLP's gate/up each receive the same tensor, which is quantized once instead of four (two) times.
+# The entry refers to that tensor weakly and is dropped as soon as the tensor is (so the 8-bit copy
+# never outlives the activation); the version counter catches in-place changes.
+_LAST_QUANT: dict[str, object] = {}
+
+
+def _forget(ref) -> None:
+    if _LAST_QUANT.get("ref") is ref:
+        _LAST_QUANT.clear()
+
+
+def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: int,
+                          forced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from .act_quant_torch import act_quant_torch
+
+    use_kernel = forced and use_triton("act_quant", x)
+    # Inference tensors keep no version counter, so in-place changes could not be seen: no caching.
+    cacheable = not x.is_inference()
+    key = (act, rotate, use_kernel, tuple(x.shape), x.stride(), x._version if cacheable else None)
+    ref = _LAST_QUANT.get("ref")
+    if cacheable and ref is not None and ref() is x and _LAST_QUANT.get("key") == key:
+        return _LAST_QUANT["q"]
+    q = None
+    if use_kernel:
+        from .act_quant_triton import act_quant_supports, act_quant_triton
+
+        reason = act_quant_supports(x2, act, rotate)
+        if reason is None:
+            q = act_quant_triton(x2, act, rotate)
+        else:
+            log_fallback("act_quant", reason)
+    if q is None:
+        q = act_quant_torch(x2, act, rotate)
+    _LAST_QUANT.clear()
+    if cacheable:
+        _LAST_QUANT.update(ref=weakref.ref(x, _forget), key=key, q=q)
+    return q
+
+
+def _fused_glu_activation(gate: torch.Tensor, up: torch.Tensor, act: str,
+                          rotate: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """silu(gate)·up quantized by the Triton kernel without writing the product, or None."""
+    from .act_quant_triton import act_quant_supports, act_quant_triton
+
+    reason = act_quant_supports(gate, act, rotate, up)
+    if reason is not None:
+        log_fallback("act_quant (SwiGLU fused)", reason)
+        return None
+    return act_quant_triton(gate, act, rotate, up=up)
+
+
+def clear_activation_cache() -> None:
+    """Drop the cached quantized activation."""
+    _LAST_QUANT.clear()
+
+
+def clear_scratch() -> None:
+    """Free the reused dequantization buffers (e.g. before the VAE decode on a small GPU)."""
+    _SCRATCH.clear()
+
+
+def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                act: str, rotate: int = 0, up: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias for a W8A8 layer: x (..., K) in bf16/fp16/fp32 → (..., N) in x.dtype.
+
+    qdata (N, K) int8 or float8_e4m3fn and scale (N, 1) are the stored weight (W·H when rotate > 0,
+    H the block Hadamard of size `rotate`); `act` ("int8" | "fp8") is the activation type, quantized
+    per token on the fly (after the same rotation). With `up` (like x), the layer's input is the
+    SwiGLU product silu(x)·up, formed in x.dtype; the Triton quantizer fuses it (the product is never
+    written), every other path forms it first. Backend choice: see the module docstring.
+    """
+    from .w8a8_torch import (dequant_matmul, scaled_mm_fp8, scaled_mm_reason, w8a8_linear_torch,
+                             w8a8_matmul_dequant, w8a8_matmul_torch)
+
+    backend = kernel_backend()
+    N, K = qdata.shape
+    forced = backend == "triton"
+    fused = None
+    if up is not None:
+        if forced and use_triton("act_quant", x, up):
+            fused = _fused_glu_activation(x, up, act, rotate)
+        if fused is None:
+            x, up = F.silu(x) * up, None
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return w8a8_linear_torch(x, qdata, scale, bias, act, rotate)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    lead = x.shape[:-1]
+
+    if x.is_cuda and not forced:
+        threshold = DEQUANT_MIN_TOKENS.get(torch.cuda.get_device_capability(x.device))
+        if threshold is not None and M >= threshold:
+            return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(x.device, x.dtype, N * K))
+        log_fallback("w8a8_linear", "auto on CUDA uses the torch activation quantizer and torch._int_mm / "
+                     "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
+                     "KREA2_LITE_KERNELS=triton forces them)")
+
+    xq, sx = fused if fused is not None else _quantized_activation(x, x2, act, rotate, forced)
+
+    if act == "int8":
+        if forced and use_triton("w8a8_int8", x):
+            from .w8a8_triton import w8a8_matmul_triton, w8a8_supports
+
+            reason = w8a8_supports(xq, sx, qdata, scale, bias, x.dtype)
+            if reason is None:
+                return w8a8_matmul_triton(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)
+            log_fallback("w8a8_int8", reason)
+        return w8a8_matmul_torch(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)
+
+    if x.is_cuda and scaled_mm_reason(xq, qdata) is None:
+        try:
+            return scaled_mm_fp8(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)
+        except RuntimeError as exc:  # e.g. a torch build without row-wise fp8 scaling for this GPU
+            log_fallback("w8a8_fp8", f"torch._scaled_mm failed ({str(exc).splitlines()[0][:120]}); "
+                         "dequantized operands through one cuBLAS GEMM instead")
+    if x.is_cuda:
+        if scaled_mm_reason(xq, qdata) is not None:
+            log_fallback("w8a8_fp8", f"{scaled_mm_reason(xq, qdata)}; dequantized operands through one "
+                         "cuBLAS GEMM instead")
+        return w8a8_matmul_dequant(xq, sx, qdata, scale, bias, x.dtype,
+                                   _scratch(x.device, x.dtype, N * K)).reshape(*lead, N)
+    log_fallback("w8a8_fp8", "fp8 W8A8 has no Triton GEMM; torch._scaled_mm needs CUDA sm_89+ "
+                 "(using the torch reference GEMM)")
+    return w8a8_matmul_torch(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)

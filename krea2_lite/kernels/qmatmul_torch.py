@@ -34,3 +34,20 @@ def qmatmul_torch(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shi
     """y = x · Wᵀ + bias with W dequantized to x.dtype. x (..., in_features) → (..., out_features)."""
     w = dequantize_weight(qdata, scale, shift, dtype, out_features, in_features, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def qmatmul_scratch(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, dtype: str, out_features: int,
+                    in_features: int, bias: torch.Tensor | None, buffer: torch.Tensor) -> torch.Tensor:
+    """`qmatmul_torch` for int8 / fp8 with the weight dequantized into `buffer` (≥ out·in elements of
+    x.dtype, reused across layers) instead of a fresh fp32 product and its cast.
+
+    Bit-identical to `qmatmul_torch` when `scale` is stored in x.dtype (how krea2_lite loads it):
+    int8 and e4m3 values are exact in bf16/fp16/fp32, so copy_ then mul_ rounds the product once, as
+    the reference's fp32 product and cast do.
+    """
+    if dtype not in ("int8", "fp8"):
+        raise ValueError(f"qmatmul_scratch handles int8 / fp8, not {dtype!r}")
+    w = buffer.view(-1)[: out_features * in_features].view(out_features, in_features)
+    w.copy_(qdata)
+    w.mul_(scale)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .attention_triton import INTERPRETED, _dot_operand, _round_to, device_reason
+from .configs import autotuned, capability, qmatmul_configs
 
 QUANT_DTYPES = ("int8", "fp8", "int4")
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -35,16 +36,7 @@ _KIND = {"int8": 0, "fp8": 1, "int4": 2}
 # Under the interpreter: fixed tiles (every dot dim >= 16), no autotuning.
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64)
 
-# GPU: a small list that fits sm_80/86/89/90 shared memory; configs that run out of resources
-# are dropped by the autotuner. Tuned once per (M bucket, N, K, quant kind, activation dtype).
-GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=3),  # small M
-]
+# GPU: autotuned per capability (`configs.qmatmul_configs`), once per (M bucket, N, K, quant kind).
 
 
 @triton.jit
@@ -117,10 +109,6 @@ def _qmatmul_kernel(
     out = _round_to(acc, DT, BIT_ROUND)
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * s_ym + offs_n[None, :] * s_yn
     tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < N))
-
-
-_qmatmul_tuned = None if INTERPRETED else triton.autotune(
-    configs=GPU_CONFIGS, key=["M_BUCKET", "N", "K", "KIND", "GROUP"])(_qmatmul_kernel)
 
 
 def qmatmul_supports(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
@@ -196,8 +184,10 @@ def qmatmul_triton(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, sh
                  DOT_IN_INPUT_DTYPE=on_gpu,
                  DOT_PRECISION="ieee" if (x.dtype == torch.float32 or not on_gpu) else "tf32",
                  BIT_ROUND=not on_gpu)
-    if on_gpu and _qmatmul_tuned is not None:
-        _qmatmul_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
+    if on_gpu:
+        tuned = autotuned(_qmatmul_kernel, qmatmul_configs, capability(x.device),
+                          ("M_BUCKET", "N", "K", "KIND", "GROUP"))
+        tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](
             *args, **flags)
     else:
         cfg = dict(INTERPRET_CONFIG)

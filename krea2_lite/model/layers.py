@@ -38,7 +38,12 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        down = self.down
+        if getattr(down, "activations", None) and not (down._forward_hooks or down._forward_pre_hooks):
+            # W8A8 `down`: its activation quantizer can form silu(gate)·up itself (a LoRA hook on
+            # `down` must see the product, so hooked layers take the ordinary call).
+            return down.forward_swiglu(self.gate(x), self.up(x))
+        return down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Attention(nn.Module):

@@ -1,4 +1,5 @@
-"""`python -m krea2_lite.quantize --model SRC --dtype {int8,fp8,int4} --out DIR`.
+"""`python -m krea2_lite.quantize --model SRC --dtype {int8,fp8,int4} --out DIR
+[--activations {int8,fp8} [--rotate [BLOCK]]]`.
 
 Writes a self-contained quantized folder (see `format.py`). The work happens in a temporary
 folder beside DIR that is renamed into place at the end, so DIR is either absent, the previous
@@ -22,7 +23,7 @@ from .. import __version__
 from ..checkpoint import open_checkpoint, resolve_path
 from ..errors import Krea2LiteError
 from .format import folder_size, write_manifest, write_transformer
-from .recipe import DEFAULT_INCLUDE, GROUP_SIZES, QuantSpec
+from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
 
 PARTIAL_MARK = ".partial-"
 BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", required=True, choices=["int8", "fp8", "int4"])
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES, help="int4 group length")
+    p.add_argument("--activations", choices=["none", "int8", "fp8"], default="none",
+                   help="W8A8: also quantize each layer's input per token at run time (same type as --dtype)")
+    p.add_argument("--rotate", type=int, nargs="?", const=DEFAULT_ROTATE, default=0,
+                   choices=[r for r in ROTATE_SIZES if r], metavar="BLOCK",
+                   help=f"W8A8 only: store weights as W·H (block Hadamard, default block {DEFAULT_ROTATE}) and "
+                        "rotate activations before quantizing them (spreads outlier channels)")
     p.add_argument("--text-encoder-dtype", choices=["int8", "int4", "none"], default="int8",
                    help="for a pipeline source: quantize the Qwen3-VL text path (none = keep bf16)")
     p.add_argument("--include", nargs="*", default=list(DEFAULT_INCLUDE), help="module-name globs to quantize")
@@ -109,7 +116,8 @@ def run(args: argparse.Namespace) -> Path:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     if out == src.resolve() or src.resolve() in out.parents:
         raise ValueError(f"--out {out} must not be inside --model {src}")
-    spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude))
+    spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
+                     activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
     transformer_path, root = source_layout(src)
     source = open_checkpoint(transformer_path)
     source_files = sorted({file for file, _, _ in source.entries.values()})

@@ -26,7 +26,11 @@ from .recipe import QuantSpec
 from .stream import build_quantized_skeleton
 
 FORMAT = "krea2_lite.quantized"
-FORMAT_VERSION = 1
+# Version 2 (W8A8 with a Hadamard rotation: `quant.rotate` > 0, weights stored as W·H) is written only
+# for rotated folders, which an older reader would run without the rotation; everything else is
+# still written as version 1, and both load here. `quant.activations` is absent in weight-only
+# folders (older readers run a W8A8 folder as weight-only, which is correct, just not W8A8).
+FORMAT_VERSION = 2
 MANIFEST = "krea2_lite.json"
 TRANSFORMER_FILE = "transformer/model.safetensors"
 QUANTIZATION_MAP = "transformer/quantization_map.json"
@@ -53,13 +57,20 @@ def write_transformer(model: torch.nn.Module, folder: Path) -> None:
     (folder / "transformer").mkdir(parents=True, exist_ok=True)
     info = model.quantization
     save_file(transformer_state(model), str(folder / TRANSFORMER_FILE), metadata={"format": "pt"})
+    # quanto's "activations" would mean static calibrated scales; ours are dynamic per token, so the
+    # map describes the weights only (for rotated folders: the weights W·H).
     qmap = {name: {"weights": QUANTO_QTYPE_NAMES[info.spec.dtype], "activations": "none"} for name in info.modules}
     (folder / QUANTIZATION_MAP).write_text(json.dumps(qmap, indent=1))
 
 
+def required_version(manifest: dict) -> int:
+    """The oldest format version that reads this manifest correctly."""
+    return 2 if manifest.get("quant", {}).get("rotate") else 1
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest},
-                                              indent=1))
+    (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": required_version(manifest),
+                                               **manifest}, indent=1))
 
 
 def read_manifest(folder: Path) -> dict:

@@ -12,6 +12,13 @@ Layouts (w = the (out, in) float weight):
   int4  qdata uint8 (ceil(G/2), g),    w = q · scale − shift per group of g inputs;
         the weight is viewed row-major as (G, g), G = out·in/g, and q (0..15) is packed
         two rows per byte, not interleaved: qdata[r] = q[r] | q[r + ceil(G/2)] << 4.
+
+W8A8 (`activations` = "int8" with int8 weights, "fp8" with fp8 weights): the same storage; the
+forward quantizes x per token and multiplies 8-bit × 8-bit (`kernels.w8a8_linear`). With
+`rotate` = b > 0 the stored weight is quantize(W·H), H = blockdiag(H_b/√b) over in_features
+(symmetric, orthonormal), and the forward rotates x by H first: (x·H)(W·H)ᵀ = x·Wᵀ. The stored
+tensors are still valid optimum-quanto tensors — of W·H, not W: quanto alone cannot run a
+rotated layer (the folder's manifest records `rotate`; quanto's map only describes weights).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels.act_quant_torch import rotate_blocks
 from ..kernels.qmatmul_torch import dequantize_weight
 
 QUANTO_QTYPE_NAMES = {"int8": "qint8", "fp8": "qfloat8_e4m3fn", "int4": "qint4"}
@@ -70,17 +78,23 @@ def _quantize_rows(w: torch.Tensor, dtype: str, group: int | None, scale_dtype: 
 
 
 def quantize_weight_tensors(weight: torch.Tensor, dtype: str, group: int | None,
-                            scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                            scale_dtype: torch.dtype, rotate: int = 0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize an (out, in) weight with optimum-quanto → (qdata, scale, shift or None).
 
     Scales are rounded to `scale_dtype` *before* the values are quantized, so the stored scale
     is exactly the one the values were rounded against. Scales are per row (8-bit) or per
     group of whole rows' elements (int4), so slicing by rows gives quanto's exact result.
+    `rotate` > 0 quantizes W·H instead (each row slice rotated in fp32 just before quantizing).
     """
     from optimum.quanto.tensor.packed import PackedTensor
 
+    def rows_of(i: int, n: int) -> torch.Tensor:
+        w = weight[i:i + n].detach().float()
+        return rotate_blocks(w, rotate) if rotate else w
+
     rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
-    parts = [_quantize_rows(weight[i:i + rows].detach().float(), dtype, group, scale_dtype)
+    parts = [_quantize_rows(rows_of(i, rows), dtype, group, scale_dtype)
              for i in range(0, weight.shape[0], rows)]
     values = torch.cat([p[0] for p in parts])
     scale = torch.cat([p[1] for p in parts])
@@ -90,15 +104,22 @@ def quantize_weight_tensors(weight: torch.Tensor, dtype: str, group: int | None,
 
 
 class QuantizedLinear(nn.Module):
-    """y = x·Wᵀ + b with W quantized (int8 / fp8 per output channel, int4 group-wise)."""
+    """y = x·Wᵀ + b with W quantized (int8 / fp8 per output channel, int4 group-wise);
+    optionally W8A8 (`activations`, with an optional Hadamard `rotate` block)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None,
-                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None, activations: str | None = None,
+                 rotate: int = 0):
         super().__init__()
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+        if activations is not None and activations != dtype:
+            raise ValueError(f"W8A8 activations {activations!r} need {activations} weights, not {dtype!r}")
+        if rotate and (activations is None or in_features % rotate):
+            raise ValueError(f"rotate={rotate} needs W8A8 activations and in_features ({in_features}) divisible by it")
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.group = dtype, group
+        self.activations, self.rotate = activations, int(rotate)
         if dtype == "int4":
             if group is None or (in_features * out_features) % group:
                 raise ValueError(f"int4 needs a group size dividing the weight, got {group}")
@@ -115,18 +136,20 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str, group: int | None,
-                    compute_dtype: torch.dtype | None = None) -> "QuantizedLinear":
+                    compute_dtype: torch.dtype | None = None, activations: str | None = None,
+                    rotate: int = 0) -> "QuantizedLinear":
         compute_dtype = compute_dtype or linear.weight.dtype
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, group,
-                     compute_dtype, device="meta")
+                     compute_dtype, device="meta", activations=activations, rotate=rotate)
         module.set_weight(linear.weight, linear.bias)
         return module
 
     def set_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Quantize `weight` (out, in) into this module's buffers (replacing them)."""
+        """Quantize `weight` (out, in) into this module's buffers (replacing them); rotated first
+        when the layer rotates."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
-        qdata, scale, shift = quantize_weight_tensors(weight, self.dtype, self.group, self.scale.dtype)
+        qdata, scale, shift = quantize_weight_tensors(weight, self.dtype, self.group, self.scale.dtype, self.rotate)
         self.qdata, self.scale = qdata, scale
         if shift is not None:
             self.shift = shift
@@ -136,11 +159,21 @@ class QuantizedLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(self.scale.dtype), requires_grad=False)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight the stored values represent."""
-        return dequantize_weight(self.qdata, self.scale, self.shift, self.dtype, self.out_features,
-                                 self.in_features, dtype)
+        """The (out, in) weight the stored values represent (rotated layers: un-rotated, W ≈ (W·H)_q·H)."""
+        w = dequantize_weight(self.qdata, self.scale, self.shift, self.dtype, self.out_features,
+                              self.in_features, torch.float32)
+        return (rotate_blocks(w, self.rotate) if self.rotate else w).to(dtype)
+
+    def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """self(F.silu(gate) * up) for a W8A8 layer, letting the Triton quantizer form the product
+        in registers. Bypasses this module's hooks: callers use it only when it has none."""
+        if self.activations is None:
+            return self(torch.nn.functional.silu(gate) * up)
+        return kernels.w8a8_linear(gate, self.qdata, self.scale, self.bias, self.activations, self.rotate, up=up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is not None:
+            return kernels.w8a8_linear(x, self.qdata, self.scale, self.bias, self.activations, self.rotate)
         return kernels.qmatmul(x, self.qdata, self.scale, self.shift, self.dtype, self.group,
                                self.out_features, self.in_features, self.bias)
 
@@ -165,14 +198,21 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.group else ""
-        return f"in={self.in_features}, out={self.out_features}, {self.dtype}{group}, bias={self.bias is not None}"
+        w8a8 = f", activations={self.activations}" if self.activations else ""
+        rot = f", rotate={self.rotate}" if self.rotate else ""
+        return (f"in={self.in_features}, out={self.out_features}, {self.dtype}{group}{w8a8}{rot}, "
+                f"bias={self.bias is not None}")
 
 
-def swap_linears(model: nn.Module, names: list[str], dtype: str, group_for, compute_dtype: torch.dtype) -> None:
-    """Replace the named nn.Linear modules by empty QuantizedLinear ones (meta device)."""
+def swap_linears(model: nn.Module, names: list[str], dtype: str, group_for, compute_dtype: torch.dtype,
+                 activations: str | None = None, rotate_for=None) -> None:
+    """Replace the named nn.Linear modules by empty QuantizedLinear ones (meta device).
+    `rotate_for(in_features)` gives a W8A8 layer's Hadamard block (0 = none)."""
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         linear = getattr(owner, leaf)
+        rotate = rotate_for(linear.in_features) if rotate_for is not None else 0
         setattr(owner, leaf, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                             dtype, group_for(linear.in_features), compute_dtype, device="meta"))
+                                             dtype, group_for(linear.in_features), compute_dtype, device="meta",
+                                             activations=activations, rotate=rotate))

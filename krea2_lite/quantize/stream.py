@@ -38,7 +38,7 @@ def build_quantized_skeleton(config: Krea2Config, spec: QuantSpec, dtype: torch.
     chosen, kept = select_linears(model, spec, log=log)
     if modules is not None:
         chosen = list(modules)
-    swap_linears(model, chosen, spec.dtype, spec.group_for, dtype)
+    swap_linears(model, chosen, spec.dtype, spec.group_for, dtype, spec.activations, spec.rotate_for)
     model.quantization = QuantizationInfo(spec, chosen, kept)
     return model
 
@@ -51,7 +51,7 @@ def load_quantizing(source: CheckpointSource, config: Krea2Config, spec: QuantSp
     model = build_quantized_skeleton(config, spec, dtype)
     quantized = set(model.quantization.modules)
     order = sorted(source.entries, key=lambda n: (str(source.entries[n][0]), source.entries[n][2].start))
-    with tqdm(total=len(order), desc=f"quantizing to {spec.dtype}", unit="tensor",
+    with tqdm(total=len(order), desc=f"quantizing to {spec.name}", unit="tensor",
               disable=(not progress) if progress is not None else None, leave=False) as bar:
         for name in order:
             file, _, info = source.entries[name]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear, quantize_weight_tensor
 from .recipe import DEFAULT_INCLUDE, QuantSpec, select_linears
 
 __all__ = ["TEXT_INCLUDE", "quantize_text_encoder_", "save_text_encoder", "text_encoder_spec"]
+
+logger = logging.getLogger("krea2_lite")
 
 # Every linear of the decoder layers (fnmatch's * crosses dots).
 TEXT_INCLUDE = ("layers.*",)
@@ -53,6 +56,10 @@ def text_encoder_spec(quant: str | QuantSpec | None) -> QuantSpec | None:
     spec = QuantSpec.parse(quant)
     if spec is not None and spec.include == DEFAULT_INCLUDE:
         spec = dataclasses.replace(spec, include=TEXT_INCLUDE)
+    if spec is not None and spec.activations is not None:  # W8A8 is a transformer recipe
+        logger.info("krea2_lite: the text encoder keeps weight-only %s (W8A8 applies to the transformer)",
+                    spec.dtype)
+        spec = dataclasses.replace(spec, activations=None, rotate=0)
     return spec
 
 
