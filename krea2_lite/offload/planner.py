@@ -135,7 +135,7 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     batch = num_images * (2 if cfg else 1)
     image_tokens = math.ceil(height / 16) * math.ceil(width / 16)
     text_tokens = max_sequence_length
-    act = sizes.transformer_activation_bytes(config, batch, image_tokens, text_tokens, dtype, quant is not None)
+    act = sizes.transformer_activation_bytes(config, batch, image_tokens, text_tokens, dtype, quant)
     if vae_weight_bytes is None:
         vae_weight_bytes = sizes.vae_weight_bytes(dtype)
     te_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes

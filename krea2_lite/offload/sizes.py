@@ -84,7 +84,7 @@ def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> Trans
 
 
 def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: int, text_tokens: int,
-                                 dtype: torch.dtype, quantized: bool) -> int:
+                                 dtype: torch.dtype, quant=None) -> int:
     """Device bytes of activations at the widest point of one transformer forward.
 
     Counted (itemsize s, B batch, L = text + image tokens, f width, m MLP width):
@@ -93,9 +93,14 @@ def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: 
       norm            x plus the float32 input copy and output of RMSNorm: B·L·f·(s + 8)
       text fusion     the layerwise blocks see B·Ltxt sequences of `txtlayers` tokens: same MLP form
     plus what lives across the step (the stacked text context, latents, rope tables) and, for a
-    quantized model on the torch matmul path, one dequantized weight (the largest). Attention
-    never materialises an L×L matrix (flash-style kernels, fused or SDPA).
+    quantized model, one dequantized weight (the largest: the reused scratch of the dequantize
+    path); for W8A8 also the 8-bit copy of the widest layer input, its cached shared copy and the
+    int32/fp32 GEMM row chunks (~64 MB each). Attention never materialises an L×L matrix
+    (flash-style kernels, fused or SDPA). `quant`: None, a dtype string or a QuantSpec.
     """
+    from ..quantize import QuantSpec
+
+    spec = QuantSpec.parse(quant)
     s = _itemsize(dtype)
     f, m, kv = config.features, config.mlpdim, config.kvheads * config.headdim
     length = image_tokens + text_tokens
@@ -109,8 +114,10 @@ def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: 
                   + batch * image_tokens * config.in_channels * 4 * 3  # latents, velocity, next latents
                   + length * config.headdim * 4)  # rope cos/sin, float32
     scratch = 0
-    if quantized:
-        scratch = max(m * f, 3 * f * f) * s  # the largest dequantized weight (down / up / gate, or tproj kept)
+    if spec is not None:
+        scratch = m * f * s  # the largest dequantized weight (MLP up / gate / down)
+        if spec.activations is not None:
+            scratch += 2 * tokens * m + 2 * (64 << 20)  # int8 input copies (shared + widest) and GEMM chunks
     return max(mlp, attention, norm, fusion) + persistent + scratch
 
 
