@@ -84,11 +84,12 @@ def test_out_of_memory_gets_a_clear_message(pipe, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    # This pipeline's memory is mostly activations, so offloading cannot shrink it: after the OOM the
+    # re-plan finds nothing smaller and says so (tests/test_offload.py covers the successful re-plan).
     monkeypatch.setattr(pipe.transformer, "forward", oom)
-    with pytest.warns(RuntimeWarning, match="retrying once with a smaller memory plan"):
-        with pytest.raises(DeviceMemoryError, match=r"generating 2 image\(s\) at 32×48 with CFG, also after "
-                                                    r"re-planning.*quant='int8'"):
-            pipe("a cat", width=32, height=48, steps=2, guidance=2.0, num_images=2, progress=False)
+    with pytest.raises(DeviceMemoryError, match=r"generating 2 image\(s\) at 32×48 with CFG: CUDA out of memory"
+                                                r".*no smaller memory plan.*quant='int4'"):
+        pipe("a cat", width=32, height=48, steps=2, guidance=2.0, num_images=2, progress=False)
 
 
 def test_over_long_prompt_warns_and_generates(pipe):
