@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="text prompt")
     gen.add_argument("--model", required=True,
-                     help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo) or transformer .safetensors")
+                     help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer .safetensors, "
+                     "or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds on a CPU)")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int)
     gen.add_argument("--cfg", type=float, help="guidance g in cond + g·(cond − uncond); 0 disables")
     gen.add_argument("--mu", type=float, help="pin the timestep shift instead of deriving it from the size")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=int, help="default: the model's own (1024; the demo: 64)")
+    gen.add_argument("--height", type=int, help="default: the model's own (1024; the demo: 64)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--negative-prompt", default=None)

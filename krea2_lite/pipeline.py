@@ -58,14 +58,16 @@ def _read_json(path: Path) -> dict:
 
 class Krea2Pipeline:
     def __init__(self, transformer, text_encoder, vae, *, variant: str = "raw",
-                 shift: dict | None = None, vae_tile: int | str | None = "auto"):
+                 shift: dict | None = None, vae_tile: int | str | None = "auto",
+                 defaults: VariantDefaults | None = None, default_size: tuple[int, int] = (1024, 1024)):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
         self.variant = variant
-        self.defaults = VARIANTS[variant]
+        self.defaults = defaults or VARIANTS[variant]
+        self.default_size = default_size  # (width, height) when __call__ is given none
         self.shift = dict(DEFAULT_SHIFT, **(shift or {}))
         self.vae_tile = vae_tile
 
@@ -101,6 +103,10 @@ class Krea2Pipeline:
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if os.fspath(path_or_hub_id or "") == "demo" and not Path("demo").exists():
+            from .demo import demo_path  # the trained miniature shipped with the package
+
+            path_or_hub_id = demo_path()
 
         root = None
         if path_or_hub_id is not None:
@@ -127,6 +133,7 @@ class Krea2Pipeline:
         if transformer is None:
             raise ValueError("nothing to load: pass a pipeline folder / hub id, or transformer=")
 
+        variant_given = variant is not None
         if variant is None:
             if "is_distilled" in index:
                 variant = "turbo" if index["is_distilled"] else "raw"
@@ -139,6 +146,12 @@ class Krea2Pipeline:
             scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
             shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
         select_layers = tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS)
+        # A folder may carry its own sampling defaults and native size (the demo model does).
+        own = index.get("krea2_lite") or {}
+        defaults = None
+        if not variant_given and "steps" in own and "guidance" in own:
+            defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
+        default_size = (int(own.get("width", 1024)), int(own.get("height", 1024)))
 
         model = load_transformer(transformer, device=device, dtype=dtype, quant=quant, progress=progress)
         text_path = resolve_path(text_encoder or DEFAULT_TEXT_ENCODER,
@@ -156,7 +169,8 @@ class Krea2Pipeline:
         if model.config.channels != decoder.config.z_dim:
             raise ValueError(f"the transformer works on {model.config.channels} latent channels but the VAE at "
                              f"{vae_path} has z_dim={decoder.config.z_dim}")
-        return cls(model, encoder, decoder, variant=variant, shift=shift)
+        return cls(model, encoder, decoder, variant=variant, shift=shift, defaults=defaults,
+                   default_size=default_size)
 
     # ---- generation ------------------------------------------------------------------------
     def _check_size(self, name: str, value) -> int:
@@ -186,10 +200,13 @@ class Krea2Pipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 width: int = 1024, height: int = 1024, steps: int | None = None, guidance: float | None = None,
+                 width: int | None = None, height: int | None = None, steps: int | None = None,
+                 guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
                  max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
         prompts = self._prompt_list("prompt", prompt)
+        width = self.default_size[0] if width is None else width  # 1024 unless the folder says
+        height = self.default_size[1] if height is None else height
         width, height = self._check_size("width", width), self._check_size("height", height)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
