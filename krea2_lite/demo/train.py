@@ -200,7 +200,8 @@ def train_tokenizer(vocab_size: int = 512):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX
+    from ..model.text_encoder import (DEFAULT_PREFIX_TOKENS, DEFAULT_SUFFIX_TOKENS, PROMPT_TEMPLATE_PREFIX,
+                                      PROMPT_TEMPLATE_SUFFIX)
 
     qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -217,7 +218,14 @@ def train_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # The pipeline drops the reference's fixed 34 prefix tokens and appends 5 suffix tokens: the
+    # template must tokenize to exactly that, as with Qwen's tokenizer.
+    counts = (len(tokenizer(PROMPT_TEMPLATE_PREFIX).input_ids), len(tokenizer(PROMPT_TEMPLATE_SUFFIX).input_ids))
+    if counts != (DEFAULT_PREFIX_TOKENS, DEFAULT_SUFFIX_TOKENS):
+        raise RuntimeError(f"the demo tokenizer makes {counts} tokens of the template prefix / suffix, "
+                           f"not ({DEFAULT_PREFIX_TOKENS}, {DEFAULT_SUFFIX_TOKENS})")
+    return tokenizer
 
 
 def text_encoder_config(vocab_size: int):
