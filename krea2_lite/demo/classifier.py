@@ -7,6 +7,8 @@ far from that plane; its colour is the mean of its core pixels named by the near
 from how much of its bounding box it fills (square ≈ 1, circle ≈ 0.79, triangle ≈ 0.5,
 star ≈ 0.38) and how far its centroid sits below the box centre (a triangle's does, by 1/6 of
 its height); its size the nearest of `dataset.SIZES` to the radius its area implies for that shape.
+The background's colour is the plane's value at the top-left corner (where a gradient starts from
+the named colour) named by the nearest of `dataset.PALETTE`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import COLOURS, POSITIONS, SIZES, IMAGE_SIZE, Scene
+from .dataset import COLOURS, IMAGE_SIZE, PALETTE, POSITIONS, SIZES, Scene
 
 # Area of each shape as drawn by dataset.shape_mask, in units of radius².
 AREA_FACTOR = {"circle": np.pi, "square": 2.0, "triangle": 1.299 * 1.15 ** 2, "star": 1.322 * 1.1 ** 2}
@@ -28,9 +30,14 @@ class Reading:
     size: str | None
     shape: str | None
     area: int  # pixels in the shape mask
+    background: str | None = None
 
     def agrees(self, scene: Scene, check: tuple[str, ...] = ("colour", "position")) -> bool:
         return all(getattr(self, name) == getattr(scene, name) for name in check)
+
+
+def _nearest(colour: np.ndarray, palette: dict) -> str:
+    return min(palette, key=lambda n: float(np.linalg.norm(colour - np.asarray(palette[n]))))
 
 
 def _background(image: np.ndarray, border: int = 2) -> np.ndarray:
@@ -54,15 +61,16 @@ def classify(image) -> Reading:
     """Read a demo image (PIL image or uint8 array (H, W, 3); any size, judged at 64×64)."""
     array = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)) if hasattr(image, "convert") else image)
     array = array.astype(np.float64)
-    distance = np.linalg.norm(array - _background(array), axis=2)
+    plane = _background(array)
+    background = _nearest(plane[0, 0], PALETTE)
+    distance = np.linalg.norm(array - plane, axis=2)
     peak = distance.max()
     if peak < 40:  # nothing stands out from the background
-        return Reading(None, None, None, None, 0)
+        return Reading(None, None, None, None, 0, background)
     mask = distance > max(35.0, 0.4 * peak)
     core = distance > max(35.0, 0.7 * peak)  # away from the anti-aliased edge
     mean = array[core].mean(axis=0)
-    names = list(COLOURS)
-    colour = names[int(np.argmin([np.linalg.norm(mean - np.asarray(COLOURS[n])) for n in names]))]
+    colour = _nearest(mean, COLOURS)
 
     rows, cols = np.nonzero(mask)
     cy, cx = rows.mean(), cols.mean()
@@ -79,4 +87,4 @@ def classify(image) -> Reading:
         shape = "triangle" if drop > 0.1 else "star"
     radius = np.sqrt(len(rows) / AREA_FACTOR[shape])
     size = min(SIZES, key=lambda s: abs(SIZES[s] - radius))
-    return Reading(colour, position, size, shape, int(len(rows)))
+    return Reading(colour, position, size, shape, int(len(rows)), background)

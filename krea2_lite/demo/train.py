@@ -8,7 +8,10 @@ Stages, each seeded on its own and cached in `--work` (an interrupted run resume
   3. transformer: a tiny `Krea2Transformer` (width 128, 4 blocks, 1.1M parameters) trained with
      the flow-matching objective (x_t = (1−t)·x + t·noise, target v = noise − x, t logit-normal
      then shifted as the sampler shifts it), 10 % of captions dropped for CFG, EMA weights kept,
-     on latents and text states computed once;
+     on latents and text states computed once; in phases (default 3000 + 2400 + 2000 steps of
+     32), each a fresh warm-up + cosine schedule starting from the previous phase's EMA weights
+     (the phases are how the shipped model was trained: each was added when the previous one
+     ended, while the loss was still falling);
   4. VAE: a tiny diffusers `AutoencoderKLQwenImage` (f8, 16 latent channels, base width 8) whose
      latent space is fixed by design (`design_latents`: a 16×16 colour thumbnail plus edge
      strength, packed into 16×8×8); its decoder is trained to reconstruct the images from those
@@ -323,25 +326,30 @@ def shifted_logit_normal(n: int, mu: float, g: torch.Generator) -> torch.Tensor:
 
 
 def train_transformer(work: Path, data: dict, seed: int, steps: int, batch: int, lr: float,
-                      uncond_p: float = 0.1, ema_decay: float = 0.998):
+                      uncond_p: float = 0.1, ema_decay: float = 0.998, phase: int = 1, init: dict | None = None):
+    """One training phase (fresh AdamW, warm-up, cosine to 10 %); a later phase starts from the
+    previous one's EMA weights. Returns the EMA model; each phase is cached in work/transformer[N].pt."""
     from ..model import Krea2Transformer
     from ..sampling import pack_latents, positions, resolution_mu
 
-    done = work / "transformer.pt"
+    done = work / ("transformer.pt" if phase == 1 else f"transformer{phase}.pt")
     cfg = transformer_config()
     if done.is_file():
         log(f"transformer: reusing {done}")
         model = Krea2Transformer(cfg)
         model.load_state_dict(torch.load(done))
         return model.eval()
-    torch.manual_seed(seed + SEED_OFFSETS["transformer"])
+    torch.manual_seed(seed + SEED_OFFSETS["transformer"] + 100 * (phase - 1))
     model = Krea2Transformer(cfg)
+    if init is not None:
+        model.load_state_dict(init)
     ema = Krea2Transformer(cfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    log(f"transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps of {batch}")
+    log(f"transformer phase {phase}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{steps} steps of {batch}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
-    g = torch.Generator().manual_seed(seed + SEED_OFFSETS["transformer"])
+    g = torch.Generator().manual_seed(seed + SEED_OFFSETS["transformer"] + 100 * (phase - 1))
     latents, ids, states, lengths = data["latents"], data["caption_ids"], data["states"], data["lengths"]
     mu = resolution_mu((latents.shape[2] // 2) * (latents.shape[3] // 2))
     rows, cols = latents.shape[2] // 2, latents.shape[3] // 2
@@ -437,14 +445,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="cache of finished stages (default: OUT + '.work')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vae-steps", type=int, default=1200, help="decoder steps")
+    parser.add_argument("--vae-steps", type=int, default=2400, help="decoder steps")
     parser.add_argument("--vae-encoder-steps", type=int, default=400)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--images", type=int, default=10240, help="training images for the transformer")
-    parser.add_argument("--steps", type=int, default=3000, help="transformer steps")
+    parser.add_argument("--steps", type=int, nargs="+", default=[3000, 2400, 2000],
+                        help="transformer steps of each training phase")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--lr2", type=float, default=4e-4, help="peak learning rate of the later phases")
     parser.add_argument("--stage", choices=["all", "vae", "transformer"], default="all",
                         help="vae / transformer: train only that stage into --work (the two are independent: "
                         "the latent space is fixed by design, so they may run side by side); all: both, then "
@@ -460,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         text_root = build_text(work, args.seed)
         data = prepare_data(work, text_root, args.seed, args.images)
         log(f"data ready after {(time.time() - t0) / 60:.1f} min")
-        model = train_transformer(work, data, args.seed, args.steps, args.batch, args.lr)
+        model = None
+        for phase, steps in enumerate(args.steps, start=1):
+            model = train_transformer(work, data, args.seed, steps, args.batch, args.lr if phase == 1 else args.lr2,
+                                      phase=phase, init=None if model is None else model.state_dict())
         log(f"transformer ready after {(time.time() - t0) / 60:.1f} min")
     if args.stage in ("all", "vae"):
         vae = train_vae(work, args.seed, args.vae_steps, args.vae_encoder_steps, args.vae_batch, args.vae_lr)
