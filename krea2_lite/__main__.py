@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", default="sample.png",
                      help="PNG path; with several images, _0, _1, … are added before the suffix")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--dtype", choices=sorted(DTYPES),
+                     help="default bf16; fp32 for --model demo (tiny: CPUs without native bf16 run it ~3× slower)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -71,7 +72,8 @@ def generate(args: argparse.Namespace) -> int:
     from .pipeline import Krea2Pipeline
 
     pipe = Krea2Pipeline.from_pretrained(args.model, variant=args.variant, device=args.device,
-                                         dtype=DTYPES[args.dtype], text_encoder=args.text_encoder,
+                                         dtype=DTYPES[args.dtype or ("fp32" if args.model == "demo" else "bf16")],
+                                         text_encoder=args.text_encoder,
                                          vae=args.vae, progress=not args.quiet)
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                   steps=args.steps, guidance=args.cfg, mu=args.mu, seed=args.seed,
