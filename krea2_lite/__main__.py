@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt", help="text prompt")
     gen.add_argument("--model", required=True,
-                     help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo) or transformer .safetensors")
+                     help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer .safetensors, "
+                     "or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds on a CPU)")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -31,15 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int)
     gen.add_argument("--cfg", type=float, help="guidance g in cond + g·(cond − uncond); 0 disables")
     gen.add_argument("--mu", type=float, help="pin the timestep shift instead of deriving it from the size")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=int, help="default: the model's own (1024; the demo: 64)")
+    gen.add_argument("--height", type=int, help="default: the model's own (1024; the demo: 64)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--output", default="sample.png",
                      help="PNG path; with several images, _0, _1, … are added before the suffix")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    gen.add_argument("--dtype", choices=sorted(DTYPES),
+                     help="default bf16; fp32 for --model demo (tiny: CPUs without native bf16 run it ~3× slower)")
     gen.add_argument("--quant", choices=["int8", "fp8", "int4"], help="quantize the transformer while loading")
     gen.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto",
                      help="where weights live: auto plans from --vram-gb or the free GPU memory")
@@ -89,9 +91,9 @@ def generate(args: argparse.Namespace) -> int:
     from .pipeline import Krea2Pipeline
 
     pipe = Krea2Pipeline.from_pretrained(args.model, variant=args.variant, device=args.device,
-                                         dtype=DTYPES[args.dtype], text_encoder=args.text_encoder,
-                                         vae=args.vae, quant=args.quant, offload=args.offload,
-                                         vram_gb=args.vram_gb, progress=not args.quiet)
+                                         dtype=DTYPES[args.dtype or ("fp32" if args.model == "demo" else "bf16")],
+                                         text_encoder=args.text_encoder, vae=args.vae, quant=args.quant,
+                                         offload=args.offload, vram_gb=args.vram_gb, progress=not args.quiet)
     for path, scale in args.lora:
         pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,

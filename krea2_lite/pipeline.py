@@ -101,14 +101,16 @@ def _budget_gib(vram_gb: float | None, device: torch.device) -> float | None:
 
 class Krea2Pipeline:
     def __init__(self, transformer, text_encoder, vae, *, variant: str = "raw",
-                 shift: dict | None = None, vae_tile: int | str | None = "auto"):
+                 shift: dict | None = None, vae_tile: int | str | None = "auto",
+                 defaults: VariantDefaults | None = None, default_size: tuple[int, int] = (1024, 1024)):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
         self.variant = variant
-        self.defaults = VARIANTS[variant]
+        self.defaults = defaults or VARIANTS[variant]
+        self.default_size = default_size  # (width, height) when __call__ is given none
         self.shift = dict(DEFAULT_SHIFT, **(shift or {}))
         self.vae_tile = vae_tile
         self.offloader = None  # set by apply_plan
@@ -155,6 +157,10 @@ class Krea2Pipeline:
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if os.fspath(path_or_hub_id or "") == "demo" and not Path("demo").exists():
+            from .demo import demo_path  # the trained miniature shipped with the package
+
+            path_or_hub_id = demo_path()
 
         root = None
         if path_or_hub_id is not None:
@@ -181,6 +187,7 @@ class Krea2Pipeline:
         if transformer is None:
             raise ValueError("nothing to load: pass a pipeline folder / hub id, or transformer=")
 
+        variant_given = variant is not None
         if variant is None:
             if "is_distilled" in index:
                 variant = "turbo" if index["is_distilled"] else "raw"
@@ -193,6 +200,12 @@ class Krea2Pipeline:
             scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
             shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
         select_layers = tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS)
+        # A folder may carry its own sampling defaults and native size (the demo model does).
+        own = index.get("krea2_lite") or {}
+        defaults = None
+        if not variant_given and "steps" in own and "guidance" in own:
+            defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
+        default_size = (int(own.get("width", 1024)), int(own.get("height", 1024)))
 
         # With offloading, the text encoder and the VAE are loaded to the host first: the plan needs
         # their exact sizes, and decides where they live.
@@ -218,14 +231,14 @@ class Krea2Pipeline:
             sizes = dict(dtype=dtype, cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
                          vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
                          text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch)
-            try:  # planned for 1024² here; every call re-plans for its own size (see _fit_plan)
-                plan = plan_memory(config, spec, budget, mode=offload, **sizes)
+            try:  # planned for the model's default size; every call re-plans for its own (see _fit_plan)
+                plan = plan_memory(config, spec, budget, *default_size, mode=offload, **sizes)
             except MemoryPlanError as exc:
                 if exc.limit != "device" or budget is None:
                     raise
                 plan = plan_memory(config, spec, None, mode="sequential", **sizes)
-                logger.warning("krea2_lite: %s GiB cannot hold a 1024² generation; every block will be streamed "
-                               "until a call's size says otherwise", f"{budget:.2f}")
+                logger.warning("krea2_lite: %s GiB cannot hold a %d×%d generation; every block will be streamed "
+                               "until a call's size says otherwise", f"{budget:.2f}", *default_size)
             logger.info("krea2_lite: %s", plan)
             if plan.mode == "none":
                 load_device = device
@@ -233,7 +246,8 @@ class Krea2Pipeline:
         if model.config.channels != decoder.config.z_dim:
             raise ValueError(f"the transformer works on {model.config.channels} latent channels but the VAE at "
                              f"{vae_path} has z_dim={decoder.config.z_dim}")
-        pipe = cls(model, encoder, decoder, variant=variant, shift=shift)
+        pipe = cls(model, encoder, decoder, variant=variant, shift=shift, defaults=defaults,
+                   default_size=default_size)
         if plan is not None:
             pipe.apply_plan(plan, device)
             pipe.plan_request = dict(vram_gb=budget, mode=offload)
@@ -332,10 +346,13 @@ class Krea2Pipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 width: int = 1024, height: int = 1024, steps: int | None = None, guidance: float | None = None,
+                 width: int | None = None, height: int | None = None, steps: int | None = None,
+                 guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
                  max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
         prompts = self._prompt_list("prompt", prompt)
+        width = self.default_size[0] if width is None else width  # 1024 unless the folder says
+        height = self.default_size[1] if height is None else height
         width, height = self._check_size("width", width), self._check_size("height", height)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
