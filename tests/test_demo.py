@@ -57,19 +57,19 @@ def test_from_pretrained_demo_uses_the_folder_defaults(demo):
 
 
 def test_demo_follows_held_out_prompts(demo):
-    """Four held-out prompts (attribute tuples never drawn in training), one batch, on the CPU in
-    under 60 s: the classifier must read the prompt's background colour (the image's dominant
-    colour) and the shape's position back from at least 3 of 4. The shape's own colour is not yet
-    reliable (about a third right, see benchmarks/demo_quality.py), so it is not asserted."""
-    scenes = dataset.held_out_prompts(4, seed=7)
+    """Eight held-out prompts (attribute tuples never drawn in training), one batch, on the CPU in
+    under 60 s: the classifier must read the prompt's shape colour, its position and the background
+    colour back from at least 5 of 8 (measured here: 6 of 8; over 64 held-out images the colour +
+    position agreement is in benchmarks/RESULTS.md)."""
+    scenes = dataset.held_out_prompts(8, seed=7)
     start = time.perf_counter()
     result = demo([s.caption() for s in scenes], seed=0, progress=False)
     elapsed = time.perf_counter() - start
     assert elapsed < 60, f"{elapsed:.1f} s"
     assert result.images[0].size == (dataset.IMAGE_SIZE, dataset.IMAGE_SIZE)
     readings = [classifier.classify(im) for im in result.images]
-    agree = [r.agrees(s, ("background", "position")) for r, s in zip(readings, scenes)]
-    assert sum(agree) >= 3, list(zip([s.caption() for s in scenes], readings))
+    agree = [r.agrees(s, ("colour", "position", "background")) for r, s in zip(readings, scenes)]
+    assert sum(agree) >= 5, list(zip([s.caption() for s in scenes], readings))
 
 
 def test_cli_model_demo_writes_a_native_size_image(tmp_path, single_thread):
