@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/factories.py: test code, reused
 import torch  # noqa: E402
 
 from krea2_lite import Krea2Config  # noqa: E402
+from krea2_lite.checkpoint import diffusers_transformer_kwargs  # noqa: E402
 
 PRESETS = ("tiny", "medium", "full")
 FACTORY_VERSION = 1
@@ -153,12 +154,7 @@ def _diffusers_transformer(cfg: Krea2Config, device: torch.device, dtype: torch.
     from diffusers import Krea2Transformer2DModel
 
     with torch.device("meta"):
-        model = Krea2Transformer2DModel(
-            in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
-            num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
-            timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
-            text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
-            text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+        model = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))
     _randomize_(model, device, dtype, seed)
     return model.eval()
 

@@ -49,10 +49,10 @@ def build_models(cfg: Krea2Config, device: torch.device, dtype: torch.dtype, wit
         from diffusers import Krea2Transformer2DModel
         from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
-        from factories import diffusers_kwargs  # tests/factories.py: test-side helpers
+        from krea2_lite.checkpoint import diffusers_transformer_kwargs
 
         with torch.device("meta"):
-            peer = Krea2Transformer2DModel(**diffusers_kwargs(cfg))
+            peer = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))
         shared = convert_krea2_transformer_checkpoint_to_diffusers(dict(ours.state_dict()))
         # Views of krea2_lite's tensors (no second copy); only the small modulation tables are
         # cast, because diffusers keeps them in the model dtype.

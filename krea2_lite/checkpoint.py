@@ -65,6 +65,16 @@ _DIFFUSERS_INFIXES = (
 )
 
 
+def diffusers_transformer_kwargs(cfg: Krea2Config) -> dict:
+    """diffusers `Krea2Transformer2DModel`'s constructor arguments for the shape `cfg` (for writing
+    diffusers-layout folders and reference models; krea2_lite itself never imports diffusers)."""
+    return dict(in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
+                num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
+                timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
+                text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
+                text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+
+
 def diffusers_to_official_key(key: str) -> str:
     for old, new in _DIFFUSERS_PREFIXES:
         if key.startswith(old):

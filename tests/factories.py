@@ -7,16 +7,10 @@ import torch
 from krea2_lite.model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX
 
 from krea2_lite import Krea2Config
-from krea2_lite.checkpoint import diffusers_to_official_key
+from krea2_lite.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
 
 
-def diffusers_kwargs(cfg: Krea2Config) -> dict:
-    """Krea2Transformer2DModel's constructor arguments for the shape `cfg`."""
-    return dict(in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
-                num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
-                timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
-                text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
-                text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+diffusers_kwargs = diffusers_transformer_kwargs  # Krea2Transformer2DModel's arguments for a shape
 
 
 def diffusers_transformer(cfg: Krea2Config, seed: int = 0):
@@ -77,25 +71,12 @@ VOCAB = 512
 def train_tokenizer():
     """A byte-level BPE with Qwen's split rule and special tokens; the Krea 2 template prefix
     and suffix come to exactly 34 and 5 tokens, as with the real Qwen tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from krea2_lite.demo.tokenizer import qwen_style_bpe, strip_chat_markers
 
-    qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    strip = lambda s: s.replace("<|im_start|>", "").replace("<|im_end|>", "")  # noqa: E731
-    corpus = [strip(PROMPT_TEMPLATE_PREFIX), strip(PROMPT_TEMPLATE_SUFFIX), *CAPTIONS] * 3
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=1, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    assert tok.get_vocab_size() <= VOCAB
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    template = [strip_chat_markers(PROMPT_TEMPLATE_PREFIX), strip_chat_markers(PROMPT_TEMPLATE_SUFFIX)]
+    tokenizer = qwen_style_bpe([*template, *CAPTIONS] * 3, VOCAB)
+    assert len(tokenizer) <= VOCAB
+    return tokenizer
 
 
 def tiny_qwen3vl_config(tie_word_embeddings=True):

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from . import dataset
 
@@ -200,28 +201,13 @@ TEXT_WIDTH = 32
 def train_tokenizer(vocab_size: int = 512):
     """Byte-level BPE with Qwen's split rule and special tokens, trained on the prompt template
     and every caption, so each caption word is one token."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from ..model.text_encoder import (DEFAULT_PREFIX_TOKENS, DEFAULT_SUFFIX_TOKENS, PROMPT_TEMPLATE_PREFIX,
                                       PROMPT_TEMPLATE_SUFFIX)
+    from .tokenizer import qwen_style_bpe, strip_chat_markers
 
-    qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    strip = lambda s: s.replace("<|im_start|>", "").replace("<|im_end|>", "")  # noqa: E731
     captions = sorted({s.caption(p) for s in dataset.all_scenes() for p in (True, False)})
-    corpus = [strip(PROMPT_TEMPLATE_PREFIX), strip(PROMPT_TEMPLATE_SUFFIX)] * 20 + captions
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    template = [strip_chat_markers(PROMPT_TEMPLATE_PREFIX), strip_chat_markers(PROMPT_TEMPLATE_SUFFIX)]
+    tokenizer = qwen_style_bpe(template * 20 + captions, vocab_size)
     # The pipeline drops the reference's fixed 34 prefix tokens and appends 5 suffix tokens: the
     # template must tokenize to exactly that, as with Qwen's tokenizer.
     counts = (len(tokenizer(PROMPT_TEMPLATE_PREFIX).input_ids), len(tokenizer(PROMPT_TEMPLATE_SUFFIX).input_ids))
@@ -300,9 +286,9 @@ def transformer_config():
 
 def prepare_data(work: Path, text_root: Path, seed: int, count: int):
     """Normalised latents (N, 16, 8, 8), caption ids (N,), caption states and lengths, stats."""
-    cache = work / "data.pt"
-    if cache.is_file():
-        return torch.load(cache)
+    cache, captions_file = work / "data.safetensors", work / "captions.json"
+    if cache.is_file() and captions_file.is_file():  # safetensors + JSON: caches are never unpickled
+        return dict(load_file(cache), captions=json.loads(captions_file.read_text()))
     images, captions, _ = dataset.sample(count, seed + SEED_OFFSETS["data"])
     log(f"data: {count} images drawn")
     latents = design_latents(to_tensor(images))
@@ -315,7 +301,8 @@ def prepare_data(work: Path, text_root: Path, seed: int, count: int):
     states, lengths = encode_captions(text_root, unique)
     data = dict(latents=latents, caption_ids=torch.tensor([index[c] for c in captions]), states=states,
                 lengths=lengths, mean=mean, std=std, captions=unique)
-    torch.save(data, cache)
+    save_file({k: v.contiguous() for k, v in data.items() if k != "captions"}, cache)
+    captions_file.write_text(json.dumps(unique))
     return data
 
 
@@ -340,7 +327,7 @@ def train_transformer(work: Path, data: dict, seed: int, steps: int, batch: int,
                       uncond_p: float = 0.1, ema_decay: float = 0.998, phase: int = 1, init: dict | None = None,
                       shape_weight: float = 0.0, warmup: int = 200, generator_seed: int | None = None):
     """One training phase (fresh AdamW, warm-up, cosine to 10 %); a later phase starts from the
-    previous one's EMA weights. Returns the EMA model; each phase is cached in work/transformer[N].pt.
+    previous one's EMA weights. Returns the EMA model; each phase is cached in work/transformer[N].safetensors.
 
     `shape_weight` > 0 weights the loss toward the shape's latent cells (`shape_weights`): the shape
     covers a small part of the image, so an unweighted loss learns the background and the shape's
@@ -348,12 +335,12 @@ def train_transformer(work: Path, data: dict, seed: int, steps: int, batch: int,
     from ..model import Krea2Transformer
     from ..sampling import pack_latents, positions, resolution_mu
 
-    done = work / ("transformer.pt" if phase == 1 else f"transformer{phase}.pt")
+    done = work / ("transformer.safetensors" if phase == 1 else f"transformer{phase}.safetensors")
     cfg = transformer_config()
     if done.is_file():
         log(f"transformer: reusing {done}")
         model = Krea2Transformer(cfg)
-        model.load_state_dict(torch.load(done))
+        model.load_state_dict(load_file(done))
         return model.eval()
     torch.manual_seed(seed + SEED_OFFSETS["transformer"] + 100 * (phase - 1))
     model = Krea2Transformer(cfg)
@@ -405,7 +392,7 @@ def train_transformer(work: Path, data: dict, seed: int, steps: int, batch: int,
         if step % 100 == 0 or step == steps - 1:
             eta = (time.time() - start) / (step + 1) * (steps - step - 1)
             log(f"transformer step {step:6d}/{steps}  loss {running:.4f}  eta {eta / 60:5.1f} min")
-    torch.save(ema.state_dict(), done)
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, done)
     return ema.eval()
 
 
@@ -420,15 +407,10 @@ def write_folder(out: Path, text_root: Path, vae, model, data: dict, defaults: d
     from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
     from transformers import AutoTokenizer, Qwen3VLModel
 
-    from ..checkpoint import diffusers_to_official_key
+    from ..checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
 
     cfg = model.config
-    reference = Krea2Transformer2DModel(
-        in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
-        timestep_embed_dim=cfg.tdim, text_hidden_dim=cfg.txtdim, num_text_layers=cfg.txtlayers,
-        text_num_attention_heads=cfg.txtheads, text_num_key_value_heads=cfg.txtkvheads,
-        text_intermediate_size=cfg.txtmlpdim, axes_dims_rope=cfg.axes, rope_theta=cfg.theta)
+    reference = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))
     ours = model.state_dict()
     theirs = {}
     for key, value in reference.state_dict().items():
