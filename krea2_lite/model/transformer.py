@@ -130,7 +130,7 @@ class Krea2Transformer(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Activation dtype: that of the input projection, which is never quantized."""
+        """Activation dtype: that of the input projection `first` (always kept in the model dtype)."""
         return self.first.weight.dtype
 
     def forward(self, img: torch.Tensor, context: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
