@@ -141,6 +141,27 @@ def test_backend_is_decided_once_per_scope(monkeypatch):
     assert decorated() == "torch"
 
 
+def test_a_model_call_reads_the_backend_once(source, monkeypatch):
+    """The variable is read at the start of a forward, not by every linear / attention call."""
+    import os
+
+    from krea2_lite.kernels import dispatch
+
+    class CountingEnviron(dict):
+        reads = 0
+
+        def get(self, key, default=None):
+            if key == "KREA2_LITE_KERNELS":
+                CountingEnviron.reads += 1
+            return super().get(key, default)
+
+    model = load_transformer(source, dtype=torch.float32, quant="int8-w8a8")
+    monkeypatch.setattr(dispatch.os, "environ", CountingEnviron(os.environ, KREA2_LITE_KERNELS="torch"))
+    with torch.no_grad():
+        model(*tiny_inputs())
+    assert CountingEnviron.reads == 1
+
+
 # ---------------------------------------------------------------- the swapped-in modules
 @pytest.mark.parametrize("backend,module,name", [("torch", aqtorch, "act_quant_torch"),
                                                  ("triton", aqt, "act_quant_triton")])
@@ -230,3 +251,24 @@ def test_model_files_are_the_plain_spec():
         text = (root / name).read_text()
         found = re.findall(r"quant|lora|hook|workspace|forward_swiglu", text, flags=re.IGNORECASE)
         assert not found, f"{name} mentions {sorted(set(found))}"
+
+
+# ---------------------------------------------------------------- GPU only
+def test_gpu_weight_only_layers_dequantize_into_the_workspace(cuda_device, monkeypatch):
+    """`auto` on CUDA: int8 weights are dequantized into the owner's scratch (sized by the largest
+    layer), bit-identical to the plain path, and `release()` gives the memory back."""
+    monkeypatch.setenv("KREA2_LITE_KERNELS", "auto")
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.a, holder.b = nn.Linear(256, 96), nn.Linear(96, 256)
+    for name in ("a", "b"):
+        setattr(holder, name, QuantizedLinear.from_linear(getattr(holder, name), "int8", None, torch.bfloat16))
+    plain = [holder.a.to(cuda_device), holder.b.to(cuda_device)]
+    x = torch.randn(5, 256, device=cuda_device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = plain[1](plain[0](x))  # no workspace yet: fresh temporaries
+        workspace = attach_workspace(holder, ["a", "b"])
+        ours = holder.b(holder.a(x))
+    assert torch.equal(ours, ref)
+    assert workspace.nbytes == 256 * 96 * 2
+    assert workspace.release() == 256 * 96 * 2 and workspace.nbytes == 0

@@ -33,8 +33,9 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
   product fused too) and the Triton int8 GEMM; fp8 has no Triton GEMM (`torch._scaled_mm` on
   sm_89+, else dequantized operands through cuBLAS on CUDA, the torch reference on the CPU).
   On every path an activation shared by several W8A8 layers (wq/wk/wv/gate, MLP gate/up) is
-  quantized once inside the workspace's `sharing(x)` scope (also under `torch.inference_mode()`). `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples
-  of 128); other shapes take an exact float64 GEMM, correct but slow on a GPU.
+  quantized once inside the workspace's `sharing(x)` scope (also under `torch.inference_mode()`).
+  `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples of 128); other
+  shapes take an exact float64 GEMM, correct but slow on a GPU.
 """
 
 from __future__ import annotations
