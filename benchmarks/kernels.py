@@ -139,14 +139,15 @@ MATMUL_SHAPES = [(6144, 6144), (1536, 6144), (16384, 6144), (6144, 16384)]  # (N
 def matmul_cases(args) -> list[Case]:
     from krea2_lite.kernels.act_quant_torch import act_quant_torch
     from krea2_lite.kernels.act_quant_triton import act_quant_triton
-    from krea2_lite.kernels.dispatch import _scratch
     from krea2_lite.kernels.qmatmul_torch import qmatmul_torch
     from krea2_lite.kernels.qmatmul_triton import qmatmul_triton
     from krea2_lite.kernels.w8a8_torch import (dequant_matmul, scaled_mm_fp8, w8a8_epilogue, w8a8_linear_torch)
     from krea2_lite.kernels.w8a8_triton import w8a8_matmul_triton
+    from krea2_lite.kernels.workspace import KernelWorkspace
     from krea2_lite.quantize.qlinear import quantize_weight_tensors
 
     dt, dev = args.dtype, args.device
+    workspace = KernelWorkspace()  # one reused dequantization buffer, as a loaded model has
     cases = []
     for M in args.tokens:
         for N, K in MATMUL_SHAPES:
@@ -189,7 +190,7 @@ def matmul_cases(args) -> list[Case]:
             case("W8A8 fp8 layer: Triton quantizer + torch._scaled_mm",
                  lambda x=x: scaled_mm_fp8(*act_quant_triton(x, "fp8"), wf8, swf8, None, dt))
             case("W8A8 int8 layer: fake-quant x + dequantize W into scratch + cuBLAS",
-                 lambda x=x: dequant_matmul(x, wq8, sw8, None, "int8", 0, _scratch(x.device, dt, N * K)))
+                 lambda x=x: dequant_matmul(x, wq8, sw8, None, "int8", 0, workspace.scratch(x.device, dt, N * K)))
     return cases
 
 

@@ -21,6 +21,8 @@ import torch
 
 from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve_path
 from .errors import CheckpointNotFoundError, DeviceMemoryError, MemoryPlanError
+from .kernels import backend_scope
+from .kernels.workspace import release_workspaces
 from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
@@ -418,12 +420,14 @@ class Krea2Pipeline:
         self.apply_plan(plan, self.device)
         return plan
 
+    @backend_scope()  # KREA2_LITE_KERNELS is read once per generation
     def _generate(self, *, prompts, negatives, num_images, latents, steps, guidance, mu, max_sequence_length,
                   progress) -> Krea2Output:
         total = latents.shape[0]
         lat_h, lat_w = latents.shape[-2:]
         with self.offloader.encoding() if self.offloader is not None else contextlib.nullcontext():
             hidden, mask = self.text_encoder.encode(prompts + (negatives or []), max_sequence_length)
+        release_workspaces(self.text_encoder)  # its dequantization scratch is not needed until the next call
         hidden = hidden.to(self.device, self.dtype).repeat_interleave(num_images, dim=0)
         mask = mask.to(self.device).repeat_interleave(num_images, dim=0)
         cond = compact_text(hidden[:total], mask[:total])
@@ -441,6 +445,7 @@ class Krea2Pipeline:
             out = denoise(self.transformer, packed, cond, schedule, guidance=guidance, uncond=uncond,
                           rows=rows, cols=cols, progress=lambda _: bar.update())
         final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+        release_workspaces(self.transformer)  # the decode phase holds no kernel scratch (as planned)
         tile = self.vae_tile
         if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
             tile = self.memory_plan.vae_tile

@@ -1,5 +1,12 @@
 """Picks the kernel backend: `KREA2_LITE_KERNELS` = auto (default) | triton | torch.
 
+The variable is read in one place, `kernel_backend()`, and only when no `backend_scope()` is open:
+the pipeline opens one per generation (`Krea2Pipeline._generate`) and each W8A8 sharing scope
+(`KernelWorkspace.sharing`) opens one, so every kernel of one call agrees on the backend.
+Kernel state (the dequantization scratch, the quantized activation shared by several layers) is
+owned by a `KernelWorkspace` (kernels/workspace.py) that the caller passes in; this module keeps
+none.
+
 `triton` forces the Triton kernels; on a machine without a GPU they then run under the Triton
 interpreter (TRITON_INTERPRET=1 must be set before triton is first imported — the tests do that).
 `torch` always uses the plain-torch references. Every fallback away from a requested kernel is
@@ -10,8 +17,8 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
 * attention / fused_attention: Triton on CUDA tensors (validated and timed on an H100), torch
   elsewhere.
 * qmatmul (weight-only int8 / fp8 / int4): dequantize + cuBLAS everywhere (on CUDA, int8 / fp8
-  weights are dequantized into one reused scratch buffer per device and dtype, bit-identical to
-  `qmatmul_torch`; `clear_scratch()` frees it); the Triton dequant-matmul runs only with
+  weights are dequantized into the workspace's reused scratch buffer, bit-identical to
+  `qmatmul_torch`; `KernelWorkspace.release()` frees it); the Triton dequant-matmul runs only with
   KREA2_LITE_KERNELS=triton.
 * w8a8_linear (dynamic per-token activations): CPU → the torch reference. CUDA → the torch
   activation quantizer, then stock torch GEMMs: int8 `torch._int_mm` (cuBLASLt, exact int32)
@@ -19,22 +26,25 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
   (no fp8 tensor cores) the activation is quantized, dequantized and multiplied with the
   dequantized weight in one bf16/fp16 cuBLAS GEMM (`dequant_matmul`, same W8A8 semantics).
   Token counts at or above `DEQUANT_MIN_TOKENS[capability]` take `dequant_matmul` for int8 too
-  (weight dequantized into one reused scratch buffer); the table is empty until
+  (weight dequantized into the workspace's scratch buffer; `dequant_min_tokens` is the one place
+  the table is consulted); the table is empty until
   `benchmarks/kernels.py` has measured where that wins on a card.
   With KREA2_LITE_KERNELS=triton: the Triton quantizer (rotation fused; for `mlp.down` the SwiGLU
   product fused too) and the Triton int8 GEMM; fp8 has no Triton GEMM (`torch._scaled_mm` on
   sm_89+, else dequantized operands through cuBLAS on CUDA, the torch reference on the CPU).
   On every path an activation shared by several W8A8 layers (wq/wk/wv/gate, MLP gate/up) is
-  quantized once. `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples
-  of 128); other shapes take an exact float64 GEMM, correct but slow on a GPU.
+  quantized once inside the workspace's `sharing(x)` scope (also under `torch.inference_mode()`).
+  `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples of 128); other
+  shapes take an exact float64 GEMM, correct but slow on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +57,42 @@ logger = logging.getLogger("krea2_lite.kernels")
 BACKENDS = ("auto", "triton", "torch")
 
 
-def kernel_backend() -> str:
-    """The backend named by KREA2_LITE_KERNELS (read on every call, so tests can switch it)."""
-    value = os.environ.get("KREA2_LITE_KERNELS", "auto").strip().lower() or "auto"
+# The backend pinned by the innermost open `backend_scope()`; None = none open.
+_PINNED: contextvars.ContextVar[str | None] = contextvars.ContextVar("krea2_lite_kernel_backend", default=None)
+
+
+def _checked(value: str, origin: str) -> str:
+    value = value.strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"KREA2_LITE_KERNELS={value!r} is not one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{origin}={value!r} is not one of {', '.join(BACKENDS)}")
     return value
+
+
+def kernel_backend() -> str:
+    """The backend of the current call: the one pinned by an open `backend_scope()`, else the value
+    of KREA2_LITE_KERNELS (the only place the variable is read)."""
+    pinned = _PINNED.get()
+    if pinned is not None:
+        return pinned
+    return _checked(os.environ.get("KREA2_LITE_KERNELS", "auto"), "KREA2_LITE_KERNELS")
+
+
+@contextlib.contextmanager
+def backend_scope(backend: str | None = None):
+    """Decide the backend once for everything run inside (also usable as a decorator).
+
+    `backend` None: keep the backend of an enclosing scope, else read KREA2_LITE_KERNELS now.
+    A named backend ("auto" | "triton" | "torch") overrides both for the scope.
+    """
+    if backend is None and _PINNED.get() is not None:
+        yield _PINNED.get()
+        return
+    value = kernel_backend() if backend is None else _checked(backend, "backend")
+    token = _PINNED.set(value)
+    try:
+        yield value
+    finally:
+        _PINNED.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,11 +174,12 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: 
 
 def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None,
             dtype: str, group: int | None, out_features: int, in_features: int,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None = None, *, workspace=None) -> torch.Tensor:
     """y = x·Wᵀ + bias with W stored quantized (`QuantizedLinear`'s layouts: int8 / fp8 / int4).
 
     The Triton dequant-matmul with KREA2_LITE_KERNELS=triton when it supports the input;
-    otherwise `qmatmul_torch` (dequantize to x.dtype, then `F.linear`).
+    otherwise `qmatmul_torch` (dequantize to x.dtype, then `F.linear`). `workspace` (a
+    `KernelWorkspace`, or None) lends the reused dequantization buffer of the CUDA `auto` path.
     """
     from .qmatmul_torch import qmatmul_torch
 
@@ -149,7 +190,7 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
         log_fallback("qmatmul", "auto keeps dequantize + cuBLAS on CUDA (the Triton dequant-matmul is not yet "
                      "validated on a GPU; KREA2_LITE_KERNELS=triton forces it)")
         if dtype in ("int8", "fp8") and scale.dtype == x.dtype:
-            buffer = _scratch(x.device, x.dtype, out_features * in_features)
+            buffer = _scratch(workspace, x, out_features * in_features)
             if buffer is not None:
                 from .qmatmul_torch import qmatmul_scratch
 
@@ -167,61 +208,37 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
 # Token counts from which dequantize-to-x.dtype + cuBLAS beats the int8 GEMM, per GPU capability
 # (major, minor). Fill from `benchmarks/kernels.py` runs; absent = never.
 DEQUANT_MIN_TOKENS: dict[tuple[int, int], int] = {}
-_SCRATCH: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
 
 
-def _scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
-    """One reused weight buffer per (device, dtype), grown to the largest layer; None while autograd
-    records (a saved weight must not be overwritten by the next layer)."""
-    if torch.is_grad_enabled():
-        return None
-    # A buffer made under inference_mode is an inference tensor: not writable outside that mode.
-    key = (str(device), dtype, torch.is_inference_mode_enabled())
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        _SCRATCH.pop(key, None)
-        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf
+def dequant_min_tokens(device: torch.device) -> int | None:
+    """The token count from which `auto` takes `dequant_matmul` on this CUDA device (None = never);
+    the one place the per-GPU table is consulted."""
+    return DEQUANT_MIN_TOKENS.get(torch.cuda.get_device_capability(device))
 
 
-# The last quantized activation: the attention's four input projections (wq, wk, wv, gate) and the
-# MLP's gate/up each receive the same tensor, which is quantized once instead of four (two) times.
-# The entry refers to that tensor weakly and is dropped as soon as the tensor is (so the 8-bit copy
-# never outlives the activation); the version counter catches in-place changes.
-_LAST_QUANT: dict[str, object] = {}
+def _scratch(workspace, x: torch.Tensor, numel: int) -> torch.Tensor | None:
+    """The workspace's reused weight buffer for x's device and dtype, or None without a workspace."""
+    return None if workspace is None else workspace.scratch(x.device, x.dtype, numel)
 
 
-def _forget(ref) -> None:
-    if _LAST_QUANT.get("ref") is ref:
-        _LAST_QUANT.clear()
-
-
-def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: int,
-                          forced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantized_activation(x: torch.Tensor, x2: torch.Tensor, act: str, rotate: int, use_kernel: bool,
+                          workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq, sx) of x per token; inside `workspace.sharing(x)` computed once for all its layers."""
     from .act_quant_torch import act_quant_torch
 
-    use_kernel = forced and use_triton("act_quant", x)
-    # Inference tensors keep no version counter, so in-place changes could not be seen: no caching.
-    cacheable = not x.is_inference()
-    key = (act, rotate, use_kernel, tuple(x.shape), x.stride(), x._version if cacheable else None)
-    ref = _LAST_QUANT.get("ref")
-    if cacheable and ref is not None and ref() is x and _LAST_QUANT.get("key") == key:
-        return _LAST_QUANT["q"]
-    q = None
-    if use_kernel:
-        from .act_quant_triton import act_quant_supports, act_quant_triton
+    def quantize() -> tuple[torch.Tensor, torch.Tensor]:
+        if use_kernel:
+            from .act_quant_triton import act_quant_supports, act_quant_triton
 
-        reason = act_quant_supports(x2, act, rotate)
-        if reason is None:
-            q = act_quant_triton(x2, act, rotate)
-        else:
+            reason = act_quant_supports(x2, act, rotate)
+            if reason is None:
+                return act_quant_triton(x2, act, rotate)
             log_fallback("act_quant", reason)
-    if q is None:
-        q = act_quant_torch(x2, act, rotate)
-    _LAST_QUANT.clear()
-    if cacheable:
-        _LAST_QUANT.update(ref=weakref.ref(x, _forget), key=key, q=q)
-    return q
+        return act_quant_torch(x2, act, rotate)
+
+    if workspace is None:
+        return quantize()
+    return workspace.shared_activation(x, (act, rotate, use_kernel), quantize)
 
 
 def _fused_glu_activation(gate: torch.Tensor, up: torch.Tensor, act: str,
@@ -236,28 +253,20 @@ def _fused_glu_activation(gate: torch.Tensor, up: torch.Tensor, act: str,
     return act_quant_triton(gate, act, rotate, up=up)
 
 
-def clear_activation_cache() -> None:
-    """Drop the cached quantized activation."""
-    _LAST_QUANT.clear()
-
-
-def clear_scratch() -> None:
-    """Free the reused dequantization buffers (e.g. before the VAE decode on a small GPU)."""
-    _SCRATCH.clear()
-
-
 def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                act: str, rotate: int = 0, up: torch.Tensor | None = None) -> torch.Tensor:
+                act: str, rotate: int = 0, up: torch.Tensor | None = None, *, workspace=None) -> torch.Tensor:
     """y = x·Wᵀ + bias for a W8A8 layer: x (..., K) in bf16/fp16/fp32 → (..., N) in x.dtype.
 
     qdata (N, K) int8 or float8_e4m3fn and scale (N, 1) are the stored weight (W·H when rotate > 0,
     H the block Hadamard of size `rotate`); `act` ("int8" | "fp8") is the activation type, quantized
     per token on the fly (after the same rotation). With `up` (like x), the layer's input is the
     SwiGLU product silu(x)·up, formed in x.dtype; the Triton quantizer fuses it (the product is never
-    written), every other path forms it first. Backend choice: see the module docstring.
+    written), every other path forms it first. `workspace` (a `KernelWorkspace`, or None) shares the
+    quantized activation within its `sharing(x)` scope and lends the dequantization scratch.
+    Backend choice: see the module docstring.
     """
-    from .w8a8_torch import (dequant_matmul, scaled_mm_fp8, scaled_mm_reason, w8a8_linear_torch,
-                             w8a8_matmul_dequant, w8a8_matmul_torch)
+    from .w8a8_torch import (dequant_matmul, scaled_mm_fp8, scaled_mm_reason, w8a8_matmul_dequant,
+                             w8a8_matmul_torch)
 
     backend = kernel_backend()
     N, K = qdata.shape
@@ -268,21 +277,23 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
             fused = _fused_glu_activation(x, up, act, rotate)
         if fused is None:
             x, up = F.silu(x) * up, None
-    if backend == "torch" or (backend == "auto" and not x.is_cuda):
-        return w8a8_linear_torch(x, qdata, scale, bias, act, rotate)
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     lead = x.shape[:-1]
+    reference = backend == "torch" or (backend == "auto" and not x.is_cuda)
 
-    if x.is_cuda and not forced:
-        threshold = DEQUANT_MIN_TOKENS.get(torch.cuda.get_device_capability(x.device))
+    if x.is_cuda and not forced and not reference:
+        threshold = dequant_min_tokens(x.device)
         if threshold is not None and M >= threshold:
-            return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(x.device, x.dtype, N * K))
+            return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(workspace, x, N * K))
         log_fallback("w8a8_linear", "auto on CUDA uses the torch activation quantizer and torch._int_mm / "
                      "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
                      "KREA2_LITE_KERNELS=triton forces them)")
 
-    xq, sx = fused if fused is not None else _quantized_activation(x, x2, act, rotate, forced)
+    use_kernel = forced and use_triton("act_quant", x)
+    xq, sx = fused if fused is not None else _quantized_activation(x, x2, act, rotate, use_kernel, workspace)
+    if reference:  # `w8a8_linear_torch` in two steps, so that a shared activation is quantized once
+        return w8a8_matmul_torch(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)
 
     if act == "int8":
         if forced and use_triton("w8a8_int8", x):
@@ -305,7 +316,7 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
             log_fallback("w8a8_fp8", f"{scaled_mm_reason(xq, qdata)}; dequantized operands through one "
                          "cuBLAS GEMM instead")
         return w8a8_matmul_dequant(xq, sx, qdata, scale, bias, x.dtype,
-                                   _scratch(x.device, x.dtype, N * K)).reshape(*lead, N)
+                                   _scratch(workspace, x, N * K)).reshape(*lead, N)
     log_fallback("w8a8_fp8", "fp8 W8A8 has no Triton GEMM; torch._scaled_mm needs CUDA sm_89+ "
                  "(using the torch reference GEMM)")
     return w8a8_matmul_torch(xq, sx, qdata, scale, bias, x.dtype).reshape(*lead, N)

@@ -38,12 +38,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.down
-        if getattr(down, "activations", None) and not (down._forward_hooks or down._forward_pre_hooks):
-            # W8A8 `down`: its activation quantizer can form silu(gate)·up itself (a LoRA hook on
-            # `down` must see the product, so hooked layers take the ordinary call).
-            return down.forward_swiglu(self.gate(x), self.up(x))
-        return down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Attention(nn.Module):
@@ -63,10 +58,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, dim); rope = (cos, sin) each (B|1, L, headdim/2) or None; key_mask (B, L) bool."""
-        q = self.wq(x).unflatten(-1, (self.heads, self.headdim))
-        k = self.wk(x).unflatten(-1, (self.kvheads, self.headdim))
-        v = self.wv(x).unflatten(-1, (self.kvheads, self.headdim))
-        gate = self.gate(x)
+        q, k, v, gate = self.project(x)
         if rope is not None:  # the transformer blocks: norm, RoPE, attention and gate in one kernel
             out = kernels.fused_attention(q, k, v, self.qknorm.qnorm.scale, self.qknorm.knorm.scale,
                                           *rope, gate, key_mask, self.qknorm.qnorm.eps)
@@ -75,6 +67,13 @@ class Attention(nn.Module):
         k = self.qknorm.knorm(k).transpose(1, 2)
         out = kernels.attention(q, k, v.transpose(1, 2), key_mask).transpose(1, 2).flatten(2)
         return self.wo(out * torch.sigmoid(gate))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The four input projections of x (B, L, dim): q (B, L, H, D), k and v (B, L, Hkv, D), gate (B, L, dim)."""
+        q = self.wq(x).unflatten(-1, (self.heads, self.headdim))
+        k = self.wk(x).unflatten(-1, (self.kvheads, self.headdim))
+        v = self.wv(x).unflatten(-1, (self.kvheads, self.headdim))
+        return q, k, v, self.gate(x)
 
 
 def modulate(x_normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

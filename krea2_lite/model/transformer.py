@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .. import kernels
 from ..config import Krea2Config
 from .layers import Attention, RMSNorm, SwiGLU, modulate
 from .rope import rope_tables
@@ -130,9 +131,10 @@ class Krea2Transformer(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Activation dtype: that of the input projection, which is never quantized."""
+        """Activation dtype: that of the input projection `first` (always kept in the model dtype)."""
         return self.first.weight.dtype
 
+    @kernels.backend_scope()  # KREA2_LITE_KERNELS is read once per forward: all its kernels agree
     def forward(self, img: torch.Tensor, context: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config

@@ -31,6 +31,7 @@ import torch.nn as nn
 from .. import kernels
 from ..kernels.act_quant_torch import rotate_blocks
 from ..kernels.qmatmul_torch import dequantize_weight
+from .w8a8_modules import attach_workspace
 
 QUANTO_QTYPE_NAMES = {"int8": "qint8", "fp8": "qfloat8_e4m3fn", "int4": "qint4"}
 STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
@@ -133,6 +134,9 @@ class QuantizedLinear(nn.Module):
                              if dtype == "int4" else None)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
+        # The model's KernelWorkspace (scratch, shared activation), given by `attach_workspace`;
+        # None: each call allocates its own temporaries and quantizes its own input.
+        self.workspace = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str, group: int | None,
@@ -165,17 +169,20 @@ class QuantizedLinear(nn.Module):
         return (rotate_blocks(w, self.rotate) if self.rotate else w).to(dtype)
 
     def forward_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """self(F.silu(gate) * up) for a W8A8 layer, letting the Triton quantizer form the product
-        in registers. Bypasses this module's hooks: callers use it only when it has none."""
-        if self.activations is None:
+        """self(F.silu(gate) * up); a W8A8 layer lets the Triton quantizer form the product in
+        registers. A layer with hooks (a LoRA branch) takes the ordinary call: its hooks must see the
+        product as their input."""
+        if self.activations is None or self._forward_hooks or self._forward_pre_hooks:
             return self(torch.nn.functional.silu(gate) * up)
-        return kernels.w8a8_linear(gate, self.qdata, self.scale, self.bias, self.activations, self.rotate, up=up)
+        return kernels.w8a8_linear(gate, self.qdata, self.scale, self.bias, self.activations, self.rotate, up=up,
+                                   workspace=self.workspace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations is not None:
-            return kernels.w8a8_linear(x, self.qdata, self.scale, self.bias, self.activations, self.rotate)
+            return kernels.w8a8_linear(x, self.qdata, self.scale, self.bias, self.activations, self.rotate,
+                                       workspace=self.workspace)
         return kernels.qmatmul(x, self.qdata, self.scale, self.shift, self.dtype, self.group,
-                               self.out_features, self.in_features, self.bias)
+                               self.out_features, self.in_features, self.bias, workspace=self.workspace)
 
     # ---- quanto's serialized names ---------------------------------------------------------
     def quanto_state(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -206,7 +213,8 @@ class QuantizedLinear(nn.Module):
 
 def swap_linears(model: nn.Module, names: list[str], dtype: str, group_for, compute_dtype: torch.dtype,
                  activations: str | None = None, rotate_for=None) -> None:
-    """Replace the named nn.Linear modules by empty QuantizedLinear ones (meta device).
+    """Replace the named nn.Linear modules by empty QuantizedLinear ones (meta device), sharing the
+    model's KernelWorkspace (W8A8: with the sharing attention / MLP modules, see `w8a8_modules`).
     `rotate_for(in_features)` gives a W8A8 layer's Hadamard block (0 = none)."""
     for name in names:
         parent, _, leaf = name.rpartition(".")
@@ -216,3 +224,4 @@ def swap_linears(model: nn.Module, names: list[str], dtype: str, group_for, comp
         setattr(owner, leaf, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                              dtype, group_for(linear.in_features), compute_dtype, device="meta",
                                              activations=activations, rotate=rotate))
+    attach_workspace(model, names)

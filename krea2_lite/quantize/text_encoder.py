@@ -34,6 +34,7 @@ from ..errors import CorruptCheckpointError
 from ..model.text_encoder import QUANT_INFO_FILE, Krea2TextEncoder
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear, quantize_weight_tensors, swap_linears
 from .recipe import DEFAULT_INCLUDE, QuantSpec, select_linears
+from .w8a8_modules import attach_workspace
 
 __all__ = ["TEXT_INCLUDE", "quantize_text_encoder_", "save_text_encoder", "text_encoder_spec"]
 
@@ -104,6 +105,7 @@ def quantize_text_encoder_(encoder: Krea2TextEncoder, spec: str | QuantSpec) -> 
         linear = getattr(owner, leaf)
         setattr(owner, leaf, QuantizedLinear.from_linear(linear, spec.dtype, spec.group_for(linear.in_features),
                                                          compute_dtype))
+    attach_workspace(model, names)
     encoder.quant_spec, encoder.quantized_modules = spec, names
     return names
 
