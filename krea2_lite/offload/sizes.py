@@ -130,6 +130,13 @@ def text_encoder_weight_bytes(dtype: torch.dtype, shape: dict | None = None) -> 
     return (c["vocab"] * h + c["layers"] * per_layer) * _itemsize(dtype)
 
 
+def text_encoder_largest_tensor_bytes(dtype: torch.dtype, shape: dict | None = None) -> int:
+    """The largest single tensor of the text path (the embedding table): what a loader holds in flight
+    when it reads the encoder tensor by tensor onto the device."""
+    c = shape or QWEN3VL_4B_TEXT
+    return max(c["vocab"] * c["hidden"], c["hidden"] * c["intermediate"]) * _itemsize(dtype)
+
+
 def text_encoder_activation_bytes(batch: int, tokens: int, dtype: torch.dtype, taps: int = 12,
                                   shape: dict | None = None) -> int:
     """Encoding `batch` prompts of `tokens` tokens: layer activations, the attention matrix, the taps."""
