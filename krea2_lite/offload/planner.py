@@ -191,7 +191,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     after encoding, re-read from the files next call; `text_encoder_read_bytes` per call, default
     `text_encoder_bytes`) is considered only when `text_encoder_reloadable`. `vram_gb=None` plans a
     named mode in full (every block streamed for "sequential"). Raises MemoryPlanError when nothing
-    fits, with `.limit` "device", "host" or "both" and the closest plan for each budget.
+    fits, with `.limit` "device", "host" or "both" and the closest plan for each budget (also as
+    `.closest_on_device` / `.closest_on_host`).
     """
     if mode not in MODES:
         raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
@@ -311,18 +312,23 @@ def _refusal(candidates: list[MemoryPlan], c: _Costs, vram_gb, mode: str, shape:
     device_fix = "lower the resolution, use quant='int4', or turn CFG off"
     host_fix = "free RAM, quantize (quant='int8' or 'int4'), or allow more device memory (vram_gb)"
     if device_ok and not host_ok:
-        return MemoryPlanError(f"no {named}plan fits {host} at {shape}: {host_need}; {host_fix}\n"
-                               f"closest on host memory:\n{least_host}", limit="host")
-    if host_ok and not device_ok:
-        return MemoryPlanError(f"no {named}plan fits {vram_gb:g} GiB at {shape}: the smallest needs "
-                               f"{least_device.peak_bytes / GiB:.2f} GiB (transformer {c.weights.total / GiB:.2f} GiB"
-                               f"{', ' + _quant_name(quant) if quant else ''}); {device_fix}\n"
-                               f"closest on device memory:\n{least_device}", limit="device")
-    either = "each budget alone could be met, not both" if device_ok else "neither budget can be met"
-    return MemoryPlanError(
-        f"no {named}plan fits both {vram_gb:g} GiB of device memory and {host} at {shape} ({either}): "
-        f"{device_need}, and {host_need}; {device_fix}, or {host_fix}\n"
-        f"closest on device memory:\n{least_device}\nclosest on host memory:\n{least_host}", limit="both")
+        error = MemoryPlanError(f"no {named}plan fits {host} at {shape}: {host_need}; {host_fix}\n"
+                                f"closest on host memory:\n{least_host}", limit="host")
+    elif host_ok and not device_ok:
+        error = MemoryPlanError(f"no {named}plan fits {vram_gb:g} GiB at {shape}: the smallest needs "
+                                f"{least_device.peak_bytes / GiB:.2f} GiB (transformer {c.weights.total / GiB:.2f} GiB"
+                                f"{', ' + _quant_name(quant) if quant else ''}); {device_fix}\n"
+                                f"closest on device memory:\n{least_device}", limit="device")
+    else:
+        either = "each budget alone could be met, not both" if device_ok else "neither budget can be met"
+        error = MemoryPlanError(
+            f"no {named}plan fits both {vram_gb:g} GiB of device memory and {host} at {shape} ({either}): "
+            f"{device_need}, and {host_need}; {device_fix}, or {host_fix}\n"
+            f"closest on device memory:\n{least_device}\nclosest on host memory:\n{least_host}", limit="both")
+    # For callers that report the gap (benchmarks/plan_table.py): the plan needing the least device memory
+    # among those that fit the host (all plans if none does), and the converse.
+    error.closest_on_device, error.closest_on_host = least_device, least_host
+    return error
 
 
 def _quant_name(quant) -> str:
