@@ -27,6 +27,7 @@ from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.planner import available_host_bytes, check_gib
+from .offload.sizes import module_pinned_bytes
 from .offload.manager import Offloader
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 
@@ -238,7 +239,8 @@ class Krea2Pipeline:
             sizes = dict(dtype=dtype, cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
                          vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
                          text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch,
-                         host_ram_gb=host_ram_gb, text_encoder_reloadable=True)
+                         host_ram_gb=host_ram_gb, text_encoder_reloadable=True,
+                         text_encoder_pinned_bytes=module_pinned_bytes(encoder))
             try:  # planned for the model's default size; every call re-plans for its own (see _fit_plan)
                 plan = plan_memory(config, spec, budget, *default_size, mode=offload, **sizes)
             except MemoryPlanError as exc:
@@ -281,7 +283,8 @@ class Krea2Pipeline:
                            text_encoder_shape=text_encoder_shape(self.text_encoder),
                            extra_device_bytes=lora_bytes(self.transformer), host_ram_gb=host_ram_gb,
                            text_encoder_place=text_encoder_place,
-                           text_encoder_reloadable=self.text_encoder_loader is not None)
+                           text_encoder_reloadable=self.text_encoder_loader is not None,
+                           text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder))
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""

@@ -12,14 +12,15 @@ from krea2_lite.errors import MemoryPlanError
 from krea2_lite.offload import plan_memory
 from krea2_lite.offload.planner import GiB, HOST_RESERVE_BYTES
 from krea2_lite.offload.reload import is_dropped
-from krea2_lite.offload.sizes import text_encoder_largest_tensor_bytes, transformer_weights
+from krea2_lite.offload.sizes import (pinned_size, text_encoder_largest_tensor_bytes, text_encoder_pinned_bytes,
+                                     text_encoder_weight_bytes, transformer_weights)
 
 FULL = Krea2Config.krea2()
 
 
-def _streamed_bytes(plan, quant):
-    blocks = transformer_weights(FULL, quant, torch.bfloat16).blocks
-    return sum(blocks[i] for i in plan.streamed_blocks)
+def _pinned_streamed(plan, quant):
+    weights = transformer_weights(FULL, quant, torch.bfloat16)
+    return sum(weights.pinned_streamed[i] for i in plan.streamed_blocks)
 
 
 # ---- the machines named in issue 15 (full shape, 1024², CFG) ----------------------------------
@@ -30,7 +31,7 @@ def test_a_placement_fits_card_and_ram(quant, vram, ram):
     assert plan.peak_bytes <= vram * GiB and plan.host_bytes <= ram * GiB
     assert plan.host_budget_bytes == ram * GiB
     assert not plan.transformer_leaves_for_encoding  # parking the resident transformer needs RAM these lack
-    assert plan.text_encoder in ("reload", "cpu")  # a pinned copy of Qwen3-VL (7.3 GiB) does not fit beside the blocks
+    assert plan.text_encoder in ("reload", "cpu")  # a pinned copy of Qwen3-VL (10.3 GiB) does not fit beside the blocks
     # The plan chosen for unlimited RAM fits the card but not this RAM: the search went past it.
     roomy = plan_memory(FULL, quant, vram, host_ram_gb=512)
     same = (roomy.streamed_blocks, roomy.text_encoder) == (plan.streamed_blocks, plan.text_encoder)
@@ -57,35 +58,41 @@ def test_without_a_reloadable_encoder_the_cpu_takes_it():
 
 # ---- host bytes, phase by phase ---------------------------------------------------------------
 
+def test_pinned_allocations_are_counted_as_the_host_allocator_takes_them():
+    assert [pinned_size(n) for n in (0, 1, 4096, 4097, 3 << 20)] == [0, 1, 4096, 8192, 4 << 20]
+    int8 = transformer_weights(FULL, "int8", torch.bfloat16)
+    assert int8.pinned_streamed[0] == 1 << 29  # a 0.40 GiB int8 block takes a 0.5 GiB pinned buffer
+    assert int8.blocks[0] < int8.pinned_streamed[0] < int8.pinned_swapped[0]  # tensor by tensor rounds more
+    assert text_encoder_pinned_bytes(torch.bfloat16) > 1.3 * text_encoder_weight_bytes(torch.bfloat16)
+
+
 def test_host_bytes_of_each_text_encoder_placement():
-    te = 7 * GiB
-    common = dict(host_ram_gb=512, text_encoder_bytes=te)
+    te, te_pinned = 7 * GiB, 9 * GiB
+    common = dict(host_ram_gb=512, text_encoder_bytes=te, text_encoder_pinned_bytes=te_pinned)
     reload = plan_memory(FULL, "int8", 12, text_encoder_place="reload", **common)
-    streamed = _streamed_bytes(reload, "int8")
     # Pinned streamed blocks + the process reserve; the re-read encoder is page cache, bar one tensor in flight.
-    assert reload.host_phases["sample"] == streamed + HOST_RESERVE_BYTES
+    assert reload.host_phases["sample"] == _pinned_streamed(reload, "int8") + HOST_RESERVE_BYTES
     assert reload.host_phases["encode"] == reload.host_phases["sample"] + text_encoder_largest_tensor_bytes(
         torch.bfloat16)
     cpu = plan_memory(FULL, "int8", 12, text_encoder_place="cpu", **common)
-    assert cpu.host_phases["sample"] == _streamed_bytes(cpu, "int8") + te + HOST_RESERVE_BYTES
+    assert cpu.host_phases["sample"] == _pinned_streamed(cpu, "int8") + te + HOST_RESERVE_BYTES
     assert cpu.host_phases["encode"] == cpu.host_phases["sample"] + cpu.parts["text_encoder_activations"]
     swap = plan_memory(FULL, "int8", 12, text_encoder_place="swap", **common)  # the transformer steps out
-    resident = swap.parts["transformer_total"] - _streamed_bytes(swap, "int8")
+    weights = transformer_weights(FULL, "int8", torch.bfloat16)
+    resident = weights.pinned_fixed + sum(weights.pinned_swapped[i] for i in swap.resident_blocks)
     assert swap.transformer_leaves_for_encoding
-    assert swap.host_bytes == _streamed_bytes(swap, "int8") + te + resident + HOST_RESERVE_BYTES
+    assert swap.host_bytes == _pinned_streamed(swap, "int8") + te_pinned + resident + HOST_RESERVE_BYTES
     everything = plan_memory(FULL, "int4", 40, **common)
     assert everything.mode == "none" and everything.host_bytes == HOST_RESERVE_BYTES
     assert reload.host_bytes == max(reload.host_phases.values())
 
 
 def test_reload_costs_the_same_device_bytes_as_a_swap():
-    te = 7 * GiB
-    reload = plan_memory(FULL, None, 40, mode="sequential", text_encoder_place="reload", text_encoder_bytes=te,
-                         host_ram_gb=512)
-    swap = plan_memory(FULL, None, 40, mode="sequential", text_encoder_place="swap", text_encoder_bytes=te,
-                       host_ram_gb=512)
+    common = dict(mode="sequential", text_encoder_bytes=7 * GiB, text_encoder_pinned_bytes=9 * GiB, host_ram_gb=512)
+    reload = plan_memory(FULL, None, 40, text_encoder_place="reload", **common)
+    swap = plan_memory(FULL, None, 40, text_encoder_place="swap", **common)
     assert reload.phases == swap.phases and reload.streamed_blocks == swap.streamed_blocks
-    assert swap.host_bytes - reload.host_bytes == te - text_encoder_largest_tensor_bytes(torch.bfloat16)
+    assert swap.host_bytes - reload.host_bytes == 9 * GiB - text_encoder_largest_tensor_bytes(torch.bfloat16)
     assert "read per call" in str(reload) and "host" in str(reload)
 
 

@@ -7,6 +7,7 @@ host and device after loading.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -24,6 +25,8 @@ class Offloader:
         by any plan applied after one (the encoder then holds no weights)."""
         self.plan, self.device = plan, torch.device(device)
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
+        if self.device.type == "cuda":
+            _return_pinned_memory()
         self.text_swap = self.text_reload = None
         self._place_text_encoder(text_loader)  # first: a dropped encoder frees host RAM before blocks are pinned
         streamed = tuple(f"blocks.{i}" for i in plan.streamed_blocks)
@@ -92,3 +95,14 @@ class Offloader:
                 move_module(module, cpu)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _return_pinned_memory() -> None:
+    """Give the pinned buffers of an earlier plan back to the OS. PyTorch's caching host allocator keeps
+    freed pinned blocks for reuse, so without this a plan applied after another one would hold both
+    plans' pinned RAM, while the planner counts only its own."""
+    gc.collect()  # an earlier plan's streamer may sit in a reference cycle (its forward hooks)
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()

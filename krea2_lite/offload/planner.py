@@ -10,9 +10,11 @@ Device bytes, per phase of one generation:
 plus a reserve for the CUDA context and fragmentation.
 
 Host bytes (RAM), per phase, are what the plan itself holds:
-  always  the pinned copy of every streamed block; the pinned copy of a swapped text encoder; the
-          pinned copy of the resident transformer when it steps out to encode; a text encoder kept
-          on the CPU, counted whole (its pages are file-mapped only when it was loaded at the file's
+  always  the pinned copy of every streamed block (one flat buffer each); the pinned copy of a
+          swapped text encoder and, when it steps out to encode, of the resident transformer (tensor
+          by tensor); each pinned allocation counted as PyTorch's caching host allocator takes it,
+          rounded up to a power of two (a 0.41 GiB int8 block takes 0.5 GiB); a text encoder kept on
+          the CPU, counted whole (its pages are file-mapped only when it was loaded at the file's
           dtype, unquantized, so the plan cannot count on that)
   encode  + the CPU encoder's activations, or, for a text encoder re-read from its files ("reload"),
           its largest tensor in flight: the rest of what it reads is page cache, clean file pages the
@@ -158,6 +160,7 @@ class _Costs:
     host_reserve: int
     act: int
     te: int
+    te_pinned: int
     te_act: int
     te_largest: int
     te_read: int
@@ -173,7 +176,7 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                 prefetch: int = 1, host_ram_gb: float | None = None, reserve_bytes: int | None = None,
                 host_reserve_bytes: int = HOST_RESERVE_BYTES, extra_device_bytes: int = 0,
                 text_encoder_place: str | None = None, text_encoder_reloadable: bool = True,
-                text_encoder_read_bytes: int | None = None) -> MemoryPlan:
+                text_encoder_read_bytes: int | None = None, text_encoder_pinned_bytes: int | None = None) -> MemoryPlan:
     """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory
     and `host_ram_gb` GiB of host RAM (default: what the OS reports available, MemAvailable).
 
@@ -181,9 +184,10 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     `cfg`: the transformer runs a doubled batch (guidance > 0). `text_encoder_bytes`: the loaded
     encoder's size (default: Qwen3-VL-4B's text path at `dtype`); `vae_weight_bytes` likewise
     (default: the Qwen-Image decoder at `dtype`); `text_encoder_shape` the encoder's sizes for its
-    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B). `extra_device_bytes`: what
-    else stays on the device through sampling and decoding (LoRA branches). `host_reserve_bytes`:
-    host RAM kept for the process itself.
+    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B), `text_encoder_pinned_bytes` the
+    host bytes of its pinned copy (default: from the shape, see `sizes.pinned_size`).
+    `extra_device_bytes`: what else stays on the device through sampling and decoding (LoRA branches).
+    `host_reserve_bytes`: host RAM kept for the process itself.
 
     `mode` "auto" returns the first placement, in the order the module docstring gives, that fits
     both budgets; a named mode searches only its own placements. `text_encoder_place` pins the text
@@ -211,13 +215,17 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         reserve_bytes = min(RESERVE_BYTES + int(RESERVE_FRACTION * budget), budget // 10)
     image_tokens = math.ceil(height / 16) * math.ceil(width / 16)
     te_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
+    if text_encoder_pinned_bytes is None:  # the shape's tensors, scaled to the encoder's actual bytes
+        shape_bytes = sizes.text_encoder_weight_bytes(dtype, text_encoder_shape)
+        text_encoder_pinned_bytes = math.ceil(sizes.text_encoder_pinned_bytes(dtype, text_encoder_shape)
+                                              * te_bytes / shape_bytes)
     costs = _Costs(
         config=config, weights=sizes.transformer_weights(config, quant, dtype), budget=budget,
         host_limit=int(host_ram_gb * GiB) if host_ram_gb is not None else available_host_bytes(),
         prefetch=prefetch, reserve=reserve_bytes, host_reserve=host_reserve_bytes,
         act=sizes.transformer_activation_bytes(config, num_images * (2 if cfg else 1), image_tokens,
                                                max_sequence_length, dtype, quant),
-        te=te_bytes, te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+        te=te_bytes, te_pinned=text_encoder_pinned_bytes, te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
                                                                   shape=text_encoder_shape),
         te_largest=min(te_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
         te_read=te_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
@@ -250,8 +258,11 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
     sample = resident + slot_bytes + c.act + c.vae + te_stays
     decode = resident + slot_bytes + c.vae + c.vae_act[tile] + te_stays
     phases = {"encode": encode + c.reserve, "sample": sample + c.reserve, "decode": decode + c.reserve}
-    held = (sum(blocks[i] for i in streamed_ids) + (c.te if text in ("swap", "cpu") else 0)
-            + (resident if leaves else 0) + c.host_reserve)
+    w = c.weights
+    held = (sum(w.pinned_streamed[i] for i in streamed_ids) + {"swap": c.te_pinned, "cpu": c.te}.get(text, 0)
+            + c.host_reserve)
+    if leaves:  # the resident part's tensors, each pinned on its own (LoRA branches included)
+        held += w.pinned_fixed + sum(w.pinned_swapped[i] for i in resident_ids) + c.extra
     in_flight = {"cpu": c.te_act, "reload": c.te_largest}.get(text, 0)
     host_phases = {"encode": held + in_flight, "sample": held, "decode": held}
     return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
@@ -260,7 +271,8 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
                       parts=dict(transformer_fixed=c.weights.fixed, block=max(blocks), transformer_total=c.weights.total,
                                  activations=c.act, text_encoder=c.te, text_encoder_activations=c.te_act,
                                  vae_weights=c.vae, vae_activations=c.vae_act[tile], reserve=c.reserve,
-                                 extra=c.extra, slots=slot_bytes, host_reserve=c.host_reserve),
+                                 extra=c.extra, slots=slot_bytes, host_reserve=c.host_reserve,
+                                 text_encoder_pinned=c.te_pinned),
                       host_budget_bytes=c.host_limit, host_phases=host_phases,
                       text_reload_bytes=c.te_read if text == "reload" else 0)
 
