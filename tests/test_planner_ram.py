@@ -207,3 +207,18 @@ def test_from_pretrained_checks_host_ram(bad):
 
     with pytest.raises(ValueError, match="host_ram_gb"):
         Krea2Pipeline.from_pretrained("demo", device="cpu", host_ram_gb=bad)
+
+
+# ---- the CLI flag ------------------------------------------------------------------------------
+
+def test_cli_ram_gb_is_checked_and_reaches_the_planner(capsys):
+    from krea2_lite.__main__ import main
+
+    argv = ["generate", "a red circle", "--model", "demo", "--device", "cpu", "--quiet"]
+    assert main(argv + ["--ram-gb", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "host_ram_gb" in err
+    # Below the process reserve no plan fits: the planner saw the flag's figure.
+    assert main(argv + ["--ram-gb", "0.5", "--offload", "model"]) == 2
+    err = capsys.readouterr().err
+    assert "0.50 GiB of host RAM (host_ram_gb)" in err
