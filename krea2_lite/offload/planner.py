@@ -225,8 +225,9 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         prefetch=prefetch, reserve=reserve_bytes, host_reserve=host_reserve_bytes,
         act=sizes.transformer_activation_bytes(config, num_images * (2 if cfg else 1), image_tokens,
                                                max_sequence_length, dtype, quant),
-        te=te_bytes, te_pinned=text_encoder_pinned_bytes, te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
-                                                                  shape=text_encoder_shape),
+        te=te_bytes, te_pinned=text_encoder_pinned_bytes,
+        te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+                                                   shape=text_encoder_shape),
         te_largest=min(te_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
         te_read=te_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
         vae=sizes.vae_weight_bytes(dtype) if vae_weight_bytes is None else vae_weight_bytes,
@@ -234,7 +235,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                                                   None if tile is None else tile * 8)
                  for tile in (None, VAE_TILE_PIXELS // 8)},
         extra=extra_device_bytes)
-    places = [p for p in TEXT_PLACES if (text_encoder_place in (None, p)) and (p != "reload" or text_encoder_reloadable)]
+    places = [p for p in TEXT_PLACES
+              if text_encoder_place in (None, p) and (p != "reload" or text_encoder_reloadable)]
     kinds = ("none", "model", "sequential") if mode == "auto" else (mode,)
     candidates = list(_full(costs, mode, places) if vram_gb is None else _candidates(costs, kinds, places))
     if not candidates:
@@ -268,8 +270,8 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
     return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
                       prefetch=c.prefetch, text_encoder=text, transformer_leaves_for_encoding=leaves, vae_tile=tile,
                       peak_bytes=max(phases.values()), host_bytes=max(host_phases.values()), phases=phases,
-                      parts=dict(transformer_fixed=c.weights.fixed, block=max(blocks), transformer_total=c.weights.total,
-                                 activations=c.act, text_encoder=c.te, text_encoder_activations=c.te_act,
+                      parts=dict(transformer_fixed=c.weights.fixed, block=max(blocks),
+                                 transformer_total=c.weights.total, activations=c.act, text_encoder=c.te, text_encoder_activations=c.te_act,
                                  vae_weights=c.vae, vae_activations=c.vae_act[tile], reserve=c.reserve,
                                  extra=c.extra, slots=slot_bytes, host_reserve=c.host_reserve,
                                  text_encoder_pinned=c.te_pinned),
