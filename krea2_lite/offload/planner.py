@@ -25,9 +25,10 @@ moved to the device leave only page cache behind, so they are not counted either
 Preference order (the first placement that fits both budgets wins): everything on the device; then
 the whole transformer resident with the text encoder swapped in to encode (the transformer stepping
 out meanwhile if both don't fit), or re-read from its files; then the same with the fewest streamed
-blocks; only then the text encoder on the CPU. Encoding Qwen3-VL-4B's ~8 TFLOP per CFG call on a
-desktop CPU takes tens of seconds, while a streamed block's copy (0.4–0.9 GB over PCIe) hides behind
-its own compute at 1024², so more streaming is the cheaper way out.
+blocks; only then the text encoder on the CPU. By arithmetic (not yet timed on a GPU): a CFG call is
+~9 TFLOP of Qwen3-VL-4B, tens of seconds for a desktop CPU, while a streamed block's copy (0.4–0.8
+GiB per step over PCIe) is small beside that block's own compute at 1024², so more streaming is the
+cheaper way out.
 """
 
 from __future__ import annotations
