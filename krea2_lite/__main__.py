@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto",
                      help="where weights live: auto plans from --vram-gb or the free GPU memory")
     gen.add_argument("--vram-gb", type=float, help="device memory budget in GiB for the offload planner")
+    gen.add_argument("--ram-gb", type=float, help="host RAM in GiB the offload planner may use (host_ram_gb; "
+                     "default: what the OS reports available)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable")
@@ -93,7 +95,8 @@ def generate(args: argparse.Namespace) -> int:
     pipe = Krea2Pipeline.from_pretrained(args.model, variant=args.variant, device=args.device,
                                          dtype=DTYPES[args.dtype or ("fp32" if args.model == "demo" else "bf16")],
                                          text_encoder=args.text_encoder, vae=args.vae, quant=args.quant,
-                                         offload=args.offload, vram_gb=args.vram_gb, progress=not args.quiet)
+                                         offload=args.offload, vram_gb=args.vram_gb, host_ram_gb=args.ram_gb,
+                                         progress=not args.quiet)
     for path, scale in args.lora:
         pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,

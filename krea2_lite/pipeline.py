@@ -8,6 +8,7 @@ gives the same image on any device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,6 +28,8 @@ from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
+from .offload.planner import available_host_bytes, check_gib
+from .offload.sizes import module_pinned_bytes
 from .offload.manager import Offloader
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 
@@ -117,7 +120,8 @@ class Krea2Pipeline:
         self.vae_tile = vae_tile
         self.offloader = None  # set by apply_plan
         self.memory_plan = None
-        self.plan_request = None  # {"vram_gb", "mode"} when from_pretrained planned to a budget
+        self.plan_request = None  # {"vram_gb", "mode", "host_ram_gb"} when from_pretrained planned
+        self.text_encoder_loader = None  # re-reads the text encoder from its files (a "reload" plan needs it)
         self._device = None
 
     @property
@@ -137,7 +141,7 @@ class Krea2Pipeline:
                         transformer: str | os.PathLike | None = None,
                         text_encoder: str | os.PathLike | None = None,
                         vae: str | os.PathLike | None = None, progress: bool | None = None,
-                        prefetch: int = 1) -> "Krea2Pipeline":
+                        prefetch: int = 1, host_ram_gb: float | None = None) -> "Krea2Pipeline":
         """Load a pipeline from a diffusers folder (model_index.json), a hub id, or explicit paths.
 
         `path_or_hub_id` may also be a single transformer file (official or ComfyUI); the text
@@ -148,7 +152,8 @@ class Krea2Pipeline:
 
         Memory: `offload` "none" puts everything on `device`; "model" / "sequential" / "auto" plan
         with `krea2_lite.offload.plan_memory` for `vram_gb` GiB (default: the free CUDA memory;
-        on the CPU "auto" means "none"), streaming blocks with `prefetch` copies in flight. The
+        on the CPU "auto" means "none"), streaming blocks with `prefetch` copies in flight, and for
+        `host_ram_gb` GiB of host RAM (default: what the OS reports available now, MemAvailable). The
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
         if offload not in OFFLOAD_MODES:
@@ -156,6 +161,9 @@ class Krea2Pipeline:
         if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))
                                     or not vram_gb > 0):
             raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+        check_gib("host_ram_gb", host_ram_gb)
+        if host_ram_gb is None:  # read before anything is loaded: the plan counts what the pipeline will hold
+            host_ram_gb = available_host_bytes() / (1 << 30)
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -232,7 +240,9 @@ class Krea2Pipeline:
             budget = _budget_gib(vram_gb, device)
             sizes = dict(dtype=dtype, cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
                          vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
-                         text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch)
+                         text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch,
+                         host_ram_gb=host_ram_gb, text_encoder_reloadable=True,
+                         text_encoder_pinned_bytes=module_pinned_bytes(encoder))
             try:  # planned for the model's default size; every call re-plans for its own (see _fit_plan)
                 plan = plan_memory(config, spec, budget, *default_size, mode=offload, **sizes)
             except MemoryPlanError as exc:
@@ -250,15 +260,21 @@ class Krea2Pipeline:
                              f"{vae_path} has z_dim={decoder.config.z_dim}")
         pipe = cls(model, encoder, decoder, variant=variant, shift=shift, defaults=defaults,
                    default_size=default_size)
+        pipe.text_encoder_loader = functools.partial(load_text_encoder, text_path, dtype=dtype,
+                                                     select_layers=select_layers)
         if plan is not None:
             pipe.apply_plan(plan, device)
-            pipe.plan_request = dict(vram_gb=budget, mode=offload)
+            pipe.plan_request = dict(vram_gb=budget, mode=offload, host_ram_gb=host_ram_gb)
         return pipe
 
     # ---- memory placement ------------------------------------------------------------------
     def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
-             cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512):
-        """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape."""
+             cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512,
+             host_ram_gb: float | None = None, text_encoder_place: str | None = None):
+        """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape;
+        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports."""
+        if host_ram_gb is None:
+            host_ram_gb = (self.plan_request or {}).get("host_ram_gb")
         quantization = getattr(self.transformer, "quantization", None)
         return plan_memory(self.transformer.config, quantization.spec if quantization else None, vram_gb,
                            width, height, mode=mode, dtype=self.dtype,
@@ -267,7 +283,10 @@ class Krea2Pipeline:
                            vae_weight_bytes=tensor_bytes(self.vae), vae_base_dim=self.vae.config.base_dim,
                            prefetch=prefetch, max_sequence_length=max_sequence_length,
                            text_encoder_shape=text_encoder_shape(self.text_encoder),
-                           extra_device_bytes=lora_bytes(self.transformer))
+                           extra_device_bytes=lora_bytes(self.transformer), host_ram_gb=host_ram_gb,
+                           text_encoder_place=text_encoder_place,
+                           text_encoder_reloadable=self.text_encoder_loader is not None,
+                           text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder))
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""
@@ -275,7 +294,8 @@ class Krea2Pipeline:
         if self.offloader is not None:
             self.offloader.release()
             self.offloader = None
-        self.offloader = Offloader(self.transformer, self.text_encoder, self.vae, plan, device)
+        self.offloader = Offloader(self.transformer, self.text_encoder, self.vae, plan, device,
+                                   text_loader=self.text_encoder_loader)
         self.memory_plan, self._device = plan, device
 
     def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int) -> None:

@@ -1,13 +1,34 @@
-"""The VRAM planner: which transformer blocks stay on the GPU, which stream, where the text encoder
-and the VAE run, and the device / host bytes that result. Pure arithmetic: nothing is allocated.
+"""The memory planner: which transformer blocks stay on the GPU, which stream, where the text encoder
+and the VAE run, and the device and host bytes that result. Pure arithmetic: nothing is allocated.
 
-Phases of one generation and what is on the device in each:
-  encode  text encoder (unless it runs on the CPU) + the resident transformer (unless it steps out
-          for encoding) + VAE weights + encoder activations
+Device bytes, per phase of one generation:
+  encode  text encoder + its activations (unless it runs on the CPU) + the resident transformer
+          (unless it steps out for encoding) + VAE weights
   sample  resident transformer weights + streaming slots + step activations + VAE weights
           (+ the text encoder when it stays)
-  decode  as sample without the streaming slots' activations: VAE activations instead
-The plan's peak is the largest phase plus a fixed reserve for the CUDA context and fragmentation.
+  decode  as sample with the VAE's activations instead of the step's
+plus a reserve for the CUDA context and fragmentation.
+
+Host bytes (RAM), per phase, are what the plan itself holds:
+  always  the pinned copy of every streamed block (one flat buffer each); the pinned copy of a
+          swapped text encoder and, when it steps out to encode, of the resident transformer (tensor
+          by tensor); each pinned allocation counted as PyTorch's caching host allocator takes it,
+          rounded up to a power of two (a 0.41 GiB int8 block takes 0.5 GiB); a text encoder kept on
+          the CPU, counted whole (its pages are file-mapped only when it was loaded at the file's
+          dtype, unquantized, so the plan cannot count on that)
+  encode  + the CPU encoder's activations, or, for a text encoder re-read from its files ("reload"),
+          its largest tensor in flight: the rest of what it reads is page cache, clean file pages the
+          kernel drops under pressure, so it is not counted
+plus HOST_RESERVE_BYTES for the process itself. Weights memory-mapped from safetensors files and then
+moved to the device leave only page cache behind, so they are not counted either.
+
+Preference order (the first placement that fits both budgets wins): everything on the device; then
+the whole transformer resident with the text encoder swapped in to encode (the transformer stepping
+out meanwhile if both don't fit), or re-read from its files; then the same with the fewest streamed
+blocks; only then the text encoder on the CPU. By arithmetic (not yet timed on a GPU): a CFG call is
+~9 TFLOP of Qwen3-VL-4B, tens of seconds for a desktop CPU, while a streamed block's copy (0.4–0.8
+GiB per step over PCIe) is small beside that block's own compute at 1024², so more streaming is the
+cheaper way out.
 """
 
 from __future__ import annotations
@@ -24,11 +45,15 @@ from . import sizes
 
 GiB = 1 << 30
 MODES = ("none", "model", "sequential", "auto")
-TEXT_PLACES = ("device", "swap", "cpu")
+TEXT_PLACES = ("device", "swap", "reload", "cpu")
 # Outside PyTorch's allocator the card also holds the CUDA context and cuBLAS/Triton workspaces
 # (~0.3–0.6 GiB), and the caching allocator fragments: keep this much of the budget free.
 RESERVE_BYTES = GiB // 2
 RESERVE_FRACTION = 0.04
+# Host RAM the process needs besides the weights the plan places: the interpreter with torch,
+# transformers and krea2_lite imported (~0.5 GiB RSS measured on CPU), the CUDA runtime's host side
+# (context, cuBLAS/Triton state: ~0.5–1 GiB), the tokenizer, latents, images and allocator slack.
+HOST_RESERVE_BYTES = 2 * GiB
 VAE_TILE_PIXELS = 512  # the decoder's default tile (64 latents) in pixels
 
 
@@ -41,39 +66,54 @@ class MemoryPlan:
     resident_blocks: tuple[int, ...]
     streamed_blocks: tuple[int, ...]
     prefetch: int  # streamed blocks copied ahead of the one computing
-    text_encoder: str  # "device" (stays) | "swap" (in for encoding, out after) | "cpu"
+    text_encoder: str  # "device" (stays) | "swap" (in to encode, out after) | "reload" | "cpu"
     transformer_leaves_for_encoding: bool  # the resident transformer steps out while encoding
     vae_tile: int | None  # latent tile side, or None for a whole-image decode
     peak_bytes: int  # device peak: max over phases, reserve included
-    host_bytes: int  # pinned host memory the plan holds
+    host_bytes: int  # host RAM peak: max over host_phases, the process reserve included
     phases: dict = field(default_factory=dict)  # phase → device bytes
     parts: dict = field(default_factory=dict)  # what the phases are made of
+    host_budget_bytes: int = 0  # the host RAM the plan was fitted to (host_ram_gb)
+    host_phases: dict = field(default_factory=dict)  # phase → host bytes
+    text_reload_bytes: int = 0  # bytes a call reads from the text encoder's files ("reload"), else 0
 
     @property
     def slots(self) -> int:
         return min(self.prefetch + 1, len(self.streamed_blocks))
 
     def __str__(self) -> str:
-        def gib(n: int) -> str:
-            return f"{n / GiB:.2f} GiB"
-
-        blocks = len(self.resident_blocks) + len(self.streamed_blocks)
-        budget = f"a {gib(self.budget_bytes)} device" if self.budget_bytes else "no set budget"
-        lines = [f"memory plan '{self.mode}' for {budget}: peak {gib(self.peak_bytes)}, "
-                 f"host {gib(self.host_bytes)}",
-                 f"  transformer: {len(self.resident_blocks)}/{blocks} blocks resident"
-                 + (f", {len(self.streamed_blocks)} streamed through {self.slots} slot(s) (prefetch "
-                    f"{self.prefetch}): {_ranges(self.streamed_blocks)}" if self.streamed_blocks else ""),
-                 f"  text encoder: {_TEXT_WORDS[self.text_encoder]}"
+        budget = f"a {_gib(self.budget_bytes)} device" if self.budget_bytes else "no set device budget"
+        lines = [f"memory plan '{self.mode}' for {budget} and {_gib(self.host_budget_bytes)} of host RAM: "
+                 f"device peak {_gib(self.peak_bytes)}, host peak {_gib(self.host_bytes)}",
+                 f"  transformer: {_blocks_words(self)}",
+                 f"  text encoder: {_text_words(self)}"
                  + ("; the transformer steps out to host memory while it encodes"
                     if self.transformer_leaves_for_encoding else ""),
-                 f"  VAE: on the device, {'tiles of %d latents' % self.vae_tile if self.vae_tile else 'whole image'}"]
-        lines += [f"  {name:<7} {gib(n)}" for name, n in self.phases.items()]
+                 f"  VAE: on the device, {'tiles of %d latents' % self.vae_tile if self.vae_tile else 'whole image'}",
+                 "  device: " + ", ".join(f"{name} {_gib(n)}" for name, n in self.phases.items()),
+                 "  host:   " + ", ".join(f"{name} {_gib(n)}" for name, n in self.host_phases.items())]
         return "\n".join(lines)
 
 
-_TEXT_WORDS = {"device": "stays on the device", "swap": "moves to the device to encode, back to host after",
-               "cpu": "runs on the CPU"}
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _blocks_words(plan: MemoryPlan) -> str:
+    total = len(plan.resident_blocks) + len(plan.streamed_blocks)
+    words = f"{len(plan.resident_blocks)}/{total} blocks resident"
+    if plan.streamed_blocks:
+        words += (f", {len(plan.streamed_blocks)} streamed from pinned host memory through {plan.slots} slot(s) "
+                  f"(prefetch {plan.prefetch}): {_ranges(plan.streamed_blocks)}")
+    return words
+
+
+def _text_words(plan: MemoryPlan) -> str:
+    if plan.text_encoder == "reload":
+        return (f"read from its files onto the device for each call and dropped after "
+                f"({_gib(plan.text_reload_bytes)} read per call; page cache, not pinned RAM)")
+    return {"device": "stays on the device", "swap": "moves to the device to encode, back to pinned host memory after",
+            "cpu": "runs on the CPU, in host RAM"}[plan.text_encoder]
 
 
 def _ranges(blocks: tuple[int, ...]) -> str:
@@ -100,118 +140,210 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def check_gib(name: str, value, *, allow_none: bool = True) -> None:
+    """A memory budget argument must be a finite positive number of GiB (or None where allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"{name} must be a finite positive number of GiB, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Every byte count a candidate placement is built from."""
+
+    config: Krea2Config
+    weights: sizes.TransformerWeights
+    budget: int
+    host_limit: int
+    prefetch: int
+    reserve: int
+    host_reserve: int
+    act: int
+    te: int
+    te_pinned: int
+    te_act: int
+    te_largest: int
+    te_read: int
+    vae: int
+    vae_act: dict
+    extra: int
+
+
 def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, height: int = 1024, *,
                 mode: str = "auto", dtype: torch.dtype = torch.bfloat16, cfg: bool = True, num_images: int = 1,
                 max_sequence_length: int = 512, text_encoder_bytes: int | None = None,
-                vae_weight_bytes: int | None = None, text_encoder_shape: dict | None = None, vae_base_dim: int = 96, prefetch: int = 1,
-                host_ram_gb: float | None = None, reserve_bytes: int | None = None,
-                extra_device_bytes: int = 0) -> MemoryPlan:
-    """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory.
+                vae_weight_bytes: int | None = None, text_encoder_shape: dict | None = None, vae_base_dim: int = 96,
+                prefetch: int = 1, host_ram_gb: float | None = None, reserve_bytes: int | None = None,
+                host_reserve_bytes: int = HOST_RESERVE_BYTES, extra_device_bytes: int = 0,
+                text_encoder_place: str | None = None, text_encoder_reloadable: bool = True,
+                text_encoder_read_bytes: int | None = None, text_encoder_pinned_bytes: int | None = None) -> MemoryPlan:
+    """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory
+    and `host_ram_gb` GiB of host RAM (default: what the OS reports available, MemAvailable).
 
     `quant`: None, "int8" | "fp8" | "int4" or a QuantSpec (weights counted exactly on a meta model).
     `cfg`: the transformer runs a doubled batch (guidance > 0). `text_encoder_bytes`: the loaded
     encoder's size (default: Qwen3-VL-4B's text path at `dtype`); `vae_weight_bytes` likewise
     (default: the Qwen-Image decoder at `dtype`); `text_encoder_shape` the encoder's sizes for its
-    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B). `extra_device_bytes`: what
-    else stays on the device through sampling and decoding (LoRA branches). `mode` "auto" picks the first
-    of none → model → sequential that fits; a named mode is planned as asked and refused when it
-    cannot fit. Raises MemoryPlanError when nothing fits the device or the pinned host memory
-    exceeds `host_ram_gb` (default: what the OS reports available).
+    activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B), `text_encoder_pinned_bytes` the
+    host bytes of its pinned copy (default: from the shape, see `sizes.pinned_size`).
+    `extra_device_bytes`: what else stays on the device through sampling and decoding (LoRA branches).
+    `host_reserve_bytes`: host RAM kept for the process itself.
+
+    `mode` "auto" returns the first placement, in the order the module docstring gives, that fits
+    both budgets; a named mode searches only its own placements. `text_encoder_place` pins the text
+    encoder's placement ("swap", "reload", "cpu"; "device" only with mode "none"); "reload" (drop
+    after encoding, re-read from the files next call; `text_encoder_read_bytes` per call, default
+    `text_encoder_bytes`) is considered only when `text_encoder_reloadable`. `vram_gb=None` plans a
+    named mode in full (every block streamed for "sequential"). Raises MemoryPlanError when nothing
+    fits, with `.limit` "device", "host" or "both" and the closest plan for each budget (also as
+    `.closest_on_device` / `.closest_on_host`).
     """
     if mode not in MODES:
         raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
     if vram_gb is None and mode == "auto":
         raise ValueError("vram_gb=None needs a named mode ('none', 'model', 'sequential'): 'auto' plans to a budget")
-    if vram_gb is not None and (not isinstance(vram_gb, (int, float)) or isinstance(vram_gb, bool)
-                                or not vram_gb > 0):
-        raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+    check_gib("vram_gb", vram_gb)
+    check_gib("host_ram_gb", host_ram_gb)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+    if text_encoder_place is not None and text_encoder_place not in TEXT_PLACES:
+        raise ValueError(f"text_encoder_place must be one of {TEXT_PLACES} or None, got {text_encoder_place!r}")
+    if text_encoder_place == "reload" and not text_encoder_reloadable:
+        raise ValueError("text_encoder_place='reload' needs a text encoder that can be re-read from its files")
     budget = int(vram_gb * GiB) if vram_gb is not None else 0
     if reserve_bytes is None:  # capped at a tenth so that tiny test budgets stay plannable
         reserve_bytes = min(RESERVE_BYTES + int(RESERVE_FRACTION * budget), budget // 10)
-    reserve = reserve_bytes
-    weights = sizes.transformer_weights(config, quant, dtype)
-    batch = num_images * (2 if cfg else 1)
     image_tokens = math.ceil(height / 16) * math.ceil(width / 16)
-    text_tokens = max_sequence_length
-    act = sizes.transformer_activation_bytes(config, batch, image_tokens, text_tokens, dtype, quant)
-    if vae_weight_bytes is None:
-        vae_weight_bytes = sizes.vae_weight_bytes(dtype)
     te_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
-    te_act = sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
-                                                 shape=text_encoder_shape)
-    vae_act = {tile: sizes.vae_activation_bytes(vae_base_dim, height, width, num_images, dtype,
-                                                None if tile is None else tile * 8)
-               for tile in (None, VAE_TILE_PIXELS // 8)}
-    host_limit = int(host_ram_gb * GiB) if host_ram_gb is not None else available_host_bytes()
-    parts = dict(transformer_fixed=weights.fixed, block=max(weights.blocks), transformer_total=weights.total,
-                 activations=act, text_encoder=te_bytes, text_encoder_activations=te_act,
-                 vae_weights=vae_weight_bytes, vae_activations=vae_act[None], reserve=reserve,
-                 extra=extra_device_bytes)
-
-    def build(kind: str, streamed: int, text: str, leaves: bool, tile: int | None) -> MemoryPlan:
-        n = config.layers
-        streamed_ids = spread(streamed, n) if kind == "sequential" else ()
-        resident_ids = tuple(i for i in range(n) if i not in streamed_ids)
-        slots = min(prefetch + 1, len(streamed_ids))
-        resident = weights.fixed + sum(weights.blocks[i] for i in resident_ids) + extra_device_bytes
-        slot_bytes = slots * max((weights.blocks[i] for i in streamed_ids), default=0)
-        te_on_device = te_bytes if text == "device" else 0
-        encode = (0 if text == "cpu" else te_bytes + te_act) + (0 if leaves else resident) + vae_weight_bytes
-        sample = resident + slot_bytes + act + vae_weight_bytes + te_on_device
-        decode = resident + slot_bytes + vae_weight_bytes + vae_act[tile] + te_on_device
-        phases = {"encode": encode + reserve, "sample": sample + reserve, "decode": decode + reserve}
-        host = (te_bytes if text != "device" else 0) + sum(weights.blocks[i] for i in streamed_ids)
-        host += resident if leaves else 0
-        return MemoryPlan(mode=kind, budget_bytes=budget, resident_blocks=resident_ids,
-                          streamed_blocks=streamed_ids, prefetch=prefetch, text_encoder=text,
-                          transformer_leaves_for_encoding=leaves, vae_tile=tile,
-                          peak_bytes=max(phases.values()), host_bytes=host, phases=phases,
-                          parts=dict(parts, vae_activations=vae_act[tile], slots=slot_bytes))
-
-    def candidates(kind: str):
-        if kind == "none":
-            for tile in (None, VAE_TILE_PIXELS // 8):
-                yield build("none", 0, "device", False, tile)
-            return
-        texts = [("swap", False), ("swap", True), ("cpu", False)]
-        if kind == "model":
-            for text, leaves in texts:
-                for tile in (None, VAE_TILE_PIXELS // 8):
-                    yield build("model", 0, text, leaves, tile)
-            return
-        for streamed in range(1, config.layers + 1):  # fewest streamed blocks first
-            for text, leaves in texts:
-                yield build("sequential", streamed, text, leaves, VAE_TILE_PIXELS // 8)
-
-    if vram_gb is None:  # no budget: the named mode in full (every block streamed for "sequential")
-        plan = {"none": lambda: build("none", 0, "device", False, None),
-                "model": lambda: build("model", 0, "swap", False, None),
-                "sequential": lambda: build("sequential", config.layers, "swap", False, VAE_TILE_PIXELS // 8)}[mode]()
-        return _check_host(plan, host_limit, "no budget")
+    if text_encoder_pinned_bytes is None:  # the shape's tensors, scaled to the encoder's actual bytes
+        shape_bytes = sizes.text_encoder_weight_bytes(dtype, text_encoder_shape)
+        text_encoder_pinned_bytes = math.ceil(sizes.text_encoder_pinned_bytes(dtype, text_encoder_shape)
+                                              * te_bytes / shape_bytes)
+    costs = _Costs(
+        config=config, weights=sizes.transformer_weights(config, quant, dtype), budget=budget,
+        host_limit=int(host_ram_gb * GiB) if host_ram_gb is not None else available_host_bytes(),
+        prefetch=prefetch, reserve=reserve_bytes, host_reserve=host_reserve_bytes,
+        act=sizes.transformer_activation_bytes(config, num_images * (2 if cfg else 1), image_tokens,
+                                               max_sequence_length, dtype, quant),
+        te=te_bytes, te_pinned=text_encoder_pinned_bytes,
+        te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+                                                   shape=text_encoder_shape),
+        te_largest=min(te_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
+        te_read=te_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
+        vae=sizes.vae_weight_bytes(dtype) if vae_weight_bytes is None else vae_weight_bytes,
+        vae_act={tile: sizes.vae_activation_bytes(vae_base_dim, height, width, num_images, dtype,
+                                                  None if tile is None else tile * 8)
+                 for tile in (None, VAE_TILE_PIXELS // 8)},
+        extra=extra_device_bytes)
+    places = [p for p in TEXT_PLACES
+              if text_encoder_place in (None, p) and (p != "reload" or text_encoder_reloadable)]
     kinds = ("none", "model", "sequential") if mode == "auto" else (mode,)
-    smallest = None
-    for kind in kinds:
-        for plan in candidates(kind):
-            if smallest is None or plan.peak_bytes < smallest.peak_bytes:
-                smallest = plan
-            if plan.peak_bytes <= budget:
-                return _check_host(plan, host_limit, f"{vram_gb:g} GiB")
-    raise MemoryPlanError(
-        f"no {'' if mode == 'auto' else repr(mode) + ' '}plan fits {vram_gb:g} GiB at {width}×{height}"
-        f"{' with CFG' if cfg else ''}: the smallest needs {smallest.peak_bytes / GiB:.2f} GiB "
-        f"(transformer {weights.total / GiB:.2f} GiB{', ' + _quant_name(quant) if quant else ''}). "
-        "Lower the resolution, use quant='int4', or turn CFG off\n" + str(smallest))
+    candidates = list(_full(costs, mode, places) if vram_gb is None else _candidates(costs, kinds, places))
+    if not candidates:
+        raise ValueError(f"text_encoder_place={text_encoder_place!r} is not a placement of mode {mode!r}")
+    for plan in candidates:
+        if (vram_gb is None or plan.peak_bytes <= budget) and plan.host_bytes <= costs.host_limit:
+            return plan
+    raise _refusal(candidates, costs, vram_gb, mode, f"{width}×{height}{' with CFG' if cfg else ''}", quant)
 
 
-def _check_host(plan: MemoryPlan, host_limit: int, budget: str) -> MemoryPlan:
-    if plan.host_bytes > host_limit:
-        raise MemoryPlanError(
-            f"the '{plan.mode}' plan for {budget} needs {plan.host_bytes / GiB:.2f} GiB of host memory for the "
-            f"offloaded weights but only {host_limit / GiB:.2f} GiB is available; free RAM, quantize "
-            f"(quant='int8' or 'int4'), or allow more device memory (vram_gb)\n{plan}", limit="host")
-    return plan
+def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: int | None) -> MemoryPlan:
+    n = c.config.layers
+    blocks = c.weights.blocks
+    streamed_ids = spread(streamed, n) if kind == "sequential" else ()
+    resident_ids = tuple(i for i in range(n) if i not in streamed_ids)
+    slots = min(c.prefetch + 1, len(streamed_ids))
+    resident = c.weights.fixed + sum(blocks[i] for i in resident_ids) + c.extra
+    slot_bytes = slots * max((blocks[i] for i in streamed_ids), default=0)
+    te_stays = c.te if text == "device" else 0
+    encode = (0 if text == "cpu" else c.te + c.te_act) + (0 if leaves else resident) + c.vae
+    sample = resident + slot_bytes + c.act + c.vae + te_stays
+    decode = resident + slot_bytes + c.vae + c.vae_act[tile] + te_stays
+    phases = {"encode": encode + c.reserve, "sample": sample + c.reserve, "decode": decode + c.reserve}
+    w = c.weights
+    held = (sum(w.pinned_streamed[i] for i in streamed_ids) + {"swap": c.te_pinned, "cpu": c.te}.get(text, 0)
+            + c.host_reserve)
+    if leaves:  # the resident part's tensors, each pinned on its own (LoRA branches included)
+        held += w.pinned_fixed + sum(w.pinned_swapped[i] for i in resident_ids) + c.extra
+    in_flight = {"cpu": c.te_act, "reload": c.te_largest}.get(text, 0)
+    host_phases = {"encode": held + in_flight, "sample": held, "decode": held}
+    return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
+                      prefetch=c.prefetch, text_encoder=text, transformer_leaves_for_encoding=leaves, vae_tile=tile,
+                      peak_bytes=max(phases.values()), host_bytes=max(host_phases.values()), phases=phases,
+                      parts=dict(transformer_fixed=c.weights.fixed, block=max(blocks),
+                                 transformer_total=c.weights.total, activations=c.act, text_encoder=c.te, text_encoder_activations=c.te_act,
+                                 vae_weights=c.vae, vae_activations=c.vae_act[tile], reserve=c.reserve,
+                                 extra=c.extra, slots=slot_bytes, host_reserve=c.host_reserve,
+                                 text_encoder_pinned=c.te_pinned),
+                      host_budget_bytes=c.host_limit, host_phases=host_phases,
+                      text_reload_bytes=c.te_read if text == "reload" else 0)
+
+
+def _candidates(c: _Costs, kinds: tuple[str, ...], places: list[str]):
+    """Every placement of `kinds`, in preference order (see the module docstring)."""
+    tiled = VAE_TILE_PIXELS // 8
+    if "none" in kinds and "device" in places:
+        for tile in (None, tiled):
+            yield _build(c, "none", 0, "device", False, tile)
+    on_device = [(t, leaves) for t, leaves in (("swap", False), ("swap", True), ("reload", False)) if t in places]
+    for texts in (on_device, [("cpu", False)] if "cpu" in places else []):
+        if "model" in kinds:
+            for text, leaves in texts:
+                for tile in (None, tiled):
+                    yield _build(c, "model", 0, text, leaves, tile)
+        if "sequential" in kinds:
+            for streamed in range(1, c.config.layers + 1):  # fewest streamed blocks first
+                for text, leaves in texts:
+                    yield _build(c, "sequential", streamed, text, leaves, tiled)
+
+
+def _full(c: _Costs, mode: str, places: list[str]):
+    """No device budget: the named mode in full, the text encoder placed to spare host RAM if needed."""
+    if mode == "none":
+        if "device" in places:
+            yield _build(c, "none", 0, "device", False, None)
+        return
+    streamed = c.config.layers if mode == "sequential" else 0
+    tile = VAE_TILE_PIXELS // 8 if mode == "sequential" else None
+    for text in ("swap", "reload", "cpu"):
+        if text in places:
+            yield _build(c, mode, streamed, text, False, tile)
+
+
+def _refusal(candidates: list[MemoryPlan], c: _Costs, vram_gb, mode: str, shape: str, quant) -> MemoryPlanError:
+    """Nothing fits both budgets: say which binds, and show the closest plan for each."""
+    device_ok = [p for p in candidates if vram_gb is None or p.peak_bytes <= c.budget]
+    host_ok = [p for p in candidates if p.host_bytes <= c.host_limit]
+    least_device = min(host_ok or candidates, key=lambda p: p.peak_bytes)
+    least_host = min(device_ok or candidates, key=lambda p: p.host_bytes)
+    named = "" if mode == "auto" else repr(mode) + " "
+    host = f"{c.host_limit / GiB:.2f} GiB of host RAM (host_ram_gb)"
+    device = f"the {vram_gb:g} GiB device" if vram_gb is not None else "a device without a budget"
+    device_need = (f"the plans that fit the host need at least {least_device.peak_bytes / GiB:.2f} GiB of device "
+                   f"memory (transformer {c.weights.total / GiB:.2f} GiB{', ' + _quant_name(quant) if quant else ''})")
+    host_need = (f"the plans that fit {device} need at least {least_host.host_bytes / GiB:.2f} GiB of host RAM "
+                 f"({c.host_reserve / GiB:.2f} GiB of it the process reserve)")
+    device_fix = "lower the resolution, use quant='int4', or turn CFG off"
+    host_fix = "free RAM, quantize (quant='int8' or 'int4'), or allow more device memory (vram_gb)"
+    if device_ok and not host_ok:
+        error = MemoryPlanError(f"no {named}plan fits {host} at {shape}: {host_need}; {host_fix}\n"
+                                f"closest on host memory:\n{least_host}", limit="host")
+    elif host_ok and not device_ok:
+        error = MemoryPlanError(f"no {named}plan fits {vram_gb:g} GiB at {shape}: the smallest needs "
+                                f"{least_device.peak_bytes / GiB:.2f} GiB (transformer {c.weights.total / GiB:.2f} GiB"
+                                f"{', ' + _quant_name(quant) if quant else ''}); {device_fix}\n"
+                                f"closest on device memory:\n{least_device}", limit="device")
+    else:
+        either = "each budget alone could be met, not both" if device_ok else "neither budget can be met"
+        error = MemoryPlanError(
+            f"no {named}plan fits both {vram_gb:g} GiB of device memory and {host} at {shape} ({either}): "
+            f"{device_need}, and {host_need}; {device_fix}, or {host_fix}\n"
+            f"closest on device memory:\n{least_device}\nclosest on host memory:\n{least_host}", limit="both")
+    # For callers that report the gap (benchmarks/plan_table.py): the plan needing the least device memory
+    # among those that fit the host (all plans if none does), and the converse.
+    error.closest_on_device, error.closest_on_host = least_device, least_host
+    return error
 
 
 def _quant_name(quant) -> str:

@@ -27,8 +27,22 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def module_bytes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> int:
-    """Bytes `module` occupies once loaded as krea2_lite loads it, counted on a meta copy.
+def pinned_size(nbytes: int) -> int:
+    """Host bytes one pinned allocation of `nbytes` takes: PyTorch's CUDA caching host allocator rounds
+    every request up to the next power of two (c10 PowerOf2Ceil in CachingHostAllocator)."""
+    return 1 << max(0, nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def flat_size(sizes) -> int:
+    """Bytes of one flat buffer holding tensors of these byte sizes, each at an ALIGN boundary
+    (offload.binding.FlatLayout, the streamed blocks' host and device buffers)."""
+    from .binding import ALIGN
+
+    return sum(-(-n // ALIGN) * ALIGN for n in sizes)
+
+
+def tensor_sizes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> list[int]:
+    """Bytes of each tensor of `module` once loaded as krea2_lite loads it, counted on a meta copy.
 
     Quantized layers count their stored tensors as they are; float parameters count at `dtype`,
     except norm scales and modulation tables, which the loader keeps in float32.
@@ -36,26 +50,41 @@ def module_bytes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> int
     from ..checkpoint import keeps_fp32
     from ..quantize.qlinear import QuantizedLinear
 
-    total = 0
+    out = []
     for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
         if isinstance(sub, QuantizedLinear):
-            total += sum(t.numel() * t.element_size() for t in sub.buffers())
+            out += [t.numel() * t.element_size() for t in sub.buffers()]
             if sub.bias is not None:
-                total += sub.bias.numel() * _itemsize(dtype)
+                out.append(sub.bias.numel() * _itemsize(dtype))
             continue
         for pname, p in sub.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            total += p.numel() * (4 if keeps_fp32(full) else _itemsize(dtype))
-    return total
+            out.append(p.numel() * (4 if keeps_fp32(full) else _itemsize(dtype)))
+    return out
+
+
+def module_bytes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> int:
+    """Bytes `module` occupies once loaded (see `tensor_sizes`)."""
+    return sum(tensor_sizes(module, dtype, prefix))
+
+
+def module_pinned_bytes(module: nn.Module) -> int:
+    """Host bytes a pinned copy of a loaded module takes, tensor by tensor (offload.swap.ModuleSwap)."""
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
+    return sum(pinned_size(t.numel() * t.element_size()) for t in tensors)
 
 
 @dataclass(frozen=True)
 class TransformerWeights:
-    """Bytes of the transformer: what always stays on the device, and each block."""
+    """Bytes of the transformer: what always stays on the device, and each block; and the host bytes of
+    their pinned copies (each a power of two: see `pinned_size`)."""
 
     fixed: int  # everything outside `blocks` (embedders, text fusion, output layer)
     blocks: tuple[int, ...]
     largest_linear: int  # elements of the largest quantized weight (its bf16 dequantization scratch)
+    pinned_streamed: tuple[int, ...] = ()  # per block: its flat pinned buffer when streamed
+    pinned_swapped: tuple[int, ...] = ()  # per block: its tensors pinned one by one when the transformer swaps
+    pinned_fixed: int = 0  # the fixed part's tensors pinned one by one
 
     @property
     def total(self) -> int:
@@ -76,11 +105,15 @@ def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> Trans
             model = Krea2Transformer(config)
     else:
         model = build_quantized_skeleton(config, spec, dtype, log=False)
-    blocks = tuple(module_bytes(block, dtype, f"blocks.{i}.") for i, block in enumerate(model.blocks))
-    fixed = sum(module_bytes(child, dtype, f"{name}.") for name, child in model.named_children() if name != "blocks")
+    per_block = [tensor_sizes(block, dtype, f"blocks.{i}.") for i, block in enumerate(model.blocks)]
+    fixed = [n for name, child in model.named_children() if name != "blocks"
+             for n in tensor_sizes(child, dtype, f"{name}.")]
     largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)),
                   default=0)
-    return TransformerWeights(fixed=fixed, blocks=blocks, largest_linear=largest)
+    return TransformerWeights(fixed=sum(fixed), blocks=tuple(sum(b) for b in per_block), largest_linear=largest,
+                              pinned_streamed=tuple(pinned_size(flat_size(b)) for b in per_block),
+                              pinned_swapped=tuple(sum(map(pinned_size, b)) for b in per_block),
+                              pinned_fixed=sum(map(pinned_size, fixed)))
 
 
 def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: int, text_tokens: int,
@@ -128,6 +161,22 @@ def text_encoder_weight_bytes(dtype: torch.dtype, shape: dict | None = None) -> 
     per_layer = (h * c["heads"] * hd * 2 + h * c["kvheads"] * hd * 2  # q, o / k, v
                  + 3 * h * inter + 2 * h + 2 * hd)  # MLP, the two norms, q/k norms
     return (c["vocab"] * h + c["layers"] * per_layer) * _itemsize(dtype)
+
+
+def text_encoder_pinned_bytes(dtype: torch.dtype, shape: dict | None = None) -> int:
+    """Host bytes of a pinned copy of the text path (`text_encoder_weight_bytes`'s tensors), each
+    tensor rounded up by the caching host allocator (see `pinned_size`)."""
+    c = shape or QWEN3VL_4B_TEXT
+    h, inter, hd, s = c["hidden"], c["intermediate"], c["headdim"], _itemsize(dtype)
+    layer = [h * c["heads"] * hd] * 2 + [h * c["kvheads"] * hd] * 2 + [h * inter] * 3 + [h] * 2 + [hd] * 2
+    return pinned_size(c["vocab"] * h * s) + c["layers"] * sum(pinned_size(n * s) for n in layer)
+
+
+def text_encoder_largest_tensor_bytes(dtype: torch.dtype, shape: dict | None = None) -> int:
+    """The largest single tensor of the text path (the embedding table): what a loader holds in flight
+    when it reads the encoder tensor by tensor onto the device."""
+    c = shape or QWEN3VL_4B_TEXT
+    return max(c["vocab"] * c["hidden"], c["hidden"] * c["intermediate"]) * _itemsize(dtype)
 
 
 def text_encoder_activation_bytes(batch: int, tokens: int, dtype: torch.dtype, taps: int = 12,
