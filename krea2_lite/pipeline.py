@@ -19,9 +19,11 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve_path
 from .errors import CheckpointNotFoundError, DeviceMemoryError, MemoryPlanError
-from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
+from .loading.paths import resolve_path
+from .loading.text_encoder import load_text_encoder
+from .loading.transformer import describe_transformer, load_transformer
+from .model.text_encoder import DEFAULT_SELECT_LAYERS
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
@@ -66,21 +68,6 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer of a loaded module."""
     tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def describe_transformer(path, quant):
-    """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
-    from .config import Krea2Config
-    from .quantize import QuantSpec
-    from .quantize.format import is_quantized_folder, read_manifest
-
-    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
-    if is_quantized_folder(location):
-        manifest = read_manifest(location)
-        return Krea2Config.from_dict(manifest["config"]), QuantSpec.from_dict(manifest["quant"])
-    source = open_checkpoint(location)
-    theta = float((source.diffusers_config or {}).get("rope_theta", 1000.0))
-    return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
 
 
 def text_encoder_shape(encoder) -> dict:

@@ -9,7 +9,7 @@ language model (``layers.3.mlp.down_proj``).
 A saved folder (:func:`save_text_encoder`) holds:
 
 * ``config.json``: the Qwen3-VL config the encoder was loaded from, untouched, so
-  :func:`krea2_lite.model.text_encoder.load_text_encoder` reads it like any other;
+  :func:`krea2_lite.loading.load_text_encoder` reads it like any other;
 * ``model.safetensors``: only the tensors the encoder uses, under ``model.language_model.*`` (the hub
   layout); quantized linears under optimum-quanto's keys (``...q_proj.weight._data``, ``weight._scale``,
   ...), float ones under their usual names;
@@ -27,13 +27,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CorruptCheckpointError
-from ..model.text_encoder import QUANT_INFO_FILE, Krea2TextEncoder
+from ..model.text_encoder import Krea2TextEncoder
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear, quantize_weight_tensors, swap_linears
 from .recipe import DEFAULT_INCLUDE, QuantSpec, select_linears
+from .shards import ShardedWriter
 
 __all__ = ["TEXT_INCLUDE", "quantize_text_encoder_", "save_text_encoder", "text_encoder_spec"]
 
@@ -43,6 +43,8 @@ logger = logging.getLogger("krea2_lite")
 TEXT_INCLUDE = ("layers.*",)
 WEIGHTS_PREFIX = "model.language_model."  # Qwen3VLForConditionalGeneration's layout
 QUANTO_MAP_FILE = "quantization_map.json"
+# The quantization spec and module names of a saved folder, which the loader rebuilds the modules from.
+QUANT_INFO_FILE = "krea2_lite_text_encoder.json"
 FORMAT_VERSION = 1
 
 
@@ -116,12 +118,13 @@ def _config_dict(encoder: Krea2TextEncoder) -> dict:
     return {**encoder.full_text_config.to_dict(), "model_type": "qwen3_vl_text"}
 
 
-def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path) -> None:
+def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path, *, max_shard_bytes: int | None = None) -> None:
     """Write ``encoder`` (quantized or not) as a self-contained folder that ``load_text_encoder`` reads.
 
     Only the tensors the encoder uses are written (no vision tower, LM head, unused layers, nor the final
-    norm unless it is tapped), in the encoder's dtype. Writing atomically (a temporary folder, then a
-    rename) is the caller's job.
+    norm unless it is tapped), in the encoder's dtype: one ``model.safetensors``, or shards of at most
+    ``max_shard_bytes`` with a ``model.safetensors.index.json``. Writing atomically (a temporary folder,
+    then a rename) is the caller's job.
     """
     if encoder.tokenizer is None:
         raise ValueError("this text encoder has no tokenizer; a saved folder must hold one to be loadable")
@@ -138,8 +141,14 @@ def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path) -> None:
             state.update(module.quanto_state(prefix))
         else:  # parameters only: the rotary frequencies are computed at build time, never stored
             state.update({prefix + p: t for p, t in module.named_parameters(recurse=False)})
-    state = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    layout = [(key, t.dtype, tuple(t.shape)) for key, t in state.items()]
+    writer = ShardedWriter(folder, "model", layout, max_shard_bytes or sum(t.nbytes for t in state.values()) + 1)
+    try:
+        for key, tensor in state.items():
+            writer.write(key, tensor)
+        writer.close()
+    finally:
+        writer.abort()
 
     (folder / "config.json").write_text(json.dumps(_config_dict(encoder), indent=2) + "\n", encoding="utf-8")
     spec = encoder.quant_spec
@@ -154,7 +163,7 @@ def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path) -> None:
     encoder.tokenizer.save_pretrained(str(folder))
 
 
-# ---------------------------------------------------------------------- loading (used by load_text_encoder)
+# ---------------------------------------------------------------------- loading (used by krea2_lite.loading.text_encoder)
 def resolve_load_spec(folder: Path, quant: str | QuantSpec | None) -> tuple[QuantSpec | None, list[str] | None]:
     """(spec, saved module names) for loading ``folder``: saved names when its weights are already
     quantized, None when ``quant`` is to be applied while streaming float weights."""
