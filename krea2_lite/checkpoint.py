@@ -1,4 +1,4 @@
-"""Find, read and convert Krea 2 transformer checkpoints; `load_transformer`.
+"""Read and convert Krea 2 transformer checkpoints: layouts, key names, config inference, checks.
 
 Layouts read (always safetensors; pickle files are refused, never opened):
   official single file   keys as in krea-2 `mmdit.py` (`blocks.3.attn.wq.weight`, ...)
@@ -6,6 +6,8 @@ Layouts read (always safetensors; pickle files are refused, never opened):
   diffusers folder       `transformer/` of a diffusers pipeline (sharded or not), whose
                          `Krea2Transformer2DModel` names are mapped back to the official ones
   Hugging Face hub id    resolved with huggingface_hub to one of the above
+
+Finding the files is `loading.files`; loading them into a model is `loading.transformer`.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def _attach_tokenizer(encoder: Krea2TextEncoder, tokenizer_folder: Path, prefix_
                 f"{tokenizer_folder}: the tokenizer makes {counted[name]} tokens of the template "
                 f"{'prefix' if name == 'prefix_tokens' else 'suffix'}, but {name}={given} (the Krea 2 "
                 f"reference constant); keeping {given}. Pass {name}=None to use the tokenizer's count.",
-                UserWarning, stacklevel=3)
+                UserWarning, stacklevel=4)  # the caller of load_text_encoder
 
 
 def load_text_encoder(
@@ -182,10 +182,27 @@ def load_text_encoder(
     ``dtype``. A saved quantized folder loads as it was saved; a different ``quant`` is refused
     (re-quantizing quantized weights would compound the error).
     """
+    device = torch.device(device)
+    encoder, entries, put = prepare_text_encoder(Path(path), device=device, dtype=dtype, select_layers=select_layers,
+                                                 prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
+                                                 tokenizer_path=tokenizer_path, quant=quant)
+    for _ in stream_groups(encoder.text_model, entries, put, place=lambda group: device, mmap=True,
+                           progress=False, desc="loading text encoder"):
+        pass
+    left = unloaded(encoder)
+    if left:  # every tensor was planned; this guards the plan itself
+        raise RuntimeError(f"text encoder tensors left unloaded: {left[:5]}")
+    return encoder
+
+
+def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype, select_layers=DEFAULT_SELECT_LAYERS,
+                         prefix_tokens=DEFAULT_PREFIX_TOKENS, suffix_tokens=DEFAULT_SUFFIX_TOKENS,
+                         tokenizer_path=None, quant=None) -> tuple[Krea2TextEncoder, dict, TextPut]:
+    """A meta-built encoder (quantized modules swapped in, tokenizer attached), the tensors to stream
+    into its text model {name: (file, key, info)}, and how to put them: `stream_groups`' arguments."""
     from ..quantize.text_encoder import QUANT_INFO_FILE, resolve_load_spec, swap_for_loading
 
-    device = torch.device(device)
-    model_folder, tokenizer_folder = resolve_folders(Path(path), tokenizer_path)
+    model_folder, tokenizer_folder = resolve_folders(path, tokenizer_path)
     text_config, raw_config = read_text_config(model_folder)
     select_layers = validate_select_layers(select_layers, text_config.num_hidden_layers)
     found, prefix = _locate(model_folder)
@@ -196,7 +213,6 @@ def load_text_encoder(
     spec, saved_modules = None, None
     if quant is not None or (model_folder / QUANT_INFO_FILE).is_file():
         spec, saved_modules = resolve_load_spec(model_folder, quant)
-
     with torch.device("meta"):
         encoder = Krea2TextEncoder(text_config, select_layers=select_layers, device=device,
                                    prefix_tokens=DEFAULT_PREFIX_TOKENS if prefix_tokens is None else prefix_tokens,
@@ -210,14 +226,6 @@ def load_text_encoder(
         raise CheckpointKeysError(
             f"{model_folder}: {len(missing)} tensor(s) needed by the text encoder are missing, e.g. {missing[:5]}")
     entries = {name: (found[key][0], key, found[key][1]) for name, key in keys.items()}
-    model = encoder.text_model
-    _check_shapes(model, entries, how)
-    put = TextPut(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})
-    for _ in stream_groups(model, entries, put, place=lambda group: device, mmap="quantize" not in how.values(),
-                           progress=False, desc="loading text encoder"):
-        pass
-    left = unloaded(encoder)
-    if left:  # every tensor above was planned; this guards the plan itself
-        raise RuntimeError(f"text encoder tensors left unloaded: {left[:5]}")
+    _check_shapes(encoder.text_model, entries, how)
     _attach_tokenizer(encoder, tokenizer_folder, prefix_tokens, suffix_tokens)
-    return encoder
+    return encoder, entries, TextPut(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})

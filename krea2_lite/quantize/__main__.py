@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from .. import __version__
 from ..errors import Krea2LiteError
@@ -28,7 +27,7 @@ from ..loading.transformer import open_float_checkpoint
 from .format import folder_size, write_manifest
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
 from .shards import DEFAULT_MAX_SHARD, parse_size
-from .write import write_transformer
+from .write import write_text_encoder, write_transformer
 
 PARTIAL_MARK = ".partial-"
 BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
@@ -109,14 +108,9 @@ def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool
     """Copy or quantize the other components of a pipeline source into `tmp`."""
     components = {}
     if (root / "text_encoder").is_dir():
-        from ..loading.text_encoder import load_text_encoder
-        from .text_encoder import save_text_encoder
-
-        encoder = load_text_encoder(root / "text_encoder", device="cpu", dtype=torch.bfloat16,
-                                    quant=None if te_dtype == "none" else te_dtype)
-        save_text_encoder(encoder, tmp / "text_encoder", max_shard_bytes=max_shard_bytes)
+        write_text_encoder(root / "text_encoder", tmp / "text_encoder", None if te_dtype == "none" else te_dtype,
+                           max_shard_bytes=max_shard_bytes)
         components["text_encoder"] = {"path": "text_encoder", "dtype": te_dtype if te_dtype != "none" else "bf16"}
-        del encoder
     for name in ("vae", "scheduler"):
         if (root / name).is_dir():
             shutil.copytree(root / name, tmp / name)

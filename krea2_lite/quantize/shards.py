@@ -20,7 +20,7 @@ from ..loading.files import DTYPE_NAMES
 DEFAULT_MAX_SHARD = "2GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-MIN_SHARD_BYTES = 1 << 20  # below 1 MB a "shard" is just many files for nothing
+MIN_SHARD_BYTES = 10**6  # below 1MB a "shard" is just many files for nothing
 
 
 def parse_size(text: str) -> int:
