@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-
 from .. import __version__
 from ..errors import Krea2LiteError
 from ..loading.paths import resolve_path
 from ..loading.transformer import open_float_checkpoint
-from .format import folder_size, write_manifest
+from .format import folder_size, is_quantized_folder, write_manifest
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
 from .shards import DEFAULT_MAX_SHARD, parse_size
 from .write import write_text_encoder, write_transformer
@@ -127,6 +126,8 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--out {out} must not be inside --model {src}")
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
+    if is_quantized_folder(src):
+        raise ValueError(f"--model {src} is already a quantized folder; quantize the float checkpoint it came from")
     transformer_path, root = source_layout(src)
     source, config = open_float_checkpoint(resolve_path(transformer_path))
     source_files = sorted({file for file, _, _ in source.entries.values()})

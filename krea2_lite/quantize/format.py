@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpointError, Krea2LiteError
+from ..errors import Krea2LiteError
+from ..loading.files import read_json
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear
 
 FORMAT = "krea2_lite.quantized"
@@ -80,10 +81,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = read_json(path)
     if manifest.get("format") != FORMAT:
         raise FormatVersionError(f"{path}: not a krea2_lite quantized folder (format={manifest.get('format')!r})")
     version = manifest.get("format_version")
