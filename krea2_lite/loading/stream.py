@@ -9,6 +9,7 @@ can write the group out and drop it (the quantize CLI) before the next is read.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -177,8 +178,27 @@ def stream_groups(model: nn.Module, entries: dict[str, Entry], put, *, place: Ca
                     bar.update()
                 put.finish_group(group)
                 yield group
+                release_freed_memory()  # the caller may have written and dropped the group
     finally:
         reader.close()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed since the last group back to the OS. glibc keeps freed mid-sized tensors
+    (below its adaptive mmap threshold) in the heap, so without this a block-by-block quantize run's
+    RSS grew by about one block per block (measured: +40–110 MB per block at width 1536, flat with it)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only; elsewhere there is nothing to do
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def unloaded(model: nn.Module) -> list[str]:
