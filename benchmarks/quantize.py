@@ -1,10 +1,15 @@
 """Quantization at full width, on random weights (they cost what real ones cost):
 
   error   relative L2 error of one full-width (6144) Krea 2 block's output per dtype vs fp32
-  memory  peak RSS of `python -m krea2_lite.quantize` on a synthetic bf16 checkpoint with the
-          released widths and --layers blocks, and the projection to the 28-block model
+  memory  peak RSS and wall time of `python -m krea2_lite.quantize` on a synthetic bf16 checkpoint
+          with the released widths and exact official key names, for each of --layers blocks and
+          each --dtype (the checkpoint is written block by block, so even 28 blocks need little RAM)
+  load    peak RSS of `load_transformer(..., quant=)` on the CPU for the same kind of checkpoint,
+          beside the loaded model's own bytes
 
-  python benchmarks/quantize.py --what error memory --layers 4
+  python benchmarks/quantize.py --what memory --layers 2 6 --dtype int8 int4
+  python benchmarks/quantize.py --what load --layers 4 --dtype int8
+  python benchmarks/quantize.py --what memory --layers 28 --dtype int8   # ≈26 GB on disk, deleted after
 """
 
 from __future__ import annotations
@@ -66,56 +71,119 @@ def block_error(tokens: int, outlier_channels: int) -> list[dict]:
     return rows
 
 
-def memory(layers: int, dtype: str) -> dict:
+def write_synthetic(cfg: Krea2Config, path: Path) -> None:
+    """A bf16 official-layout checkpoint of shape `cfg` with random weights, written tensor by tensor
+    (krea2_lite's shard writer as one file) so the writer never holds more than one tensor."""
+    script = f"""
+import torch
+from pathlib import Path
+from krea2_lite import Krea2Config, Krea2Transformer
+from krea2_lite.quantize.shards import ShardedWriter
+cfg = Krea2Config.from_dict({cfg.to_dict()!r})
+with torch.device("meta"):
+    model = Krea2Transformer(cfg)
+layout = [(k, torch.bfloat16, tuple(v.shape)) for k, v in model.state_dict().items()]
+writer = ShardedWriter(Path({str(path.parent)!r}), {path.stem!r}, layout, 1 << 62)
+gen = torch.Generator().manual_seed(0)
+for key, _, shape in layout:
+    scale = 0.1 if key.endswith(('.scale', '.lin')) else 0.02
+    writer.write(key, (torch.randn(shape, generator=gen) * scale).to(torch.bfloat16))
+writer.close()
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+# Runs a module as `python -m` would, then prints its own peak RSS (RUSAGE_CHILDREN would also count
+# other children of this benchmark).
+RUNNER = ("import resource, runpy, sys\n"
+          "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+          "try:\n    runpy.run_module(sys.argv[0], run_name='__main__')\n"
+          "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+
+LOADER = ("import resource, sys, torch\n"
+          "from krea2_lite import load_transformer\n"
+          "model = load_transformer(sys.argv[1], dtype=torch.bfloat16, quant=sys.argv[2], progress=False)\n"
+          "held = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))\n"
+          "print(held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+
+IMPORTS = ("import resource, torch, optimum.quanto, krea2_lite.quantize.__main__\n"
+           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+
+
+def baseline_rss() -> int:
+    """Peak RSS of a process that only imports what the quantizer imports."""
+    return int(subprocess.run([sys.executable, "-c", IMPORTS], check=True, capture_output=True,
+                              text=True).stdout.split()[-1])
+
+
+def memory(layers: int, dtype: str, shard: str) -> dict:
     cfg = Krea2Config.krea2().replace(layers=layers)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         src = Path(tmp) / "synthetic.safetensors"
-        writer = ("import torch; from krea2_lite import Krea2Config, Krea2Transformer; "
-                  "from safetensors.torch import save_file; "
-                  f"cfg = Krea2Config.from_dict({cfg.to_dict()!r}); "
-                  "m = Krea2Transformer(cfg).to(torch.bfloat16); "
-                  f"save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, {str(src)!r})")
-        subprocess.run([sys.executable, "-c", writer], check=True)
-        # The quantizer runs in its own process that reports its own peak (RUSAGE_CHILDREN would
-        # also count the writer above, which holds the whole synthetic model).
-        runner = ("import resource, runpy, sys\n"
-                  "sys.argv = ['krea2_lite.quantize'] + sys.argv[1:]\n"
-                  "try:\n    runpy.run_module('krea2_lite.quantize', run_name='__main__')\n"
-                  "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-                  "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
         started = time.time()
-        proc = subprocess.run([sys.executable, "-c", runner, "--model", str(src), "--dtype", dtype,
-                               "--out", str(Path(tmp) / "out"), "--quiet"], check=True, capture_output=True, text=True)
-        peak = int(proc.stdout.split()[-1])
+        write_synthetic(cfg, src)
+        write_seconds = time.time() - started
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-c", RUNNER, "krea2_lite.quantize", "--model", str(src),
+                               "--dtype", dtype, "--out", str(Path(tmp) / "out"), "--quiet",
+                               "--max-shard-size", shard], check=True, capture_output=True, text=True)
         seconds = time.time() - started
-        out_bytes = sum(f.stat().st_size for f in (Path(tmp) / "out").rglob("*") if f.is_file())
+        peak = int(proc.stdout.split()[-1])
+        out_files = [f for f in (Path(tmp) / "out").rglob("*") if f.is_file()]
+        out_bytes = sum(f.stat().st_size for f in out_files)
+        shards = sum(f.name.endswith(".safetensors") for f in out_files)
         src_bytes = src.stat().st_size
-    block_params = cfg.replace(layers=2).num_parameters() - cfg.replace(layers=1).num_parameters()
-    block_quantized = block_params * {"int8": 1.0, "fp8": 1.0, "int4": 0.5 + 4 / 128}[dtype]
-    missing_blocks = Krea2Config.krea2().layers - layers  # the released model has 28
-    row = dict(dtype=dtype, layers=layers, source_gb=round(src_bytes / 1e9, 2), output_gb=round(out_bytes / 1e9, 2),
+    row = dict(what="quantize CLI", dtype=dtype, layers=layers, source_gb=round(src_bytes / 1e9, 2),
+               output_gb=round(out_bytes / 1e9, 2), shards=shards, max_shard_size=shard,
                peak_rss_gb=round(peak / 1e9, 2), seconds=round(seconds, 1),
-               block_bf16_gb=round(block_params * 2 / 1e9, 3),
-               projected_output_gb_28_blocks=round((out_bytes + missing_blocks * block_quantized) / 1e9, 2),
-               projected_peak_rss_gb_28_blocks=round((peak + missing_blocks * block_quantized) / 1e9, 2))
+               synthetic_write_seconds=round(write_seconds, 1))
+    print(row, flush=True)
+    return row
+
+
+def load(layers: int, dtype: str) -> dict:
+    cfg = Krea2Config.krea2().replace(layers=layers)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        src = Path(tmp) / "synthetic.safetensors"
+        write_synthetic(cfg, src)
+        started = time.time()
+        out = subprocess.run([sys.executable, "-c", LOADER, str(src), dtype], check=True, capture_output=True,
+                             text=True).stdout.split()
+        seconds = time.time() - started
+        src_bytes = src.stat().st_size
+    held, peak = map(int, out[-2:])
+    block = (cfg.replace(layers=2).num_parameters() - cfg.replace(layers=1).num_parameters()) * 2
+    row = dict(what="load_transformer(quant=) on CPU", dtype=dtype, layers=layers, source_gb=round(src_bytes / 1e9, 2),
+               model_gb=round(held / 1e9, 2), peak_rss_gb=round(peak / 1e9, 2), seconds=round(seconds, 1),
+               block_bf16_gb=round(block / 1e9, 3))
     print(row, flush=True)
     return row
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", nargs="+", choices=["error", "memory"], default=["error", "memory"])
+    ap.add_argument("--what", nargs="+", choices=["error", "memory", "load"], default=["error", "memory"])
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dtype", default="int8", choices=["int8", "fp8", "int4"])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 6])
+    ap.add_argument("--dtype", nargs="+", default=["int8", "int4"], choices=["int8", "fp8", "int4"])
+    ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = []
     if "error" in args.what:
         rows += block_error(args.tokens, 0)
         rows += block_error(args.tokens, 8)
-    if "memory" in args.what:
-        rows.append(memory(args.layers, args.dtype))
+    if "memory" in args.what or "load" in args.what:
+        base = baseline_rss()
+        rows.append(dict(what="imports only (torch, optimum-quanto, krea2_lite)", peak_rss_gb=round(base / 1e9, 2)))
+        print(rows[-1], flush=True)
+    for dtype in args.dtype:
+        for layers in args.layers:
+            if "memory" in args.what:
+                rows.append(memory(layers, dtype, args.max_shard_size))
+            if "load" in args.what:
+                rows.append(load(layers, dtype))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

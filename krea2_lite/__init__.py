@@ -1,6 +1,6 @@
 """krea2_lite: run the Krea 2 image transformer exactly, small and fast."""
 
-from .checkpoint import load_transformer
+from .loading.transformer import load_transformer
 from .config import Krea2Config
 from .model import Krea2Transformer
 from .quantize import QuantSpec

@@ -1,4 +1,4 @@
-"""Find, read and convert Krea 2 transformer checkpoints; `load_transformer`.
+"""Read and convert Krea 2 transformer checkpoints: layouts, key names, config inference, checks.
 
 Layouts read (always safetensors; pickle files are refused, never opened):
   official single file   keys as in krea-2 `mmdit.py` (`blocks.3.attn.wq.weight`, ...)
@@ -6,30 +6,30 @@ Layouts read (always safetensors; pickle files are refused, never opened):
   diffusers folder       `transformer/` of a diffusers pipeline (sharded or not), whose
                          `Krea2Transformer2DModel` names are mapped back to the official ones
   Hugging Face hub id    resolved with huggingface_hub to one of the above
+
+Finding the files is `loading.files`; loading them into a model is `loading.transformer`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 
 from .config import Krea2Config, swiglu_width
-from .errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
-                     NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
+from .errors import CheckpointKeysError, NotKrea2CheckpointError, ShapeMismatchError
+from .loading.files import (PICKLE_SUFFIXES, SAFETENSORS_DTYPES, TensorInfo, find_weight_files,  # noqa: F401
+                            open_safetensors, read_json, read_safetensors_header, read_tensor, refuse_pickle,
+                            tensor_locations)
+from .loading.paths import looks_like_hub_id, resolve_path  # noqa: F401  (re-exported)
 from .model import Krea2Transformer
 
 logger = logging.getLogger("krea2_lite")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Present in every Krea 2 transformer checkpoint, in official names.
 SIGNATURE_KEYS = ("first.weight", "txtfusion.projector.weight", "tproj.1.weight")
@@ -90,96 +90,7 @@ def keeps_fp32(name: str) -> bool:
     return name.endswith(".scale") or name.endswith("mod.lin") or name == "last.modulation.lin"
 
 
-# ---- files ---------------------------------------------------------------------------------
-
-def _check_not_pickle(path: Path) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UnsafeCheckpointFormatError(
-            f"{path}: '{path.suffix}' files are pickle-based and are never opened by krea2_lite "
-            "(unpickling can run arbitrary code). Convert the checkpoint to .safetensors first.")
-
-
-class TensorInfo(NamedTuple):
-    dtype: str                 # safetensors dtype name, e.g. "BF16"
-    shape: tuple[int, ...]
-    start: int                 # absolute byte offsets in the file
-    end: int
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Validate a safetensors file without reading its tensors; returns {key: TensorInfo}.
-
-    Catches the failures safetensors reports vaguely: empty files, a header longer than the
-    file, unparsable JSON, and data offsets past the end of the file (a truncated download).
-    """
-    size = path.stat().st_size
-    if size == 0:
-        raise CorruptCheckpointError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
-    if size < 8:
-        raise CorruptCheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise CorruptCheckpointError(
-                f"{path}: the header claims {header_len} bytes but the file has {size}; "
-                "this is not a safetensors file, or it is truncated")
-        raw = fh.read(header_len)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
-    data_len = size - 8 - header_len
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            tensors[key] = TensorInfo(info["dtype"], tuple(info["shape"]), 8 + header_len + start,
-                                      8 + header_len + end)
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{path}: malformed header entry for tensor '{key}'") from None
-        if end > data_len or start > end:
-            raise CorruptCheckpointError(
-                f"{path}: tensor '{key}' ends at byte {end} of the data but only {data_len} bytes are "
-                "present; the file is truncated (an interrupted download?)")
-    return tensors
-
-
-def open_safetensors(file: Path, device: str = "cpu"):
-    """`safe_open` with one clear error for files safetensors cannot read."""
-    try:
-        return safe_open(str(file), framework="pt", device=device)
-    except Exception as exc:  # safetensors raises its own error type (and OSError)
-        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-
-
-def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with a plain file read into fresh memory (no memory map).
-
-    For streaming work (quantizing while loading): the bytes are released when the tensor is,
-    instead of staying mapped — and counted in the process's resident memory — until the file
-    is closed.
-    """
-    dtype = SAFETENSORS_DTYPES.get(info.dtype)
-    if dtype is None:
-        raise CorruptCheckpointError(f"{path}: unsupported tensor dtype {info.dtype}")
-    buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
-    with open(path, "rb") as fh:
-        fh.seek(info.start)
-        if fh.readinto(buffer.numpy()) != len(buffer):
-            raise CorruptCheckpointError(f"{path}: short read; the file changed or is truncated")
-    return buffer.view(dtype).reshape(info.shape)
-
+# ---- files ----------------------------------------------------------------------------------
 
 @dataclass
 class CheckpointSource:
@@ -199,74 +110,23 @@ class CheckpointSource:
         return out
 
 
-def looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
-
-
-def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """A local file or folder as given, or a Hugging Face hub id downloaded with huggingface_hub.
-
-    Only files matching `allow_patterns` are fetched (weights as safetensors, never pickles).
-    """
-    text = os.fspath(path)
-    location = Path(text).expanduser()
-    if location.exists():
-        return location
-    if not looks_like_hub_id(text):
-        raise CheckpointNotFoundError(f"{location}: no such file or folder")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - a hard dependency
-        raise CheckpointNotFoundError(f"{text}: no such path, and huggingface_hub is not installed") from None
-    patterns = allow_patterns or ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
-    try:
-        return Path(snapshot_download(text, allow_patterns=patterns))
-    except Exception as exc:
-        raise CheckpointNotFoundError(
-            f"'{text}' is not a local path, and fetching it from the Hugging Face hub failed: "
-            f"{type(exc).__name__}: {exc}") from None
-
-
-def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
-    """The safetensors files holding a transformer inside `folder`, and its diffusers config."""
-    if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
-        folder = folder / "transformer"
+def _transformer_weights(location: Path):
+    """The weight files of a transformer at `location` (file, folder, or a pipeline's transformer/)
+    and its diffusers config, if any."""
+    if location.is_dir() and (location / "model_index.json").exists() and (location / "transformer").is_dir():
+        location = location / "transformer"
     config = None
-    if (folder / "config.json").exists():
-        config = json.loads((folder / "config.json").read_text())
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        index = json.loads(indexes[0].read_text())
-        names = sorted(set(index.get("weight_map", {}).values()))
-        missing = [n for n in names if not (folder / n).exists()]
-        if missing:
-            raise CheckpointNotFoundError(f"{indexes[0]}: lists shards that are missing: {missing[:3]}")
-        return [folder / n for n in names], config
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files, config
-    pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        _check_not_pickle(pickles[0])
-    raise CheckpointNotFoundError(
-        f"{folder}: no model found (expected a .safetensors file, a sharded *.safetensors.index.json, "
-        "or a diffusers pipeline folder with transformer/)")
+    if location.is_dir() and (location / "config.json").exists():
+        config = read_json(location / "config.json")
+    weights = find_weight_files(location, what="model")
+    return weights, config
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
     location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
-    config = None
-    if location.is_dir():
-        files, config = _transformer_files(location)
-    else:
-        _check_not_pickle(location)
-        files = [location]
-
-    stored: dict[str, tuple[Path, str, TensorInfo]] = {}
-    for file in files:
-        for key, info in read_safetensors_header(file).items():
-            stored[key] = (file, key, info)
+    weights, config = _transformer_weights(location)
+    stored = {key: (file, key, info) for key, (file, info) in tensor_locations(weights).items()}
 
     layout = "official"
     keys = list(stored)
@@ -334,7 +194,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float = 1000.0, p
         theta=float(theta))
 
 
-def _check_diffusers_config(cfg: dict, config: Krea2Config, where: Path) -> None:
+def check_diffusers_config(cfg: dict, config: Krea2Config, where: Path) -> None:
     """A diffusers config may say things the tensor shapes cannot; they must agree with `config`."""
     axes = cfg.get("axes_dims_rope")
     if axes is not None and tuple(axes) != config.axes:
@@ -370,83 +230,3 @@ def check_keys_and_shapes(source: CheckpointSource, config: Krea2Config, explici
         origin = "the given config" if explicit else "the config inferred from the file"
         raise ShapeMismatchError(f"{source.location}: tensor '{k}' has shape {got} but {origin} expects "
                                  f"{want} ({len(wrong)} tensor(s) disagree)")
-
-
-# ---- loading -------------------------------------------------------------------------------
-
-def assign_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor, device: torch.device,
-                  dtype: torch.dtype) -> None:
-    """Put a checkpoint tensor (official name and layout) into the meta-built model, cast by
-    the dtype policy (norm scales and modulation tables float32, the rest `dtype`)."""
-    if name.endswith("mod.lin") and tensor.ndim == 2 and name != "last.modulation.lin":
-        tensor = tensor.reshape(-1)  # diffusers stores the six block tables as (6, dim)
-    target = torch.float32 if keeps_fp32(name) else dtype
-    parent, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(parent)
-    tensor = tensor.to(device=device, dtype=target)
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-    else:
-        owner._buffers[leaf] = tensor
-
-
-def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = None,
-                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     quant=None, progress: bool | None = None) -> Krea2Transformer:
-    """Load a Krea 2 transformer from any supported layout (see the module docstring).
-
-    The model is built on the meta device and each tensor is streamed from its file straight
-    into place (`assign`), cast on its own: norm scales and modulation tables stay float32, the
-    rest becomes `dtype`. On the CPU a tensor already in `dtype` stays memory-mapped
-    (copy-on-write: the file is never modified), so host memory stays near one copy of the
-    weights. `config=None` infers the shape from the tensors. Returns the model in eval mode
-    with gradients off.
-
-    `quant` ("int8" | "fp8" | "int4" | "int8-w8a8[-rot]" | "fp8-w8a8[-rot]" | QuantSpec) quantizes
-    while streaming: the float model is never whole in memory. A krea2_lite quantized folder loads as it was written.
-    """
-    from .quantize import QuantSpec
-    from .quantize.format import is_quantized_folder, load_quantized_folder, read_manifest
-
-    spec = QuantSpec.parse(quant)
-    device = torch.device(device)
-    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
-    if is_quantized_folder(location):
-        stored = QuantSpec.from_dict(read_manifest(location)["quant"]).name
-        if spec is not None and spec.name != stored:
-            raise ValueError(f"{location} is already quantized to {stored}; quant={spec.name!r} cannot apply "
-                             "(quantize the float checkpoint instead, or pass quant=None)")
-        return load_quantized_folder(location, device=device, dtype=dtype)
-    source = open_checkpoint(location)
-    explicit = config is not None
-    diffusers_config = source.diffusers_config or {}
-    if config is None:
-        theta = float(diffusers_config.get("rope_theta", Krea2Config.theta))
-        config = infer_config(source.shapes(), theta=theta, where=str(source.location))
-    _check_diffusers_config(diffusers_config, config, source.location)
-    check_keys_and_shapes(source, config, explicit)
-
-    if spec is not None:
-        from .quantize.stream import load_quantizing
-
-        return load_quantizing(source, config, spec, device=device, dtype=dtype, progress=progress)
-    with torch.device("meta"):
-        model = Krea2Transformer(config)
-    by_file: dict[Path, list[str]] = {}
-    for name, (file, _, _) in source.entries.items():
-        by_file.setdefault(file, []).append(name)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(source.entries), desc="loading transformer", unit="tensor",
-               disable=(not progress) if progress is not None else None, leave=False)
-    load_device = "cpu" if device.type != "cuda" else str(device)
-    with bar:
-        for file, names in by_file.items():
-            with open_safetensors(file, load_device) as handle:
-                for name in names:
-                    assign_tensor(model, name, handle.get_tensor(source.entries[name][1]), device, dtype)
-                    bar.update()
-    logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
-                config.layers, config.num_parameters() / 1e9)
-    return model.eval()

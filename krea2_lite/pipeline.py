@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve_path
-from .errors import CheckpointNotFoundError, DeviceMemoryError, MemoryPlanError
+from .errors import DeviceMemoryError, MemoryPlanError
 from .kernels import backend_scope
 from .kernels.workspace import release_workspaces
-from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
+from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
+from .loading.text_encoder import load_text_encoder
+from .loading.transformer import load_transformer
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
@@ -32,29 +31,14 @@ from .offload.planner import available_host_bytes, check_gib
 from .offload.sizes import module_pinned_bytes
 from .offload.manager import Offloader
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
+from .variants import VARIANTS, VariantDefaults
 
 logger = logging.getLogger("krea2_lite")
 
-# Where the released model's other components live when only a transformer file is given.
-DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-VL-4B-Instruct"
-DEFAULT_VAE = "Qwen/Qwen-Image"
 MAX_SIDE = 4096  # pixels; Turbo is trained up to 2k, beyond 4k attention cost explodes
 SIZE_MULTIPLE = 16  # VAE factor 8 × patch 2
 OFFLOAD_MODES = ("auto", "none", "model", "sequential")
 REPLAN_FACTOR = 0.8  # after a CUDA out-of-memory error, plan again for this share of the last peak
-
-
-@dataclass(frozen=True)
-class VariantDefaults:
-    steps: int
-    guidance: float
-    mu: float | None  # None: from the image-token count
-
-
-VARIANTS = {
-    "raw": VariantDefaults(steps=52, guidance=3.5, mu=None),
-    "turbo": VariantDefaults(steps=8, guidance=0.0, mu=1.15),
-}
 
 
 @dataclass
@@ -63,29 +47,10 @@ class Krea2Output:
     latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of every parameter and buffer of a loaded module."""
     tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def describe_transformer(path, quant):
-    """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
-    from .config import Krea2Config
-    from .quantize import QuantSpec
-    from .quantize.format import is_quantized_folder, read_manifest
-
-    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
-    if is_quantized_folder(location):
-        manifest = read_manifest(location)
-        return Krea2Config.from_dict(manifest["config"]), QuantSpec.from_dict(manifest["quant"])
-    source = open_checkpoint(location)
-    theta = float((source.diffusers_config or {}).get("rope_theta", 1000.0))
-    return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
 
 
 def text_encoder_shape(encoder) -> dict:
@@ -94,6 +59,36 @@ def text_encoder_shape(encoder) -> dict:
     return dict(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
                 kvheads=c.num_key_value_heads, headdim=getattr(c, "head_dim", None) or c.hidden_size //
                 c.num_attention_heads, vocab=c.vocab_size, layers=c.num_hidden_layers)
+
+
+def _check_load_arguments(offload: str, vram_gb, variant) -> None:
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))
+                                or not vram_gb > 0):
+        raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
+
+
+def _first_plan(spec: PipelineSpec, budget: float | None, offload: str, encoder, decoder, *, dtype, prefetch,
+                host_ram_gb):
+    """The load-time plan, for the model's default size (every call re-plans for its own, see _fit_plan);
+    when the budget cannot hold that size, every block streamed until a call's size says otherwise."""
+    sizes = dict(dtype=dtype, cfg=VARIANTS[spec.variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
+                 vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
+                 text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch, host_ram_gb=host_ram_gb,
+                 text_encoder_reloadable=True, text_encoder_pinned_bytes=module_pinned_bytes(encoder))
+    try:
+        plan = plan_memory(spec.config, spec.quant, budget, *spec.default_size, mode=offload, **sizes)
+    except MemoryPlanError as exc:
+        if exc.limit != "device" or budget is None:
+            raise
+        plan = plan_memory(spec.config, spec.quant, None, mode="sequential", **sizes)
+        logger.warning("krea2_lite: %s GiB cannot hold a %d×%d generation; every block will be streamed "
+                       "until a call's size says otherwise", f"{budget:.2f}", *spec.default_size)
+    logger.info("krea2_lite: %s", plan)
+    return plan
 
 
 def _budget_gib(vram_gb: float | None, device: torch.device) -> float | None:
@@ -148,7 +143,8 @@ class Krea2Pipeline:
         encoder and VAE then come from `text_encoder=` / `vae=` or the released defaults
         (Qwen/Qwen3-VL-4B-Instruct, Qwen/Qwen-Image's vae/). `variant` "raw" / "turbo" picks the
         sampling defaults; None reads diffusers' `is_distilled` from the folder and otherwise
-        assumes "raw" (log line says so). `device=None` picks CUDA when present.
+        assumes "raw" (log line says so). `device=None` picks CUDA when present. The transformer
+        named is checked before the default text encoder / VAE are resolved (or downloaded).
 
         Memory: `offload` "none" puts everything on `device`; "model" / "sequential" / "auto" plan
         with `krea2_lite.offload.plan_memory` for `vram_gb` GiB (default: the free CUDA memory;
@@ -156,112 +152,45 @@ class Krea2Pipeline:
         `host_ram_gb` GiB of host RAM (default: what the OS reports available now, MemAvailable). The
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-        if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))
-                                    or not vram_gb > 0):
-            raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+        _check_load_arguments(offload, vram_gb, variant)
         check_gib("host_ram_gb", host_ram_gb)
         if host_ram_gb is None:  # read before anything is loaded: the plan counts what the pipeline will hold
             host_ram_gb = available_host_bytes() / (1 << 30)
-        if variant is not None and variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if os.fspath(path_or_hub_id or "") == "demo" and not Path("demo").exists():
-            from .demo import demo_path  # the trained miniature shipped with the package
+        spec = resolve_pipeline(path_or_hub_id, variant=variant, quant=quant, transformer=transformer,
+                                text_encoder=text_encoder, vae=vae)
+        return cls.from_spec(spec, quant=quant, vram_gb=vram_gb, offload=offload, device=device, dtype=dtype,
+                             progress=progress, prefetch=prefetch, host_ram_gb=host_ram_gb)
 
-            path_or_hub_id = demo_path()
-
-        root = None
-        if path_or_hub_id is not None:
-            root = resolve_path(path_or_hub_id, ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors",
-                                                 "tokenizer/*", "*.txt"])
-        index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else {}
-        manifest = _read_json(root / "krea2_lite.json") if root is not None and root.is_dir() else {}
-        if manifest:  # a folder written by `python -m krea2_lite.quantize`
-            index = dict(manifest.get("components", {}).get("pipeline", {}))
-            if manifest.get("variant") and "is_distilled" not in index:
-                index["is_distilled"] = manifest["variant"] == "turbo"
-            transformer = transformer or root
-        if root is not None and not index and not manifest:
-            if transformer is not None:
-                raise ValueError(f"{root}: not a diffusers pipeline folder (no model_index.json), and "
-                                 "transformer= was given as well; pass one or the other")
-            transformer, root = root, None
-        if root is not None:
-            transformer = transformer or root / "transformer"
-            if text_encoder is None and not (root / "text_encoder").exists():
-                raise CheckpointNotFoundError(f"{root}: no text_encoder/ folder; pass text_encoder=")
-            text_encoder = text_encoder or root / "text_encoder"
-            vae = vae or root / "vae"
-        if transformer is None:
-            raise ValueError("nothing to load: pass a pipeline folder / hub id, or transformer=")
-
-        variant_given = variant is not None
-        if variant is None:
-            if "is_distilled" in index:
-                variant = "turbo" if index["is_distilled"] else "raw"
-            else:
-                variant = "raw"
-                logger.warning("krea2_lite: the checkpoint does not say whether it is Raw or Turbo; using Raw's "
-                               "defaults (52 steps, CFG 3.5). Pass variant='turbo' for Turbo.")
-        shift = {}
-        if root is not None:
-            scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
-            shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
-        select_layers = tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS)
-        # A folder may carry its own sampling defaults and native size (the demo model does).
-        own = index.get("krea2_lite") or {}
-        defaults = None
-        if not variant_given and "steps" in own and "guidance" in own:
-            defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
-        default_size = (int(own.get("width", 1024)), int(own.get("height", 1024)))
-
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec, *, quant=None, vram_gb: float | None = None, offload: str = "auto",
+                  device: torch.device, dtype: torch.dtype = torch.bfloat16, progress: bool | None = None,
+                  prefetch: int = 1, host_ram_gb: float | None = None) -> "Krea2Pipeline":
+        """Load what `resolve_pipeline` described: text encoder and VAE, the memory plan, then the
+        transformer, each block straight where the plan puts it."""
         # With offloading, the text encoder and the VAE are loaded to the host first: the plan needs
         # their exact sizes, and decides where they live.
         planned = offload != "none" and not (offload == "auto" and device.type != "cuda" and vram_gb is None)
         load_device = torch.device("cpu") if planned else device
-        text_path = resolve_path(text_encoder or DEFAULT_TEXT_ENCODER,
-                                 ["*.json", "*.safetensors", "*.txt", "tokenizer*", "merges.txt", "vocab.json"])
-        encoder = load_text_encoder(text_path, device=load_device, dtype=dtype, select_layers=select_layers)
-        if vae is None:
-            vae_path = resolve_path(DEFAULT_VAE, ["vae/*"]) / "vae"
-        else:
-            vae_path = resolve_path(vae, ["*.json", "*.safetensors", "vae/*"])
-        if not vae_path.exists():
-            raise CheckpointNotFoundError(f"{vae_path}: VAE folder not found")
+        encoder = load_text_encoder(spec.text_encoder, device=load_device, dtype=dtype, select_layers=spec.select_layers)
         # On the CPU the VAE runs in float32: bf16 convolutions there are many times slower
         # (no native bf16 on most desktop CPUs), and the decoder is small.
-        decoder = load_vae_decoder(vae_path, device=load_device,
-                                   dtype=dtype if device.type == "cuda" else torch.float32)
-        plan = None
+        decoder = load_vae_decoder(spec.vae, device=load_device, dtype=dtype if device.type == "cuda" else torch.float32)
+        if spec.config.channels != decoder.config.z_dim:
+            raise ValueError(f"the transformer works on {spec.config.channels} latent channels but the VAE at "
+                             f"{spec.vae} has z_dim={decoder.config.z_dim}")
+        plan, budget, device_blocks = None, None, None
         if planned:
-            config, spec = describe_transformer(transformer, quant)
             budget = _budget_gib(vram_gb, device)
-            sizes = dict(dtype=dtype, cfg=VARIANTS[variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
-                         vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
-                         text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch,
-                         host_ram_gb=host_ram_gb, text_encoder_reloadable=True,
-                         text_encoder_pinned_bytes=module_pinned_bytes(encoder))
-            try:  # planned for the model's default size; every call re-plans for its own (see _fit_plan)
-                plan = plan_memory(config, spec, budget, *default_size, mode=offload, **sizes)
-            except MemoryPlanError as exc:
-                if exc.limit != "device" or budget is None:
-                    raise
-                plan = plan_memory(config, spec, None, mode="sequential", **sizes)
-                logger.warning("krea2_lite: %s GiB cannot hold a %d×%d generation; every block will be streamed "
-                               "until a call's size says otherwise", f"{budget:.2f}", *default_size)
-            logger.info("krea2_lite: %s", plan)
-            if plan.mode == "none":
-                load_device = device
-        model = load_transformer(transformer, device=load_device, dtype=dtype, quant=quant, progress=progress)
-        if model.config.channels != decoder.config.z_dim:
-            raise ValueError(f"the transformer works on {model.config.channels} latent channels but the VAE at "
-                             f"{vae_path} has z_dim={decoder.config.z_dim}")
-        pipe = cls(model, encoder, decoder, variant=variant, shift=shift, defaults=defaults,
-                   default_size=default_size)
-        pipe.text_encoder_loader = functools.partial(load_text_encoder, text_path, dtype=dtype,
-                                                     select_layers=select_layers)
+            plan = _first_plan(spec, budget, offload, encoder, decoder, dtype=dtype, prefetch=prefetch,
+                               host_ram_gb=host_ram_gb)
+            device_blocks = plan.resident_blocks  # the others go to host memory, where the plan streams them from
+        model = load_transformer(spec.transformer, device=device, dtype=dtype, quant=quant, progress=progress,
+                                 device_blocks=device_blocks)
+        pipe = cls(model, encoder, decoder, variant=spec.variant, shift=spec.shift, defaults=spec.defaults,
+                   default_size=spec.default_size)
+        pipe.text_encoder_loader = functools.partial(load_text_encoder, spec.text_encoder, dtype=dtype,
+                                                     select_layers=spec.select_layers)
         if plan is not None:
             pipe.apply_plan(plan, device)
             pipe.plan_request = dict(vram_gb=budget, mode=offload, host_ram_gb=host_ram_gb)

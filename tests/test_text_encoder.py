@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open as real_safe_open
 from safetensors.torch import save_file
 
-import krea2_lite.checkpoint as checkpoint_mod
+import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
 import krea2_lite.model.text_encoder as te
 from factories import CAPTIONS, NUM_LAYERS, VOCAB, tiny_qwen3vl_config, train_tokenizer
 from krea2_lite.errors import (CheckpointKeysError, CheckpointNotFoundError, NotKrea2CheckpointError,
@@ -194,7 +194,7 @@ class _SpyHandle:
 @pytest.mark.parametrize("layout, prefix", [("pipe", "language_model."), ("hub", "model.language_model.")])
 def test_reads_only_the_tapped_layers(env, monkeypatch, layout, prefix):
     read: list[str] = []
-    monkeypatch.setattr(checkpoint_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), read))
+    monkeypatch.setattr(files_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), read))
     path = env["pipe_dir"] / "text_encoder" if layout == "pipe" else env["hub_dir"]
     load_text_encoder(path, dtype=torch.float32)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open as real_safe_open
 
-import krea2_lite.checkpoint as checkpoint_mod
+import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
 import krea2_lite.model.text_encoder as te
 import krea2_lite.quantize.text_encoder as qte
 from factories import tiny_qwen3vl_config, train_tokenizer
@@ -150,7 +150,7 @@ class _SpyHandle:
 
 def test_streaming_reads_each_weight_once_and_holds_one_float_linear(source, monkeypatch):
     quant_reads, float_reads, alive, live_at_quantize = [], [], [], []
-    monkeypatch.setattr(checkpoint_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), quant_reads, alive))
+    monkeypatch.setattr(files_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), quant_reads, alive))
     quantize = qte.quantize_into_
 
     def counting(module, weight):
@@ -160,7 +160,7 @@ def test_streaming_reads_each_weight_once_and_holds_one_float_linear(source, mon
     monkeypatch.setattr(qte, "quantize_into_", counting)
     load_text_encoder(source, dtype=torch.float32, quant="int8")
 
-    monkeypatch.setattr(checkpoint_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), float_reads, []))
+    monkeypatch.setattr(files_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), float_reads, []))
     load_text_encoder(source, dtype=torch.float32)
     # The same tensors as a float load, each read once.
     assert sorted(quant_reads) == sorted(float_reads) and len(set(quant_reads)) == len(quant_reads)
@@ -187,7 +187,7 @@ def saved(quantized, tmp_path_factory):
 def test_save_reload_is_bit_identical(quantized, saved, dtype, monkeypatch):
     folder = saved(dtype)
     read = []
-    monkeypatch.setattr(checkpoint_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), read, []))
+    monkeypatch.setattr(files_mod, "safe_open", lambda *a, **k: _SpyHandle(real_safe_open(*a, **k), read, []))
     reloaded = load_text_encoder(folder, dtype=torch.float32)
     monkeypatch.undo()
     hidden, mask = _encode(reloaded)

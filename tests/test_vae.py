@@ -24,7 +24,7 @@ from krea2_lite.errors import (  # noqa: E402
     ShapeMismatchError,
     UnsafeCheckpointFormatError,
 )
-import krea2_lite.checkpoint as checkpoint_mod  # noqa: E402
+import krea2_lite.loading.files as files_mod  # noqa: E402  # where every safetensors file is opened
 from krea2_lite.model import vae as vae_mod  # noqa: E402
 from factories import tiny_vae  # noqa: E402
 from krea2_lite.model.vae import (  # noqa: E402
@@ -123,7 +123,7 @@ def test_state_dict_names_are_diffusers_decoder_keys(saved, ours):
 def test_loader_never_reads_encoder(saved, monkeypatch):
     _, folder = saved
     read: list[str] = []
-    real_open = checkpoint_mod.safe_open
+    real_open = files_mod.safe_open
 
     class Spy:
         def __init__(self, *args, **kwargs):
@@ -140,7 +140,7 @@ def test_loader_never_reads_encoder(saved, monkeypatch):
             read.append(key)
             return self._f.get_slice(key)
 
-    monkeypatch.setattr(checkpoint_mod, "safe_open", Spy)
+    monkeypatch.setattr(files_mod, "safe_open", Spy)
     model = load_vae_decoder(folder)
     in_file = load_file(folder / WEIGHTS)
     assert any(k.startswith("encoder.") for k in in_file) and any(".time_conv." in k for k in in_file)

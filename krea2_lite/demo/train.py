@@ -258,7 +258,7 @@ def build_text(work: Path, seed: int) -> Path:
 @torch.no_grad()
 def encode_captions(text_root: Path, captions: list[str], batch: int = 256):
     """Compacted text states of each caption: (N, L, 12, 32) float32 padded with zeros, lengths (N,)."""
-    from ..model.text_encoder import load_text_encoder
+    from ..loading.text_encoder import load_text_encoder
     from ..sampling import compact_text
 
     encoder = load_text_encoder(text_root / "text_encoder", dtype=torch.float32)

@@ -21,19 +21,16 @@ so the final norm is never built, read or applied; a tap at ``num_hidden_layers`
 loading the norm and applying it to that entry only, as the reference does.
 
 The vision tower, the LM head, the final norm (unless tapped as above) and the decoder layers past
-the highest tap are never read from disk. Weights are streamed tensor by tensor from safetensors;
-pickle files are refused.
+the highest tap are never built.
 
-The decoder linears can be held quantized (int8 / fp8 / int4, see ``krea2_lite.quantize.text_encoder``):
-``load_text_encoder(..., quant="int8")`` quantizes each weight as it is read, and a folder written by
-``save_text_encoder`` (its ``krea2_lite_text_encoder.json`` names the spec and the modules) is loaded
-back from its optimum-quanto tensors.
+Loading (``krea2_lite.loading.load_text_encoder``) builds this module on the meta device and streams
+in only those tensors; the decoder linears can be held quantized (int8 / fp8 / int4, see
+``krea2_lite.quantize.text_encoder``).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -42,14 +39,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 from transformers.masking_utils import create_causal_mask
-from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig, Qwen3VLTextConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLTextRotaryEmbedding
-
-from ..checkpoint import open_safetensors
-from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
-                      NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
 
 if TYPE_CHECKING:  # imported lazily at run time: plain float loads never import optimum-quanto
     from ..quantize.recipe import QuantSpec
@@ -61,7 +53,7 @@ __all__ = [
     "DEFAULT_PREFIX_TOKENS",
     "DEFAULT_SUFFIX_TOKENS",
     "Krea2TextEncoder",
-    "load_text_encoder",
+    "load_text_encoder",  # re-exported from krea2_lite.loading (see __getattr__ below)
 ]
 
 logger = logging.getLogger("krea2_lite")
@@ -78,19 +70,8 @@ PROMPT_TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_PREFIX_TOKENS = 34
 DEFAULT_SUFFIX_TOKENS = 5
 
-_ACCEPTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_text")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# Where the language model sits in the checkpoints we read, most specific first:
-#   Qwen3VLForConditionalGeneration (hub)  model.language_model.*   (+ model.visual.*, lm_head.*)
-#   Qwen3VLModel (diffusers text_encoder/) language_model.*         (+ visual.*)
-#   Qwen3VLTextModel, bare or wrapped      model.* / *
-_LM_PREFIXES = ("model.language_model.", "language_model.", "model.", "")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-# Written by krea2_lite.quantize.text_encoder.save_text_encoder: the quantization spec and module names.
-QUANT_INFO_FILE = "krea2_lite_text_encoder.json"
 
-
-def _validate_select_layers(select_layers: Sequence[int], num_hidden_layers: int) -> tuple[int, ...]:
+def validate_select_layers(select_layers: Sequence[int], num_hidden_layers: int) -> tuple[int, ...]:
     layers = tuple(select_layers)
     if not layers:
         raise ValueError("select_layers must name at least one hidden-state index")
@@ -125,7 +106,7 @@ class Krea2TextEncoder(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.select_layers = _validate_select_layers(select_layers, text_config.num_hidden_layers)
+        self.select_layers = validate_select_layers(select_layers, text_config.num_hidden_layers)
         for name, value in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -291,219 +272,11 @@ class Krea2TextEncoder(nn.Module):
         return hidden[:, self.prefix_tokens:], mask[:, self.prefix_tokens:]
 
 
-# ---------------------------------------------------------------------- loading
-def _read_text_config(folder: Path) -> tuple[Qwen3VLTextConfig, dict]:
-    """(text config, raw config.json dict)."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise CheckpointNotFoundError(f"{folder}: no config.json (expected a Qwen3-VL text encoder folder)")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{config_file}: unreadable config ({exc})") from exc
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in _ACCEPTED_MODEL_TYPES:
-        arch = raw.get("architectures") if isinstance(raw, dict) else None
-        raise NotKrea2CheckpointError(
-            f"{config_file}: model_type {model_type!r} (architectures {arch}) is not a Qwen3-VL text encoder; "
-            f"Krea 2 uses Qwen3-VL-4B-Instruct (model_type one of {_ACCEPTED_MODEL_TYPES})"
-        )
-    if model_type == "qwen3_vl":
-        if not isinstance(raw.get("text_config"), dict):
-            raise NotKrea2CheckpointError(f"{config_file}: qwen3_vl config without a text_config")
-        return Qwen3VLConfig.from_dict(raw).text_config, raw
-    return Qwen3VLTextConfig.from_dict(raw), raw
+def __getattr__(name: str):
+    # `load_text_encoder` lived here before the loading layer; this keeps old imports working without
+    # the model file depending on its loader (the import runs only when the old name is asked for).
+    if name == "load_text_encoder":
+        from ..loading.text_encoder import load_text_encoder
 
-
-def _weight_files(folder: Path) -> dict[str, Path] | list[Path]:
-    """``{key: file}`` from a sharded index, else the list of safetensors files in ``folder``."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"{index}: unreadable safetensors index ({exc})") from exc
-        files = {key: folder / name for key, name in weight_map.items()}
-        missing = sorted({str(p) for p in files.values() if not p.is_file()})
-        if missing:
-            raise CheckpointNotFoundError(f"{index} names shard files that are missing: {missing[:4]}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
-    if pickles:
-        raise UnsafeCheckpointFormatError(
-            f"{folder}: only pickle-based weights ({', '.join(pickles[:4])}); krea2_lite never unpickles. "
-            "Convert them to safetensors first."
-        )
-    raise CheckpointNotFoundError(f"{folder}: no *.safetensors weights")
-
-
-def _resolve_folders(path: Path) -> tuple[Path, Path | None]:
-    """(model folder, tokenizer folder or None) for a text_encoder/ folder, a pipeline root or a hub folder."""
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
-    if path.is_file():
-        if path.suffix.lower() in _PICKLE_SUFFIXES:
-            raise UnsafeCheckpointFormatError(f"{path}: pickle-based checkpoint refused (never unpickled)")
-        path = path.parent  # a config.json or .safetensors inside the model folder
-    if not (path / "config.json").is_file() and (path / "text_encoder" / "config.json").is_file():
-        path = path / "text_encoder"  # a diffusers pipeline root
-    candidates = [path.parent / "tokenizer", path] if path.name == "text_encoder" else [path, path.parent / "tokenizer"]
-    for folder in candidates:
-        if folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            return path, folder
-    return path, None
-
-
-def load_text_encoder(
-    path: str | Path,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    select_layers: Sequence[int] = DEFAULT_SELECT_LAYERS,
-    prefix_tokens: int | None = DEFAULT_PREFIX_TOKENS,
-    suffix_tokens: int | None = DEFAULT_SUFFIX_TOKENS,
-    tokenizer_path: str | Path | None = None,
-    quant: str | QuantSpec | None = None,
-) -> Krea2TextEncoder:
-    """Load the Krea 2 text encoder from a local folder, reading only the tensors the taps need.
-
-    ``path`` is a diffusers pipeline ``text_encoder/`` folder (a saved ``Qwen3VLModel``; its tokenizer
-    is the sibling ``tokenizer/``), a pipeline root holding both, a Qwen3-VL hub folder (a
-    ``Qwen3VLForConditionalGeneration`` checkpoint with its tokenizer files alongside), or a folder
-    written by ``krea2_lite.quantize.text_encoder.save_text_encoder``. Sharded checkpoints
-    (``model.safetensors.index.json``) are supported; pickle weights are refused.
-
-    ``prefix_tokens`` / ``suffix_tokens`` default to the reference constants 34 / 5; pass ``None`` to
-    take them from what the tokenizer makes of the template. A mismatch between an explicit value and
-    the tokenizer is warned about (and the explicit value kept, as the reference would).
-
-    ``quant`` (``"int8"``, ``"fp8"``, ``"int4"`` or a ``QuantSpec``) holds the decoder linears quantized:
-    each float weight is read, cast to ``dtype``, quantized on ``device`` and dropped before the next
-    one is read, so the float model never exists whole. The embedding table and the norms stay in
-    ``dtype``. A saved quantized folder loads as it was saved, from its optimum-quanto tensors;
-    ``quant`` may then be omitted, and a different spec is refused (re-quantizing quantized weights
-    would compound the error).
-    """
-    model_folder, tokenizer_folder = _resolve_folders(Path(path))
-    if tokenizer_path is not None:
-        tokenizer_folder = Path(tokenizer_path)
-        if not tokenizer_folder.is_dir():
-            raise CheckpointNotFoundError(f"{tokenizer_folder}: tokenizer folder not found")
-    text_config, raw_config = _read_text_config(model_folder)
-    select_layers = _validate_select_layers(select_layers, text_config.num_hidden_layers)
-    files = _weight_files(model_folder)
-    if tokenizer_folder is None:
-        raise CheckpointNotFoundError(
-            f"{model_folder}: no tokenizer found (looked for {', '.join(_TOKENIZER_FILES)} in the folder and in "
-            "a sibling tokenizer/); pass tokenizer_path="
-        )
-    spec, saved_modules = None, None
-    if quant is not None or (model_folder / QUANT_INFO_FILE).is_file():
-        from ..quantize.text_encoder import resolve_load_spec
-
-        spec, saved_modules = resolve_load_spec(model_folder, quant)
-
-    # Which keys exist, and in which file.
-    if isinstance(files, dict):
-        key_to_file = files
-    else:
-        key_to_file = {}
-        for file in files:
-            with open_safetensors(file) as handle:
-                for key in handle.keys():
-                    key_to_file.setdefault(key, file)
-    prefix = next((p for p in _LM_PREFIXES if f"{p}embed_tokens.weight" in key_to_file), None)
-    if prefix is None:
-        raise CheckpointKeysError(
-            f"{model_folder}: no language-model embedding found (looked for "
-            f"{', '.join(p + 'embed_tokens.weight' for p in _LM_PREFIXES)})"
-        )
-
-    with torch.device("meta"):
-        encoder = Krea2TextEncoder(
-            text_config,
-            select_layers=select_layers,
-            prefix_tokens=prefix_tokens if prefix_tokens is not None else DEFAULT_PREFIX_TOKENS,
-            suffix_tokens=suffix_tokens if suffix_tokens is not None else DEFAULT_SUFFIX_TOKENS,
-            device=device,
-        )
-    encoder.source_config = raw_config
-    needed = {name: prefix + name for name in encoder.state_dict_keys()}  # float names, before any swap
-    quantized = {}
-    if spec is not None:
-        from ..quantize.text_encoder import quantize_into_, quanto_weight_keys, swap_for_loading
-
-        quantized = swap_for_loading(encoder, spec, saved_modules, dtype)
-
-    # (checkpoint key, module path, attribute, how): "copy" places the tensor (floats cast to dtype),
-    # "quantize" quantizes a float weight into a QuantizedLinear's buffers as it is read.
-    plan: list[tuple[str, str, str, str]] = []
-    for name, ckpt in needed.items():
-        module_path, _, attr = name.rpartition(".")
-        if module_path not in quantized or attr != "weight":
-            plan.append((ckpt, module_path, attr, "copy"))
-        elif saved_modules is None:
-            plan.append((ckpt, module_path, attr, "quantize"))
-        else:  # already quantized on disk: read quanto's tensors instead of the float weight
-            base = ckpt[: -len("weight")]
-            plan += [(base + suffix, module_path, buffer, "copy")
-                     for suffix, buffer in quanto_weight_keys(quantized[module_path]).items()]
-    missing = sorted(item[0] for item in plan if item[0] not in key_to_file)
-    if missing:
-        raise CheckpointKeysError(
-            f"{model_folder}: {len(missing)} tensor(s) needed by the text encoder are missing, e.g. {missing[:5]}"
-        )
-
-    by_file: dict[Path, list[tuple[str, str, str, str]]] = {}
-    for item in plan:
-        by_file.setdefault(key_to_file[item[0]], []).append(item)
-    model = encoder.text_model
-    for file, items in by_file.items():
-        with open_safetensors(file) as handle:
-            for ckpt, module_path, attr, how in items:
-                module = model.get_submodule(module_path)
-                target = None if how == "quantize" else getattr(module, attr)
-                expected = (module.out_features, module.in_features) if target is None else tuple(target.shape)
-                found = tuple(handle.get_slice(ckpt).get_shape())
-                if found != expected:
-                    raise ShapeMismatchError(
-                        f"{file}: {ckpt} has shape {found}, config.json implies {expected}"
-                    )
-                tensor = handle.get_tensor(ckpt)
-                if how == "quantize":
-                    quantize_into_(module, tensor.to(device=device, dtype=dtype))
-                elif attr == "qdata":  # stored integers / fp8 codes: the type is the format, never cast
-                    if tensor.dtype != target.dtype:
-                        raise CorruptCheckpointError(
-                            f"{file}: {ckpt} is {tensor.dtype}, {encoder.quant_spec.dtype} stores {target.dtype}"
-                        )
-                    setattr(module, attr, tensor.to(device))
-                elif isinstance(target, nn.Parameter):
-                    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
-                else:  # a QuantizedLinear scale / shift: in the compute dtype, like the module built it
-                    setattr(module, attr, tensor.to(device=device, dtype=target.dtype))
-    left = [name for name, t in (*encoder.named_parameters(), *encoder.named_buffers()) if t.is_meta]
-    if left:  # every tensor above was planned; this guards the plan itself
-        raise RuntimeError(f"text encoder tensors left unloaded: {left[:5]}")
-
-    encoder.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
-    counted = {
-        "prefix_tokens": len(encoder.tokenizer(PROMPT_TEMPLATE_PREFIX).input_ids),
-        "suffix_tokens": len(encoder.tokenizer(PROMPT_TEMPLATE_SUFFIX).input_ids),
-    }
-    for name, given in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens)):
-        if given is None:
-            setattr(encoder, name, counted[name])
-        elif given != counted[name]:
-            warnings.warn(
-                f"{tokenizer_folder}: the tokenizer makes {counted[name]} tokens of the template "
-                f"{'prefix' if name == 'prefix_tokens' else 'suffix'}, but {name}={given} (the Krea 2 "
-                f"reference constant); keeping {given}. Pass {name}=None to use the tokenizer's count.",
-                UserWarning,
-                stacklevel=2,
-            )
-    return encoder
+        return load_text_encoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from ..checkpoint import open_safetensors
+from ..loading.files import PICKLE_SUFFIXES, find_weight_files, open_safetensors
 from ..errors import (
     CheckpointKeysError,
     CheckpointNotFoundError,
@@ -52,8 +52,6 @@ __all__ = [
 ]
 
 _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CLASS_NAME = "AutoencoderKLQwenImage"
 
 # Default tiling (in latents): a 64-latent tile is 512 px, overlapping its neighbours by 16 latents.
@@ -450,7 +448,7 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise CheckpointNotFoundError(f"VAE folder not found: {p}")
     if p.is_file():
-        if p.suffix.lower() in _PICKLE_SUFFIXES:
+        if p.suffix.lower() in PICKLE_SUFFIXES:
             raise UnsafeCheckpointFormatError(
                 f"{p}: pickle-based checkpoints are refused (never unpickled); pass a diffusers vae/ folder "
                 f"holding config.json and {_WEIGHTS_NAME}")
@@ -481,32 +479,8 @@ def _read_config(folder: Path) -> QwenImageVAEConfig:
 
 def _weight_files(folder: Path) -> list[Path] | dict[str, Path]:
     """The safetensors file list, or for a sharded save the key -> shard map of its index."""
-    index = folder / _INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"{index}: unreadable shard index ({exc})") from exc
-        shards = {k: folder / v for k, v in weight_map.items()}
-        for shard in sorted(set(shards.values())):
-            if not shard.is_file():
-                raise CheckpointNotFoundError(f"{folder}: shard {shard.name} named in {_INDEX_NAME} is missing")
-        return shards
-    single = folder / _WEIGHTS_NAME
-    if single.is_file():
-        return [single]
-    others = sorted(folder.glob("*.safetensors"))
-    if len(others) == 1:
-        return others
-    pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _PICKLE_SUFFIXES)
-    if pickles:
-        raise UnsafeCheckpointFormatError(
-            f"{folder}: only pickle-based weights ({', '.join(pickles)}); they are refused (never unpickled). "
-            f"Re-save the VAE as safetensors ({_WEIGHTS_NAME}).")
-    if others:
-        raise CheckpointNotFoundError(
-            f"{folder}: several .safetensors files ({', '.join(f.name for f in others)}) and no {_INDEX_NAME}")
-    raise CheckpointNotFoundError(f"{folder}: no {_WEIGHTS_NAME}")
+    weights = find_weight_files(folder, preferred=_WEIGHTS_NAME, single=True, what=_WEIGHTS_NAME)
+    return weights.weight_map if weights.weight_map is not None else weights.files
 
 
 def _few(keys: Iterable[str], n: int = 5) -> str:

@@ -1,9 +1,11 @@
 """`python -m krea2_lite.quantize --model SRC --dtype {int8,fp8,int4} --out DIR
-[--activations {int8,fp8} [--rotate [BLOCK]]]`.
+[--activations {int8,fp8} [--rotate [BLOCK]]] [--max-shard-size 2GB]`.
 
-Writes a self-contained quantized folder (see `format.py`). The work happens in a temporary
-folder beside DIR that is renamed into place at the end, so DIR is either absent, the previous
-DIR (with --force) or complete — never half-written. SRC is only read.
+Writes a self-contained quantized folder (see `format.py`), block by block into safetensors
+shards of at most --max-shard-size (`write.py`), so host memory holds about one block, not the
+model. The work happens in a temporary folder beside DIR that is renamed into place at the end,
+so DIR is either absent, the previous DIR (with --force) or complete — never half-written. SRC is
+only read.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .. import __version__
-from ..checkpoint import open_checkpoint, resolve_path
 from ..errors import Krea2LiteError
-from .format import folder_size, write_manifest, write_transformer
+from ..loading.paths import resolve_path
+from ..loading.transformer import open_float_checkpoint
+from .format import folder_size, is_quantized_folder, write_manifest
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
+from .shards import DEFAULT_MAX_SHARD, parse_size
+from .write import write_text_encoder, write_transformer
 
 PARTIAL_MARK = ".partial-"
 BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
@@ -47,9 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", nargs="*", default=list(DEFAULT_INCLUDE), help="module-name globs to quantize")
     p.add_argument("--exclude", nargs="*", default=[], help="module-name globs to keep in bf16")
     p.add_argument("--variant", choices=["raw", "turbo"], help="record the variant in the manifest")
+    p.add_argument("--max-shard-size", type=_shard_size, default=DEFAULT_MAX_SHARD, metavar="SIZE",
+                   help=f"largest safetensors file to write, e.g. 500MB, 2GB, 1.5GiB (default {DEFAULT_MAX_SHARD}); "
+                        "a larger model is split into shards with a diffusers-style index")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _shard_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:  # argparse prints "argument --max-shard-size: ..." and exits 2
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--max-shard-size {text!r}: ")) from None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,18 +103,13 @@ def source_layout(src: Path) -> tuple[Path, Path | None]:
     return src, None
 
 
-def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool) -> dict:
+def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool, max_shard_bytes: int) -> dict:
     """Copy or quantize the other components of a pipeline source into `tmp`."""
     components = {}
     if (root / "text_encoder").is_dir():
-        from ..model.text_encoder import load_text_encoder
-        from .text_encoder import save_text_encoder
-
-        encoder = load_text_encoder(root / "text_encoder", device="cpu", dtype=torch.bfloat16,
-                                    quant=None if te_dtype == "none" else te_dtype)
-        save_text_encoder(encoder, tmp / "text_encoder")
+        write_text_encoder(root / "text_encoder", tmp / "text_encoder", None if te_dtype == "none" else te_dtype,
+                           max_shard_bytes=max_shard_bytes)
         components["text_encoder"] = {"path": "text_encoder", "dtype": te_dtype if te_dtype != "none" else "bf16"}
-        del encoder
     for name in ("vae", "scheduler"):
         if (root / name).is_dir():
             shutil.copytree(root / name, tmp / name)
@@ -118,8 +126,10 @@ def run(args: argparse.Namespace) -> Path:
         raise ValueError(f"--out {out} must not be inside --model {src}")
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
+    if is_quantized_folder(src):
+        raise ValueError(f"--model {src} is already a quantized folder; quantize the float checkpoint it came from")
     transformer_path, root = source_layout(src)
-    source = open_checkpoint(transformer_path)
+    source, config = open_float_checkpoint(resolve_path(transformer_path))
     source_files = sorted({file for file, _, _ in source.entries.values()})
     source_bytes = sum(f.stat().st_size for f in source_files)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,15 +140,14 @@ def run(args: argparse.Namespace) -> Path:
     tmp.mkdir()
     started = time.time()
     try:
-        from ..checkpoint import load_transformer
-
-        model = load_transformer(transformer_path, device="cpu", dtype=torch.bfloat16, quant=spec,
-                                 progress=not args.quiet)
-        write_transformer(model, tmp)
-        components = {"transformer": {"path": "transformer", "dtype": args.dtype}}
+        model, files = write_transformer(source, config, spec, tmp, max_shard_bytes=args.max_shard_size,
+                                         progress=not args.quiet)
+        shards = sum(name.endswith(".safetensors") for name in files)
+        components = {"transformer": {"path": "transformer", "dtype": args.dtype, "shards": shards}}
         variant = args.variant
         if root is not None:
-            components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet))
+            components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet,
+                                                      args.max_shard_size))
             index = json.loads((root / "model_index.json").read_text())
             if variant is None and "is_distilled" in index:
                 variant = "turbo" if index["is_distilled"] else "raw"

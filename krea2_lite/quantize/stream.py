@@ -1,8 +1,8 @@
-"""Quantize a Krea 2 transformer while it streams from its checkpoint, one tensor at a time.
+"""The quantized skeleton: a meta-built Krea 2 transformer with its selected linears swapped for
+empty QuantizedLinear modules, and what was chosen (`model.quantization`).
 
-Each tensor is read with a plain file read (no memory map), quantized in row slices and
-dropped, so host memory peaks near one float tensor + the quantized model so far + a fixed
-overhead — never the whole float model.
+Filling it (quantizing each weight as it streams from the checkpoint, or reading a quantized
+folder) is `krea2_lite.loading`'s job.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import CheckpointSource, assign_tensor, read_tensor
 from ..config import Krea2Config
 from ..model import Krea2Transformer
 from .qlinear import swap_linears
@@ -41,26 +40,3 @@ def build_quantized_skeleton(config: Krea2Config, spec: QuantSpec, dtype: torch.
     swap_linears(model, chosen, spec.dtype, spec.group_for, dtype, spec.activations, spec.rotate_for)
     model.quantization = QuantizationInfo(spec, chosen, kept)
     return model
-
-
-def load_quantizing(source: CheckpointSource, config: Krea2Config, spec: QuantSpec, *,
-                    device: torch.device, dtype: torch.dtype, progress: bool | None = None) -> Krea2Transformer:
-    """Stream `source` into a quantized model (tensors in file order, quantized on `device`)."""
-    from tqdm.auto import tqdm
-
-    model = build_quantized_skeleton(config, spec, dtype)
-    quantized = set(model.quantization.modules)
-    order = sorted(source.entries, key=lambda n: (str(source.entries[n][0]), source.entries[n][2].start))
-    with tqdm(total=len(order), desc=f"quantizing to {spec.name}", unit="tensor",
-              disable=(not progress) if progress is not None else None, leave=False) as bar:
-        for name in order:
-            file, _, info = source.entries[name]
-            tensor = read_tensor(file, info)
-            owner, _, leaf = name.rpartition(".")
-            if owner in quantized and leaf == "weight":
-                model.get_submodule(owner).set_weight(tensor.to(device))
-            else:
-                assign_tensor(model, name, tensor, device, dtype)
-            del tensor
-            bar.update()
-    return model.eval()

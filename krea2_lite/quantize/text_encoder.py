@@ -9,7 +9,7 @@ language model (``layers.3.mlp.down_proj``).
 A saved folder (:func:`save_text_encoder`) holds:
 
 * ``config.json``: the Qwen3-VL config the encoder was loaded from, untouched, so
-  :func:`krea2_lite.model.text_encoder.load_text_encoder` reads it like any other;
+  :func:`krea2_lite.loading.load_text_encoder` reads it like any other;
 * ``model.safetensors``: only the tensors the encoder uses, under ``model.language_model.*`` (the hub
   layout); quantized linears under optimum-quanto's keys (``...q_proj.weight._data``, ``weight._scale``,
   ...), float ones under their usual names;
@@ -27,13 +27,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CorruptCheckpointError
-from ..model.text_encoder import QUANT_INFO_FILE, Krea2TextEncoder
+from ..model.text_encoder import Krea2TextEncoder
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear, quantize_weight_tensors, swap_linears
 from .recipe import DEFAULT_INCLUDE, QuantSpec, select_linears
+from .shards import ShardedWriter
 from .w8a8_modules import attach_workspace
 
 __all__ = ["TEXT_INCLUDE", "quantize_text_encoder_", "save_text_encoder", "text_encoder_spec"]
@@ -44,6 +44,8 @@ logger = logging.getLogger("krea2_lite")
 TEXT_INCLUDE = ("layers.*",)
 WEIGHTS_PREFIX = "model.language_model."  # Qwen3VLForConditionalGeneration's layout
 QUANTO_MAP_FILE = "quantization_map.json"
+# The quantization spec and module names of a saved folder, which the loader rebuilds the modules from.
+QUANT_INFO_FILE = "krea2_lite_text_encoder.json"
 FORMAT_VERSION = 1
 
 
@@ -118,31 +120,56 @@ def _config_dict(encoder: Krea2TextEncoder) -> dict:
     return {**encoder.full_text_config.to_dict(), "model_type": "qwen3_vl_text"}
 
 
-def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path) -> None:
+def text_state(model: nn.Module, group: str | None = None) -> dict[str, torch.Tensor]:
+    """The saved tensors of the text model (or of one of its groups: ``embed_tokens``, ``layers.3``, ...)
+    under their hub names: quantized linears in optimum-quanto's keys, the rest by parameter name."""
+    root = model if group is None else model.get_submodule(group)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in root.named_modules(prefix=group or ""):
+        prefix = f"{WEIGHTS_PREFIX}{name}." if name else WEIGHTS_PREFIX
+        if isinstance(module, QuantizedLinear):
+            state.update(module.quanto_state(prefix))
+        else:  # parameters only: the rotary frequencies are computed at build time, never stored
+            state.update({prefix + p: t.detach() for p, t in module.named_parameters(recurse=False)})
+    return state
+
+
+def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path, *, max_shard_bytes: int | None = None) -> None:
     """Write ``encoder`` (quantized or not) as a self-contained folder that ``load_text_encoder`` reads.
 
     Only the tensors the encoder uses are written (no vision tower, LM head, unused layers, nor the final
-    norm unless it is tapped), in the encoder's dtype. Writing atomically (a temporary folder, then a
-    rename) is the caller's job.
+    norm unless it is tapped), in the encoder's dtype: one ``model.safetensors``, or shards of at most
+    ``max_shard_bytes`` with a ``model.safetensors.index.json``. Writing atomically (a temporary folder,
+    then a rename) is the caller's job. (``python -m krea2_lite.quantize`` writes the same folder while
+    the encoder streams in, never holding it whole: ``krea2_lite.quantize.write``.)
     """
+    modules = check_saveable(encoder)
+    folder = Path(folder)
+    state = text_state(encoder.text_model)
+    layout = [(key, t.dtype, tuple(t.shape)) for key, t in state.items()]
+    writer = ShardedWriter(folder, "model", layout, max_shard_bytes or sum(t.nbytes for t in state.values()) + 1)
+    try:
+        for key, tensor in state.items():
+            writer.write(key, tensor)
+        writer.close()
+    finally:
+        writer.abort()
+    write_text_encoder_files(encoder, folder, modules)
+
+
+def check_saveable(encoder: Krea2TextEncoder) -> list[str]:
+    """The quantized module names of an encoder that can be saved (it has a tokenizer and a spec)."""
     if encoder.tokenizer is None:
         raise ValueError("this text encoder has no tokenizer; a saved folder must hold one to be loadable")
     modules = [name for name, m in encoder.text_model.named_modules() if isinstance(m, QuantizedLinear)]
     if modules and encoder.quant_spec is None:
         raise ValueError("QuantizedLinear modules without a quant_spec: quantize with quantize_text_encoder_")
-    folder = Path(folder)
+    return modules
+
+
+def write_text_encoder_files(encoder: Krea2TextEncoder, folder: Path, modules: list[str]) -> None:
+    """Everything of a saved folder but the weights: config, quantization info, quanto map, tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
-
-    state: dict[str, torch.Tensor] = {}
-    for name, module in encoder.text_model.named_modules():
-        prefix = f"{WEIGHTS_PREFIX}{name}." if name else WEIGHTS_PREFIX
-        if isinstance(module, QuantizedLinear):
-            state.update(module.quanto_state(prefix))
-        else:  # parameters only: the rotary frequencies are computed at build time, never stored
-            state.update({prefix + p: t for p, t in module.named_parameters(recurse=False)})
-    state = {key: t.detach().to("cpu").contiguous() for key, t in state.items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
     (folder / "config.json").write_text(json.dumps(_config_dict(encoder), indent=2) + "\n", encoding="utf-8")
     spec = encoder.quant_spec
     info = {"format": FORMAT_VERSION, "weights_prefix": WEIGHTS_PREFIX,
@@ -156,7 +183,7 @@ def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path) -> None:
     encoder.tokenizer.save_pretrained(str(folder))
 
 
-# ---------------------------------------------------------------------- loading (used by load_text_encoder)
+# ---------------------------------------------------------------------- loading (used by krea2_lite.loading.text_encoder)
 def resolve_load_spec(folder: Path, quant: str | QuantSpec | None) -> tuple[QuantSpec | None, list[str] | None]:
     """(spec, saved module names) for loading ``folder``: saved names when its weights are already
     quantized, None when ``quant`` is to be applied while streaming float weights."""

@@ -1,0 +1,132 @@
+"""What the user gave `Krea2Pipeline.from_pretrained` (a pipeline folder, a hub id, a quantized
+folder, a single transformer file, explicit component paths) → one `PipelineSpec`.
+
+Order matters: the transformer the user named is found and checked (headers or manifest) before
+any default (the Qwen text encoder, the Qwen-Image VAE) is resolved — and perhaps downloaded —
+so a wrong path or format is reported as itself, not as a failed download of something else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Krea2Config
+from ..errors import CheckpointNotFoundError
+from ..model.text_encoder import DEFAULT_SELECT_LAYERS
+from ..quantize.recipe import QuantSpec
+from ..sampling import DEFAULT_SHIFT
+from ..variants import VARIANTS, VariantDefaults
+from .files import read_json
+from .paths import resolve_path
+from .transformer import TRANSFORMER_PATTERNS, describe_transformer
+
+logger = logging.getLogger("krea2_lite")
+
+# Where the released model's other components live when only a transformer file is given.
+DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-VL-4B-Instruct"
+DEFAULT_VAE = "Qwen/Qwen-Image"
+ROOT_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "tokenizer/*", "*.txt"]
+TEXT_ENCODER_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "merges.txt", "vocab.json"]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything needed to load a pipeline, resolved to local paths and checked."""
+
+    transformer: Path
+    text_encoder: Path
+    vae: Path
+    config: Krea2Config          # the transformer's shape (from its headers or manifest)
+    quant: QuantSpec | None      # what the transformer is, or will be, quantized to
+    variant: str                 # "raw" | "turbo"
+    shift: dict = field(default_factory=dict)  # scheduler_config.json's resolution shift, if any
+    select_layers: tuple[int, ...] = DEFAULT_SELECT_LAYERS
+    defaults: VariantDefaults | None = None    # the folder's own steps / guidance / mu
+    default_size: tuple[int, int] = (1024, 1024)  # (width, height)
+
+
+def _json_if_present(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
+
+
+def _open_root(path_or_hub_id) -> tuple[Path | None, dict, dict]:
+    """(root, model_index.json, krea2_lite.json) of what the user named (None: nothing named)."""
+    if path_or_hub_id is None:
+        return None, {}, {}
+    if os.fspath(path_or_hub_id) == "demo" and not Path("demo").exists():
+        from ..demo import demo_path  # the trained miniature shipped with the package
+
+        path_or_hub_id = demo_path()
+    root = resolve_path(path_or_hub_id, ROOT_PATTERNS)
+    if not root.is_dir():
+        return root, {}, {}
+    return root, _json_if_present(root / "model_index.json"), _json_if_present(root / "krea2_lite.json")
+
+
+def _components(root: Path | None, index: dict, manifest: dict, transformer, text_encoder, vae):
+    """(transformer, text_encoder, vae, pipeline root or None, index) as named or found in the root."""
+    if manifest:  # a folder written by `python -m krea2_lite.quantize`
+        index = dict(manifest.get("components", {}).get("pipeline", {}))
+        if manifest.get("variant") and "is_distilled" not in index:
+            index["is_distilled"] = manifest["variant"] == "turbo"
+        transformer = transformer or root
+    if root is not None and not index and not manifest:
+        if transformer is not None:
+            raise ValueError(f"{root}: not a diffusers pipeline folder (no model_index.json), and "
+                             "transformer= was given as well; pass one or the other")
+        transformer, root = root, None
+    if transformer is None:
+        transformer = root / "transformer" if root is not None else None
+    if transformer is None:
+        raise ValueError("nothing to load: pass a pipeline folder / hub id, or transformer=")
+    if root is not None:
+        vae = vae or root / "vae"
+        if text_encoder is None:
+            text_encoder = root / "text_encoder"
+            if not text_encoder.exists():
+                raise CheckpointNotFoundError(f"{root}: no text_encoder/ folder; pass text_encoder=")
+    return transformer, text_encoder, vae, root, index
+
+
+def _variant(variant: str | None, index: dict) -> str:
+    if variant is not None:
+        return variant
+    if "is_distilled" in index:
+        return "turbo" if index["is_distilled"] else "raw"
+    logger.warning("krea2_lite: the checkpoint does not say whether it is Raw or Turbo; using Raw's "
+                   "defaults (52 steps, CFG 3.5). Pass variant='turbo' for Turbo.")
+    return "raw"
+
+
+def _resolve_vae(vae) -> Path:
+    path = resolve_path(DEFAULT_VAE, ["vae/*"]) / "vae" if vae is None else resolve_path(vae, ["*.json", "*.safetensors",
+                                                                                               "vae/*"])
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path}: VAE folder not found")
+    return path
+
+
+def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=None, transformer=None,
+                     text_encoder=None, vae=None) -> PipelineSpec:
+    """Resolve `from_pretrained`'s arguments into a PipelineSpec (see the module docstring)."""
+    root, index, manifest = _open_root(path_or_hub_id)
+    transformer, text_encoder, vae, root, index = _components(root, index, manifest, transformer, text_encoder, vae)
+    transformer = resolve_path(transformer, TRANSFORMER_PATTERNS)
+    config, spec = describe_transformer(transformer, quant)  # what the user named, checked first
+    own = index.get("krea2_lite") or {}  # a folder's own sampling defaults and native size (the demo's)
+    defaults = None
+    if variant is None and "steps" in own and "guidance" in own:
+        defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
+    shift = {}
+    if root is not None:
+        scheduler = _json_if_present(root / "scheduler" / "scheduler_config.json")
+        shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
+    return PipelineSpec(
+        transformer=transformer,
+        text_encoder=resolve_path(text_encoder or DEFAULT_TEXT_ENCODER, TEXT_ENCODER_PATTERNS),
+        vae=_resolve_vae(vae), config=config, quant=spec, variant=_variant(variant, index), shift=shift,
+        select_layers=tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS),
+        defaults=defaults, default_size=(int(own.get("width", 1024)), int(own.get("height", 1024))))
