@@ -10,7 +10,6 @@ Layouts read (always safetensors; pickle files are refused, never opened):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -24,7 +23,10 @@ from safetensors import safe_open
 
 from .config import Krea2Config, swiglu_width
 from .errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
-                     NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
+                     NotKrea2CheckpointError, SafetensorsSetError, ShapeMismatchError,
+                     UnsafeCheckpointFormatError)
+from .jsonfile import parse_json, read_json
+from .safetensors_set import check_entry, locate_tensors, read_weight_map, require_float
 from .model import Krea2Transformer
 
 logger = logging.getLogger("krea2_lite")
@@ -132,10 +134,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 "this is not a safetensors file, or it is truncated")
         raw = fh.read(header_len)
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = parse_json(raw.decode("utf-8"), where=str(path), what="safetensors header")
+    except UnicodeDecodeError as exc:
         raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
     data_len = size - 8 - header_len
     tensors = {}
@@ -152,6 +152,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CorruptCheckpointError(
                 f"{path}: tensor '{key}' ends at byte {end} of the data but only {data_len} bytes are "
                 "present; the file is truncated (an interrupted download?)")
+        check_entry(path, key, *tensors[key][:2], start, end)
     return tensors
 
 
@@ -227,24 +228,24 @@ def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = Non
             f"{type(exc).__name__}: {exc}") from None
 
 
-def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
-    """The safetensors files holding a transformer inside `folder`, and its diffusers config."""
+def _transformer_files(folder: Path) -> tuple[list[Path], dict | None, Path | None]:
+    """The safetensors files holding a transformer inside `folder`, its diffusers config and its
+    shard index (None when unsharded)."""
     if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
         folder = folder / "transformer"
     config = None
     if (folder / "config.json").exists():
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json", what="transformer config")
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        index = json.loads(indexes[0].read_text())
-        names = sorted(set(index.get("weight_map", {}).values()))
+        names = sorted(set(read_weight_map(indexes[0]).values()))
         missing = [n for n in names if not (folder / n).exists()]
         if missing:
             raise CheckpointNotFoundError(f"{indexes[0]}: lists shards that are missing: {missing[:3]}")
-        return [folder / n for n in names], config
+        return [folder / n for n in names], config, indexes[0]
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return files, config
+        return files, config, None
     pickles = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
         _check_not_pickle(pickles[0])
@@ -256,31 +257,43 @@ def _transformer_files(folder: Path) -> tuple[list[Path], dict | None]:
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
     location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
-    config = None
+    config, index = None, None
     if location.is_dir():
-        files, config = _transformer_files(location)
+        files, config, index = _transformer_files(location)
     else:
         _check_not_pickle(location)
         files = [location]
-
-    stored: dict[str, tuple[Path, str, TensorInfo]] = {}
-    for file in files:
-        for key, info in read_safetensors_header(file).items():
-            stored[key] = (file, key, info)
+    # Duplicates across files refused, an index obeyed, byte lengths checked (safetensors_set.py).
+    stored = {key: (file, key, info) for key, (file, info) in locate_tensors(files, index=index,
+                                                                             where=location).items()}
 
     layout = "official"
     keys = list(stored)
     for prefix in COMFY_PREFIXES:
         if keys and sum(k.startswith(prefix) for k in keys) > len(keys) // 2:
             layout = "comfyui"
-            stored = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in stored.items()}
+            stored = _renamed(stored, lambda k: k[len(prefix):] if k.startswith(prefix) else k, location)
             break
     if "img_in.weight" in stored or any(k.startswith("transformer_blocks.") for k in stored):
         layout = "diffusers"
-        stored = {diffusers_to_official_key(k): v for k, v in stored.items()}
+        stored = _renamed(stored, diffusers_to_official_key, location)
     if not all(k in stored for k in SIGNATURE_KEYS):
         raise NotKrea2CheckpointError(f"{location}: not a Krea 2 checkpoint ({_guess_family(keys)})")
+    require_float(stored)  # every Krea 2 transformer tensor is floating point
     return CheckpointSource(location, layout, stored, config)
+
+
+def _renamed(stored: dict, rename, location: Path) -> dict:
+    """`stored` under new names; two stored keys that map to one name (a ComfyUI file that also holds
+    the bare name, mixed diffusers and official names) are refused rather than one silently kept."""
+    out = {}
+    for key, value in stored.items():
+        new = rename(key)
+        if new in out:
+            raise SafetensorsSetError(f"{location}: '{out[new][1]}' and '{key}' are the same tensor "
+                                      f"('{new}') under two names; keep one")
+        out[new] = value
+    return out
 
 
 def _guess_family(keys: list[str]) -> str:

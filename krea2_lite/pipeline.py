@@ -8,7 +8,6 @@ gives the same image on any device.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -20,7 +19,11 @@ from typing import Sequence
 import torch
 
 from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve_path
+from . import arguments
 from .errors import CheckpointNotFoundError, DeviceMemoryError, MemoryPlanError
+from .finite import check_decoded, check_schedule
+from .jsonfile import read_json
+from .safetensors_set import check_float_dtype
 from .model.text_encoder import DEFAULT_SELECT_LAYERS, load_text_encoder
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
@@ -58,8 +61,9 @@ class Krea2Output:
     latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: Path, what: str = "JSON file") -> dict:
+    """A JSON object, {} when the file does not exist; damaged files are JsonFileError (jsonfile.py)."""
+    return read_json(path, what=what, default={})
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -151,23 +155,26 @@ class Krea2Pipeline:
         """
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-        if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))
-                                    or not vram_gb > 0):
-            raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+        vram_gb = arguments.check_gib("vram_gb", vram_gb)
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if os.fspath(path_or_hub_id or "") == "demo" and not Path("demo").exists():
+        dtype = check_float_dtype(dtype)
+        device = arguments.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if os.fspath(path_or_hub_id or "") == "demo" and not _is_model_folder(Path("demo")):
             from .demo import demo_path  # the trained miniature shipped with the package
 
+            if Path("demo").exists():
+                logger.warning("krea2_lite: ./demo is not a model folder; loading the shipped demo model "
+                               "(pass ./demo/ to mean the local entry)")
             path_or_hub_id = demo_path()
 
         root = None
         if path_or_hub_id is not None:
             root = resolve_path(path_or_hub_id, ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors",
                                                  "tokenizer/*", "*.txt"])
-        index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else {}
-        manifest = _read_json(root / "krea2_lite.json") if root is not None and root.is_dir() else {}
+        index = _read_json(root / "model_index.json", "model_index.json") if root is not None and root.is_dir() else {}
+        manifest = _read_json(root / "krea2_lite.json", "quantized-folder manifest") \
+            if root is not None and root.is_dir() else {}
         if manifest:  # a folder written by `python -m krea2_lite.quantize`
             index = dict(manifest.get("components", {}).get("pipeline", {}))
             if manifest.get("variant") and "is_distilled" not in index:
@@ -186,10 +193,16 @@ class Krea2Pipeline:
             vae = vae or root / "vae"
         if transformer is None:
             raise ValueError("nothing to load: pass a pipeline folder / hub id, or transformer=")
+        # What the user named is checked (exists, is safetensors, is a Krea 2 transformer: headers
+        # only) before any default text encoder or VAE is resolved, perhaps downloaded.
+        _check_transformer_early(transformer)
 
         variant_given = variant is not None
         if variant is None:
             if "is_distilled" in index:
+                if not isinstance(index["is_distilled"], bool):
+                    raise ValueError(f"{root}: model_index.json 'is_distilled' must be true or false, "
+                                     f"got {index['is_distilled']!r}")
                 variant = "turbo" if index["is_distilled"] else "raw"
             else:
                 variant = "raw"
@@ -197,11 +210,12 @@ class Krea2Pipeline:
                                "defaults (52 steps, CFG 3.5). Pass variant='turbo' for Turbo.")
         shift = {}
         if root is not None:
-            scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
-            shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
+            scheduler_file = root / "scheduler" / "scheduler_config.json"
+            scheduler = _read_json(scheduler_file, "scheduler config")
+            shift = arguments.check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
         select_layers = tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS)
         # A folder may carry its own sampling defaults and native size (the demo model does).
-        own = index.get("krea2_lite") or {}
+        own = arguments.folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
         defaults = None
         if not variant_given and "steps" in own and "guidance" in own:
             defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
@@ -356,14 +370,12 @@ class Krea2Pipeline:
         width, height = self._check_size("width", width), self._check_size("height", height)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0:
-            raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length <= 0:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
+        # Bounds and messages in arguments.py; each names the argument and its range.
+        steps = arguments.check_steps(steps)
+        guidance = arguments.check_number("guidance", guidance, 0.0, arguments.MAX_GUIDANCE)
+        num_images = arguments.check_int("num_images", num_images, 1, arguments.MAX_IMAGES)
+        max_sequence_length = arguments.check_max_sequence_length(max_sequence_length, self.text_encoder)
+        mu = arguments.check_mu(mu)
         negatives = None
         if guidance > 0:
             negatives = self._prompt_list("negative_prompt", "" if negative_prompt is None else negative_prompt)
@@ -374,13 +386,11 @@ class Krea2Pipeline:
         total = len(prompts) * num_images
         channels = self.transformer.config.channels
         lat_h, lat_w = height // 8, width // 8
+        seed = arguments.check_seed(seed, total)
         if latents is None:
             latents = self.noise(total, height, width, seed)
-        elif tuple(latents.shape) != (total, channels, lat_h, lat_w):
-            raise ValueError(f"latents must have shape {(total, channels, lat_h, lat_w)} "
-                             f"(images, channels, height/8, width/8), got {tuple(latents.shape)}")
-        elif not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or inf")
+        else:
+            arguments.check_latents(latents, (total, channels, lat_h, lat_w))
         call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
                     guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
         self._fit_plan(width, height, negatives is not None, total, max_sequence_length)
@@ -432,7 +442,11 @@ class Krea2Pipeline:
         rows, cols = lat_h // 2, lat_w // 2
         if mu is None:
             mu = self.defaults.mu if self.defaults.mu is not None else resolution_mu(rows * cols, **self.shift)
-        schedule = sigmas(steps, mu)
+        try:
+            schedule = sigmas(steps, mu)
+        except OverflowError:
+            schedule = torch.full((steps + 1,), float("nan"))
+        check_schedule(schedule, mu, self.shift)
         packed = pack_latents(latents.to(self.device, self.dtype), self.transformer.config.patch)
 
         from tqdm.auto import tqdm
@@ -445,7 +459,27 @@ class Krea2Pipeline:
         if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
             tile = self.memory_plan.vae_tile
         pixels = self.vae.decode(final, tile=tile)
+        check_decoded(pixels, final, self.vae)  # never a silent black image
         return Krea2Output(images=to_pil(pixels), latents=final)
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "krea2_lite.json").is_file())
+
+
+def _check_transformer_early(transformer) -> None:
+    """Validate a local transformer path (format and headers) before defaults are resolved."""
+    from .checkpoint import looks_like_hub_id
+    from .quantize.format import is_quantized_folder, read_manifest
+
+    location = Path(os.fspath(transformer)).expanduser()
+    if not location.exists() and looks_like_hub_id(os.fspath(transformer)):
+        return  # a hub id: fetched (and checked) when the transformer loads
+    location = resolve_path(location)
+    if is_quantized_folder(location):
+        read_manifest(location)
+    else:
+        open_checkpoint(location)
 
 
 def _placement(plan) -> tuple:

@@ -33,7 +33,6 @@ back from its optimum-quanto tensors.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -48,6 +47,8 @@ from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig, Q
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLTextRotaryEmbedding
 
 from ..checkpoint import open_safetensors
+from ..jsonfile import read_json
+from ..safetensors_set import locate_tensors, read_weight_map, require_float
 from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
                       NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
 
@@ -297,10 +298,7 @@ def _read_text_config(folder: Path) -> tuple[Qwen3VLTextConfig, dict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointNotFoundError(f"{folder}: no config.json (expected a Qwen3-VL text encoder folder)")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{config_file}: unreadable config ({exc})") from exc
+    raw = read_json(config_file, what="text encoder config")
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in _ACCEPTED_MODEL_TYPES:
         arch = raw.get("architectures") if isinstance(raw, dict) else None
@@ -319,10 +317,7 @@ def _weight_files(folder: Path) -> dict[str, Path] | list[Path]:
     """``{key: file}`` from a sharded index, else the list of safetensors files in ``folder``."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CorruptCheckpointError(f"{index}: unreadable safetensors index ({exc})") from exc
+        weight_map = read_weight_map(index)
         files = {key: folder / name for key, name in weight_map.items()}
         missing = sorted({str(p) for p in files.values() if not p.is_file()})
         if missing:
@@ -338,6 +333,20 @@ def _weight_files(folder: Path) -> dict[str, Path] | list[Path]:
             "Convert them to safetensors first."
         )
     raise CheckpointNotFoundError(f"{folder}: no *.safetensors weights")
+
+
+def _load_tokenizer(folder: Path):
+    """AutoTokenizer for ``folder``, its JSON files validated first (transformers reports a damaged
+    tokenizer.json without naming the file, or as an unrelated AttributeError)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+        if (folder / name).exists():
+            read_json(folder / name, what=f"tokenizer file {name}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, Exception) as exc:
+        raise CorruptCheckpointError(f"{folder}: the tokenizer cannot be loaded ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
 
 
 def _resolve_folders(path: Path) -> tuple[Path, Path | None]:
@@ -407,14 +416,13 @@ def load_text_encoder(
         spec, saved_modules = resolve_load_spec(model_folder, quant)
 
     # Which keys exist, and in which file.
+    # Headers only: duplicates across unindexed files refused, an index obeyed, byte lengths checked.
     if isinstance(files, dict):
-        key_to_file = files
+        located = locate_tensors(sorted(set(files.values())), weight_map={k: f.name for k, f in files.items()},
+                                 index=model_folder / "model.safetensors.index.json")
     else:
-        key_to_file = {}
-        for file in files:
-            with open_safetensors(file) as handle:
-                for key in handle.keys():
-                    key_to_file.setdefault(key, file)
+        located = locate_tensors(files, where=model_folder)
+    key_to_file = {key: file for key, (file, _) in located.items()}
     prefix = next((p for p in _LM_PREFIXES if f"{p}embed_tokens.weight" in key_to_file), None)
     if prefix is None:
         raise CheckpointKeysError(
@@ -456,6 +464,7 @@ def load_text_encoder(
         raise CheckpointKeysError(
             f"{model_folder}: {len(missing)} tensor(s) needed by the text encoder are missing, e.g. {missing[:5]}"
         )
+    require_float(located, [item[0] for item in plan if item[3] == "quantize" or item[2] != "qdata"])
 
     by_file: dict[Path, list[tuple[str, str, str, str]]] = {}
     for item in plan:
@@ -490,7 +499,7 @@ def load_text_encoder(
     if left:  # every tensor above was planned; this guards the plan itself
         raise RuntimeError(f"text encoder tensors left unloaded: {left[:5]}")
 
-    encoder.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+    encoder.tokenizer = _load_tokenizer(tokenizer_folder)
     counted = {
         "prefix_tokens": len(encoder.tokenizer(PROMPT_TEMPLATE_PREFIX).input_ids),
         "suffix_tokens": len(encoder.tokenizer(PROMPT_TEMPLATE_SUFFIX).input_ids),

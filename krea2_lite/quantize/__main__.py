@@ -21,11 +21,13 @@ import torch
 
 from .. import __version__
 from ..checkpoint import open_checkpoint, resolve_path
-from ..errors import Krea2LiteError
+from ..cli_errors import run_cli
+from ..jsonfile import read_json
+from . import output_dir
 from .format import folder_size, write_manifest, write_transformer
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
 
-PARTIAL_MARK = ".partial-"
+PARTIAL_MARK = output_dir.PARTIAL_MARK
 BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
 
 
@@ -50,24 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument("--quiet", action="store_true")
     return p
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(out: Path) -> None:
-    """Temporary folders left by a killed run (their process is gone) are removed."""
-    for path in out.parent.glob(f".{out.name}{PARTIAL_MARK}*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def estimate_bytes(source_bytes: int, dtype: str) -> int:
@@ -111,11 +95,7 @@ def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool
 
 def run(args: argparse.Namespace) -> Path:
     src = resolve_path(args.model)
-    out = Path(args.out).expanduser().resolve()
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out == src.resolve() or src.resolve() in out.parents:
-        raise ValueError(f"--out {out} must not be inside --model {src}")
+    out = output_dir.check_output(args.out, src, args.force)  # never the source, a root, or not ours
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
     transformer_path, root = source_layout(src)
@@ -123,13 +103,11 @@ def run(args: argparse.Namespace) -> Path:
     source_files = sorted({file for file, _, _ in source.entries.values()})
     source_bytes = sum(f.stat().st_size for f in source_files)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
+    output_dir.remove_stale(out)
     check_free_space(out, estimate_bytes(source_bytes, args.dtype) + (source_bytes // 3 if root else 0))
 
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{os.getpid()}"
-    tmp.mkdir()
     started = time.time()
-    try:
+    with output_dir.removed_on_failure(output_dir.temporary_folder(out)) as tmp:  # also on SIGINT / SIGTERM
         from ..checkpoint import load_transformer
 
         model = load_transformer(transformer_path, device="cpu", dtype=torch.bfloat16, quant=spec,
@@ -139,10 +117,11 @@ def run(args: argparse.Namespace) -> Path:
         variant = args.variant
         if root is not None:
             components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet))
-            index = json.loads((root / "model_index.json").read_text())
-            if variant is None and "is_distilled" in index:
+            index = read_json(root / "model_index.json", what="model_index.json")
+            if variant is None and isinstance(index.get("is_distilled"), bool):
                 variant = "turbo" if index["is_distilled"] else "raw"
-            for key in ("text_encoder_select_layers", "is_distilled"):
+            # krea2_lite: the source folder's own steps / guidance / size (the demo's 64² × 20).
+            for key in ("text_encoder_select_layers", "is_distilled", "krea2_lite"):
                 if key in index:
                     components.setdefault("pipeline", {})[key] = index[key]
         write_manifest(tmp, {
@@ -154,16 +133,7 @@ def run(args: argparse.Namespace) -> Path:
             "variant": variant,
             "components": components,
         })
-        if out.exists():  # --force: swap in the new folder, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output_dir.install(tmp, out)  # --force: replaces only an earlier output of ours
     if not args.quiet:
         print(f"wrote {out} ({folder_size(out) / 1e9:.2f} GB, from {source_bytes / 1e9:.2f} GB) "
               f"in {time.time() - started:.0f} s", file=sys.stderr)
@@ -173,14 +143,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
-        print(run(args))
-    except (Krea2LiteError, ValueError, OSError) as exc:
-        if os.environ.get("KREA2_LITE_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(run(args)))  # one `error: …` line, exit 2 (cli_errors.py)
 
 
 if __name__ == "__main__":

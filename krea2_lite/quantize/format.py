@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import keeps_fp32, read_safetensors_header
 from ..config import Krea2Config
+from ..jsonfile import read_json
 from ..errors import CheckpointKeysError, CorruptCheckpointError, Krea2LiteError, ShapeMismatchError
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear
 from .recipe import QuantSpec
@@ -75,10 +76,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = read_json(path, what="quantized-folder manifest")
     if manifest.get("format") != FORMAT:
         raise FormatVersionError(f"{path}: not a krea2_lite quantized folder (format={manifest.get('format')!r})")
     version = manifest.get("format_version")

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import CheckpointSource, assign_tensor, read_tensor
 from ..config import Krea2Config
+from ..errors import CheckpointKeysError, ShapeMismatchError
 from ..model import Krea2Transformer
 from .qlinear import swap_linears
 from .recipe import QuantSpec, select_linears
@@ -43,6 +44,24 @@ def build_quantized_skeleton(config: Krea2Config, spec: QuantSpec, dtype: torch.
     return model
 
 
+def _quantize_layer(model: Krea2Transformer, source: CheckpointSource, owner: str, weight: torch.Tensor,
+                    device: torch.device) -> None:
+    """Quantize one linear's weight, with its bias when it has one (`first`, `tmlp.*`, ...)."""
+    module = model.get_submodule(owner)
+    bias = None
+    if module.bias is not None:
+        entry = source.entries.get(owner + ".bias")
+        if entry is None:
+            raise CheckpointKeysError(f"{source.location}: layer '{owner}' has a bias in the model but "
+                                      f"'{owner}.bias' is not in the checkpoint")
+        bias = read_tensor(entry[0], entry[2]).to(device)
+    try:
+        module.set_weight(weight.to(device), bias)
+    except (ValueError, RuntimeError) as exc:
+        raise ShapeMismatchError(f"{source.location}: cannot quantize layer '{owner}' "
+                                 f"{tuple(weight.shape)}: {exc}") from None
+
+
 def load_quantizing(source: CheckpointSource, config: Krea2Config, spec: QuantSpec, *,
                     device: torch.device, dtype: torch.dtype, progress: bool | None = None) -> Krea2Transformer:
     """Stream `source` into a quantized model (tensors in file order, quantized on `device`)."""
@@ -54,11 +73,14 @@ def load_quantizing(source: CheckpointSource, config: Krea2Config, spec: QuantSp
     with tqdm(total=len(order), desc=f"quantizing to {spec.name}", unit="tensor",
               disable=(not progress) if progress is not None else None, leave=False) as bar:
         for name in order:
+            owner, _, leaf = name.rpartition(".")
+            if owner in quantized and leaf == "bias":
+                bar.update()  # read with its weight: a quantized layer takes both at once
+                continue
             file, _, info = source.entries[name]
             tensor = read_tensor(file, info)
-            owner, _, leaf = name.rpartition(".")
             if owner in quantized and leaf == "weight":
-                model.get_submodule(owner).set_weight(tensor.to(device))
+                _quantize_layer(model, source, owner, tensor, device)
             else:
                 assign_tensor(model, name, tensor, device, dtype)
             del tensor
