@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .checkpoint import infer_config, load_transformer, open_checkpoint, resolve_path
@@ -443,8 +444,9 @@ class Krea2Pipeline:
         if mu is None:
             mu = self.defaults.mu if self.defaults.mu is not None else resolution_mu(rows * cols, **self.shift)
         try:
-            schedule = sigmas(steps, mu)
-        except OverflowError:
+            with np.errstate(all="ignore"):  # a degenerate schedule is reported by check_schedule instead
+                schedule = sigmas(steps, mu)
+        except (OverflowError, ZeroDivisionError):
             schedule = torch.full((steps + 1,), float("nan"))
         check_schedule(schedule, mu, self.shift)
         packed = pack_latents(latents.to(self.device, self.dtype), self.transformer.config.patch)
