@@ -34,16 +34,19 @@ def check_output(out_arg: str, source: Path, force: bool) -> Path:
         raise UnsafeOutputError("--out is empty; name a new folder for the quantized model")
     out = Path(out_arg).expanduser().resolve()
     src = source.expanduser().resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known
+        home = Path(out.anchor)
+    if out == Path(out.anchor) or _is_ancestor(out, home) or _is_ancestor(out, Path.cwd().resolve()):
+        raise UnsafeOutputError(f"--out {out_arg} ({out}) is a filesystem root, the home folder or the working "
+                                "folder (or one of its parents); name a new folder, e.g. --out ./model-int8")
     if _is_ancestor(out, src):
         raise UnsafeOutputError(f"--out {out_arg} ({out}) is or contains --model {src}; writing there could "
                                 "delete the source. Pick a new folder outside it")
     if _is_ancestor(src, out):
         raise UnsafeOutputError(f"--out {out_arg} ({out}) lies inside --model {src}; krea2_lite never writes into "
                                 "a source model. Pick a folder outside it")
-    home = Path.home().resolve()
-    if out == Path(out.anchor) or _is_ancestor(out, home) or _is_ancestor(out, Path.cwd().resolve()):
-        raise UnsafeOutputError(f"--out {out_arg} ({out}) is a filesystem root, the home folder or the working "
-                                "folder (or one of its parents); name a new folder, e.g. --out ./model-int8")
     if out.exists() or out.is_symlink():
         if not force:
             raise FileExistsError(f"{out} already exists; pass --force to replace it")
