@@ -19,6 +19,12 @@ from krea2_lite.quantize import __main__ as quantize_cli
 from reliability_fixtures import copy_of, pipeline_folder, snapshot
 
 
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """Build the shared folder outside any test's captured stderr (it prints a progress bar)."""
+    return pipeline_folder()
+
+
 @pytest.fixture
 def parent(tmp_path):
     """tmp/parent/{src (a transformer folder), notes.txt}: the user's data around the source."""
