@@ -142,6 +142,7 @@ def test_debug_shows_the_traceback(monkeypatch):
         run_cli(lambda: open("/nonexistent/krea2_lite/file"))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~10 s alone, 40 s on a busy machine
 def test_the_real_command_prints_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("KREA2_LITE_DEBUG", None)
