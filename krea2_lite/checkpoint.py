@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .config import Krea2Config, swiglu_width
-from .errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
+from .errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError, Krea2LiteError,
                      NotKrea2CheckpointError, SafetensorsSetError, ShapeMismatchError,
                      UnsafeCheckpointFormatError)
 from .jsonfile import parse_json, read_json
@@ -314,6 +314,16 @@ def _guess_family(keys: list[str]) -> str:
 def infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float = 1000.0, patch: int = 2,
                  where: str = "checkpoint") -> Krea2Config:
     """Recover a Krea2Config from official-layout tensor shapes (patch 2 unless given)."""
+    try:
+        return _infer_config(shapes, theta=theta, patch=patch, where=where)
+    except Krea2LiteError:
+        raise
+    except (ValueError, IndexError, ZeroDivisionError, TypeError) as exc:
+        # Degenerate shapes (a 0-length norm scale, a 1-D weight) reach arithmetic before any check.
+        raise ShapeMismatchError(f"{where}: tensor shapes that fit no Krea 2 transformer ({exc})") from None
+
+
+def _infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float, patch: int, where: str) -> Krea2Config:
     def shape(name: str) -> tuple[int, ...]:
         if name not in shapes:
             raise CheckpointKeysError(f"{where}: missing tensor '{name}', needed to infer the model shape")

@@ -134,3 +134,31 @@ def test_vae_integer_weight(tmp_path):
 def test_dtype_argument_must_be_a_float_type(dtype, error):
     with pytest.raises(error, match="dtype must be"):
         Krea2Pipeline.from_pretrained(pipeline_folder(), device="cpu", dtype=dtype, progress=False)
+
+
+@pytest.mark.parametrize("key, shape", [("blocks.0.attn.qknorm.qnorm.scale", (0,)), ("first.weight", ()),
+                                        ("first.weight", (5,))])
+def test_degenerate_shapes_are_shape_errors(tmp_path, key, shape):
+    from krea2_lite.errors import ShapeMismatchError
+
+    state = dict(official_state())
+    state[key] = torch.zeros(shape)
+    path = official_file(tmp_path / "k.safetensors", state)
+    with pytest.raises(ShapeMismatchError, match=r"k\.safetensors: tensor shapes that fit no Krea 2 transformer"):
+        load_transformer(path)
+
+
+def test_rank_zero_lora(tmp_path):
+    from krea2_lite.config import Krea2Config
+    from krea2_lite.errors import LoraError
+    from krea2_lite.lora import load_lora
+    from krea2_lite.model import Krea2Transformer
+
+    model = Krea2Transformer(Krea2Config.tiny())
+    width = model.config.features
+    path = tmp_path / "lora.safetensors"
+    save_file({"blocks.0.attn.wq.lora_A.weight": torch.zeros(0, width),
+               "blocks.0.attn.wq.lora_B.weight": torch.zeros(width, 0)}, str(path))
+    with pytest.raises(LoraError, match=r"lora\.safetensors: module blocks\.0\.attn\.wq has rank 0"):
+        load_lora(model, path)
+    assert not any("lora" in name for name, _ in model.named_modules())
