@@ -26,7 +26,7 @@ from .errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckp
                      NotKrea2CheckpointError, SafetensorsSetError, ShapeMismatchError,
                      UnsafeCheckpointFormatError)
 from .jsonfile import parse_json, read_json
-from .safetensors_set import check_entry, locate_tensors, read_weight_map, require_float
+from .safetensors_set import check_entry, check_float_dtype, locate_tensors, read_weight_map, require_float
 from .model import Krea2Transformer
 
 logger = logging.getLogger("krea2_lite")
@@ -432,6 +432,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     from .quantize.format import is_quantized_folder, load_quantized_folder, read_manifest
 
     spec = QuantSpec.parse(quant)
+    check_float_dtype(dtype)  # int8 etc. are asked for with quant=, never dtype=
     device = torch.device(device)
     location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
     if is_quantized_folder(location):

@@ -97,3 +97,24 @@ def test_scheduler_shift_settings_are_bounded(tmp_path, change, match):
     path.write_text(json.dumps(dict(json.loads(path.read_text()), **change)))
     with pytest.raises(ArgumentError, match=match):
         Krea2Pipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(vram_gb=float("inf")), r"vram_gb must be a finite number"),
+                                           (dict(vram_gb=8, host_ram_gb=float("nan")), r"host_ram_gb must be a finite")])
+def test_memory_budgets_are_finite(kwargs, match):
+    from krea2_lite.config import Krea2Config
+    from krea2_lite.offload import plan_memory
+
+    with pytest.raises(ArgumentError, match=match):
+        plan_memory(Krea2Config.tiny(), None, mode="model", **kwargs)
+
+
+@pytest.mark.parametrize("loader", ["transformer", "vae", "text_encoder"])
+def test_loaders_take_float_dtypes_only(loader):
+    from krea2_lite.checkpoint import load_transformer
+    from krea2_lite.model.text_encoder import load_text_encoder
+    from krea2_lite.model.vae import load_vae_decoder
+
+    load = {"transformer": load_transformer, "vae": load_vae_decoder, "text_encoder": load_text_encoder}[loader]
+    with pytest.raises(ArgumentError, match="dtype must be one of torch.float32, torch.bfloat16"):
+        load(pipeline_folder() / loader, dtype=torch.int8)

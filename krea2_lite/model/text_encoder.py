@@ -48,7 +48,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwe
 
 from ..checkpoint import open_safetensors
 from ..jsonfile import read_json
-from ..safetensors_set import locate_tensors, read_weight_map, require_float
+from ..safetensors_set import check_float_dtype, locate_tensors, read_weight_map, require_float
 from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
                       NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
 
@@ -396,6 +396,7 @@ def load_text_encoder(
     ``quant`` may then be omitted, and a different spec is refused (re-quantizing quantized weights
     would compound the error).
     """
+    check_float_dtype(dtype)
     model_folder, tokenizer_folder = _resolve_folders(Path(path))
     if tokenizer_path is not None:
         tokenizer_folder = Path(tokenizer_path)

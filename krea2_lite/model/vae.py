@@ -44,7 +44,7 @@ from ..errors import (
     UnsafeCheckpointFormatError,
 )
 from ..jsonfile import read_json
-from ..safetensors_set import read_weight_map
+from ..safetensors_set import check_float_dtype, read_weight_map
 
 __all__ = [
     "QwenImageVAEConfig",
@@ -535,6 +535,7 @@ def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "c
     are assigned directly, converted to ``dtype`` on ``device``.  Returns the module in eval mode
     with ``requires_grad`` off.
     """
+    check_float_dtype(dtype)
     folder = _resolve_folder(path)
     config = _read_config(folder)
     with torch.device("meta"):

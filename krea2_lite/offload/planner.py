@@ -122,9 +122,9 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
     if vram_gb is None and mode == "auto":
         raise ValueError("vram_gb=None needs a named mode ('none', 'model', 'sequential'): 'auto' plans to a budget")
-    if vram_gb is not None and (not isinstance(vram_gb, (int, float)) or isinstance(vram_gb, bool)
-                                or not vram_gb > 0):
-        raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+    from ..arguments import check_gib  # finite, positive, ≤ 1 PiB: inf overflowed int(vram_gb * GiB)
+
+    vram_gb, host_ram_gb = check_gib("vram_gb", vram_gb), check_gib("host_ram_gb", host_ram_gb)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
     budget = int(vram_gb * GiB) if vram_gb is not None else 0
