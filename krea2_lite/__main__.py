@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import Krea2LiteError
+from .cli_errors import run_cli
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -111,13 +111,7 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        return generate(args)
-    except (Krea2LiteError, ValueError, TypeError, NotImplementedError, FloatingPointError) as exc:
-        if os.environ.get("KREA2_LITE_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: generate(args))  # one `error: …` line, exit 2 (cli_errors.py)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from .config import Krea2Config, swiglu_width
-from .errors import CheckpointKeysError, NotKrea2CheckpointError, ShapeMismatchError
+from .errors import (CheckpointKeysError, Krea2LiteError, NotKrea2CheckpointError, SafetensorsSetError,
+                     ShapeMismatchError)
 from .loading.files import (PICKLE_SUFFIXES, SAFETENSORS_DTYPES, TensorInfo, find_weight_files,  # noqa: F401
                             open_safetensors, read_json, read_safetensors_header, read_tensor, refuse_pickle,
                             tensor_locations)
 from .loading.paths import looks_like_hub_id, resolve_path  # noqa: F401  (re-exported)
 from .model import Krea2Transformer
+from .safetensors_set import require_float
 
 logger = logging.getLogger("krea2_lite")
 
@@ -133,14 +135,28 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     for prefix in COMFY_PREFIXES:
         if keys and sum(k.startswith(prefix) for k in keys) > len(keys) // 2:
             layout = "comfyui"
-            stored = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in stored.items()}
+            stored = _renamed(stored, lambda k: k[len(prefix):] if k.startswith(prefix) else k, location)
             break
     if "img_in.weight" in stored or any(k.startswith("transformer_blocks.") for k in stored):
         layout = "diffusers"
-        stored = {diffusers_to_official_key(k): v for k, v in stored.items()}
+        stored = _renamed(stored, diffusers_to_official_key, location)
     if not all(k in stored for k in SIGNATURE_KEYS):
         raise NotKrea2CheckpointError(f"{location}: not a Krea 2 checkpoint ({_guess_family(keys)})")
+    require_float(stored)  # every Krea 2 transformer tensor is floating point
     return CheckpointSource(location, layout, stored, config)
+
+
+def _renamed(stored: dict, rename, location: Path) -> dict:
+    """`stored` under new names; two stored keys that map to one name (a ComfyUI file that also holds
+    the bare name, mixed diffusers and official names) are refused rather than one silently kept."""
+    out = {}
+    for key, value in stored.items():
+        new = rename(key)
+        if new in out:
+            raise SafetensorsSetError(f"{location}: '{out[new][1]}' and '{key}' are the same tensor "
+                                      f"('{new}') under two names; keep one")
+        out[new] = value
+    return out
 
 
 def _guess_family(keys: list[str]) -> str:
@@ -161,6 +177,16 @@ def _guess_family(keys: list[str]) -> str:
 def infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float = 1000.0, patch: int = 2,
                  where: str = "checkpoint") -> Krea2Config:
     """Recover a Krea2Config from official-layout tensor shapes (patch 2 unless given)."""
+    try:
+        return _infer_config(shapes, theta=theta, patch=patch, where=where)
+    except Krea2LiteError:
+        raise
+    except (ValueError, IndexError, ZeroDivisionError, TypeError) as exc:
+        # Degenerate shapes (a 0-length norm scale, a 1-D weight) reach arithmetic before any check.
+        raise ShapeMismatchError(f"{where}: tensor shapes that fit no Krea 2 transformer ({exc})") from None
+
+
+def _infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float, patch: int, where: str) -> Krea2Config:
     def shape(name: str) -> tuple[int, ...]:
         if name not in shapes:
             raise CheckpointKeysError(f"{where}: missing tensor '{name}', needed to infer the model shape")

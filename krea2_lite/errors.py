@@ -49,3 +49,31 @@ class MemoryPlanError(Krea2LiteError, MemoryError):
 class LoraError(Krea2LiteError, ValueError):
     """A LoRA file that does not fit the model (other model, unknown module, rank or shape
     mismatch, unsupported adapter type), or a LoRA name that is not loaded / already loaded."""
+
+
+class JsonFileError(CorruptCheckpointError):
+    """A JSON file we read (model_index.json, config.json, a shard index, a manifest, a tokenizer
+    or adapter config) that is unreadable, not JSON, of the wrong JSON type, or missing keys."""
+
+
+class SafetensorsSetError(CorruptCheckpointError):
+    """A set of safetensors files that disagree: one tensor in two files, an index that names a
+    tensor its shard lacks, a byte length that does not match shape × dtype, or an integer / bool
+    tensor where the model expects floating point."""
+
+
+class ArgumentError(Krea2LiteError, ValueError):
+    """An argument outside its allowed range; the message names it and the range."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (a float seed, a string step count, ...)."""
+
+
+class UnsafeOutputError(Krea2LiteError, ValueError):
+    """An output path that would overwrite or delete the input, a home folder, a filesystem root,
+    or a folder krea2_lite did not write."""
+
+
+class NonFiniteError(Krea2LiteError, FloatingPointError):
+    """NaN or inf in a tensor that must be finite; the message names where it came from."""

@@ -16,9 +16,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from . import arguments
 from .errors import DeviceMemoryError, MemoryPlanError
+from .finite import check_decoded, check_schedule
 from .kernels import backend_scope
 from .kernels.workspace import release_workspaces
 from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
@@ -27,9 +30,10 @@ from .loading.transformer import load_transformer
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
-from .offload.planner import available_host_bytes, check_gib
+from .offload.planner import available_host_bytes
 from .offload.sizes import module_pinned_bytes
 from .offload.manager import Offloader
+from .safetensors_set import check_float_dtype
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 from .variants import VARIANTS, VariantDefaults
 
@@ -64,9 +68,7 @@ def text_encoder_shape(encoder) -> dict:
 def _check_load_arguments(offload: str, vram_gb, variant) -> None:
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-    if vram_gb is not None and (isinstance(vram_gb, bool) or not isinstance(vram_gb, (int, float))
-                                or not vram_gb > 0):
-        raise ValueError(f"vram_gb must be a positive number of GiB, got {vram_gb!r}")
+    arguments.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
 
@@ -153,10 +155,11 @@ class Krea2Pipeline:
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
         _check_load_arguments(offload, vram_gb, variant)
-        check_gib("host_ram_gb", host_ram_gb)
+        arguments.check_gib("host_ram_gb", host_ram_gb)
+        dtype = check_float_dtype(dtype)
+        device = arguments.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if host_ram_gb is None:  # read before anything is loaded: the plan counts what the pipeline will hold
             host_ram_gb = available_host_bytes() / (1 << 30)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         spec = resolve_pipeline(path_or_hub_id, variant=variant, quant=quant, transformer=transformer,
                                 text_encoder=text_encoder, vae=vae)
         return cls.from_spec(spec, quant=quant, vram_gb=vram_gb, offload=offload, device=device, dtype=dtype,
@@ -307,14 +310,12 @@ class Krea2Pipeline:
         width, height = self._check_size("width", width), self._check_size("height", height)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0:
-            raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length <= 0:
-            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
+        # Bounds and messages in arguments.py; each names the argument and its range.
+        steps = arguments.check_steps(steps)
+        guidance = arguments.check_number("guidance", guidance, 0.0, arguments.MAX_GUIDANCE)
+        num_images = arguments.check_int("num_images", num_images, 1, arguments.MAX_IMAGES)
+        max_sequence_length = arguments.check_max_sequence_length(max_sequence_length, self.text_encoder)
+        mu = arguments.check_mu(mu)
         negatives = None
         if guidance > 0:
             negatives = self._prompt_list("negative_prompt", "" if negative_prompt is None else negative_prompt)
@@ -325,13 +326,11 @@ class Krea2Pipeline:
         total = len(prompts) * num_images
         channels = self.transformer.config.channels
         lat_h, lat_w = height // 8, width // 8
+        seed = arguments.check_seed(seed, total)
         if latents is None:
             latents = self.noise(total, height, width, seed)
-        elif tuple(latents.shape) != (total, channels, lat_h, lat_w):
-            raise ValueError(f"latents must have shape {(total, channels, lat_h, lat_w)} "
-                             f"(images, channels, height/8, width/8), got {tuple(latents.shape)}")
-        elif not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or inf")
+        else:
+            arguments.check_latents(latents, (total, channels, lat_h, lat_w))
         call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
                     guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
         self._fit_plan(width, height, negatives is not None, total, max_sequence_length)
@@ -385,7 +384,12 @@ class Krea2Pipeline:
         rows, cols = lat_h // 2, lat_w // 2
         if mu is None:
             mu = self.defaults.mu if self.defaults.mu is not None else resolution_mu(rows * cols, **self.shift)
-        schedule = sigmas(steps, mu)
+        try:
+            with np.errstate(all="ignore"):  # a degenerate schedule is reported by check_schedule instead
+                schedule = sigmas(steps, mu)
+        except (OverflowError, ZeroDivisionError):
+            schedule = torch.full((steps + 1,), float("nan"))
+        check_schedule(schedule, mu, self.shift)
         packed = pack_latents(latents.to(self.device, self.dtype), self.transformer.config.patch)
 
         from tqdm.auto import tqdm
@@ -399,6 +403,7 @@ class Krea2Pipeline:
         if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
             tile = self.memory_plan.vae_tile
         pixels = self.vae.decode(final, tile=tile)
+        check_decoded(pixels, final, self.vae)  # never a silent black image
         return Krea2Output(images=to_pil(pixels), latents=final)
 
 

@@ -178,7 +178,14 @@ def test_cli_refuses_to_overwrite_and_force_replaces(source, tmp_path):
     proc = run_cli("--model", source, "--dtype", "int8", "--out", out, check=False)
     assert proc.returncode == 2 and "already exists; pass --force" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force")
+    # --force replaces only a folder krea2_lite wrote (issue 20): this one is the user's.
+    proc = run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force", check=False)
+    assert proc.returncode == 2 and "was not written by krea2_lite.quantize" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    run_cli("--model", source, "--dtype", "int8", "--out", out, "--force")  # an empty folder may be replaced
+    (out / "keep.txt").write_text("mine")
+    run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force")  # and so may our own output
     assert not (out / "keep.txt").exists() and read_manifest(out)["quant"]["dtype"] == "fp8"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".existing")]
 

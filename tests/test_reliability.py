@@ -12,6 +12,26 @@ The rest of the battery lives with the feature it guards:
                  latents shape and NaN, empty prompt, determinism), tests/test_sampling.py (NaN step)
   memory         tests/test_offload.py (a CUDA OOM re-plans once and gives the same image; a second OOM
                  is a DeviceMemoryError; no plan fits / not enough host RAM → MemoryPlanError)
+
+Round two (issue 20), one file per class of fault:
+  JSON           tests/test_reliability_json.py (krea2_lite/jsonfile.py: not JSON, wrong JSON type,
+                 missing keys, not UTF-8 in model_index.json, scheduler, transformer / text encoder /
+                 VAE config.json, tokenizer files, shard index, manifest, PEFT adapter_config.json)
+  safetensors    tests/test_reliability_safetensors.py (krea2_lite/safetensors_set.py: a tensor in two
+                 unindexed files, weight_map obeyed, index naming a tensor its shard lacks, byte length vs
+                 shape × dtype on the float and the quantizing path, int / bool tensors where floats
+                 belong in transformer, text encoder and VAE, ComfyUI double names, dtype= arguments)
+  arguments      tests/test_reliability_arguments.py (krea2_lite/arguments.py: steps, seeds, mu,
+                 max_sequence_length, guidance, num_images, latents type / device, vram_gb, device,
+                 a folder's own defaults, scheduler shift settings)
+  finite         tests/test_reliability_finite.py (krea2_lite/finite.py: NaN/inf VAE statistics and
+                 weights, a degenerate schedule, decoder overflow, the transformer's NaN step)
+  paths          tests/test_reliability_paths.py (krea2_lite/quantize/output_dir.py: --out equal to,
+                 containing, inside the source, through symlinks, `.`, `~`, "", `/`; --force on foreign
+                 folders and files; SIGINT / SIGTERM cleanup; --include of biased linears; quantized
+                 folders keep the source's defaults)
+  CLI / order    tests/test_reliability_cli.py (krea2_lite/cli_errors.py: one `error:` line and exit 2;
+                 exit 1 for internal errors; KREA2_LITE_DEBUG; the named model checked before defaults)
 """
 
 import errno
@@ -77,7 +97,7 @@ def test_nan_in_sampling_names_the_step(pipe, monkeypatch):
 
     monkeypatch.setattr(pipe.transformer, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="step 3 of 4"):
-        pipe("a cat", width=32, height=32, steps=4, guidance=0.0, progress=False)
+        pipe("a cat", width=32, height=32, steps=4, guidance=0.0, progress=False, max_sequence_length=16)
 
 
 def test_out_of_memory_gets_a_clear_message(pipe, monkeypatch):
@@ -89,7 +109,8 @@ def test_out_of_memory_gets_a_clear_message(pipe, monkeypatch):
     monkeypatch.setattr(pipe.transformer, "forward", oom)
     with pytest.raises(DeviceMemoryError, match=r"generating 2 image\(s\) at 32×48 with CFG: CUDA out of memory"
                                                 r".*no smaller memory plan.*quant='int4'"):
-        pipe("a cat", width=32, height=48, steps=2, guidance=2.0, num_images=2, progress=False)
+        pipe("a cat", width=32, height=48, steps=2, guidance=2.0, num_images=2, progress=False,
+             max_sequence_length=16)  # short prompts: the battery stays fast
 
 
 def test_over_long_prompt_warns_and_generates(pipe):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import dataset
+from ..jsonfile import read_json
 
 SEED_OFFSETS = {"tokenizer": 0, "text": 1, "vae": 2, "vae_data": 3, "data": 4, "transformer": 5}
 VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
@@ -288,7 +289,7 @@ def prepare_data(work: Path, text_root: Path, seed: int, count: int):
     """Normalised latents (N, 16, 8, 8), caption ids (N,), caption states and lengths, stats."""
     cache, captions_file = work / "data.safetensors", work / "captions.json"
     if cache.is_file() and captions_file.is_file():  # safetensors + JSON: caches are never unpickled
-        return dict(load_file(cache), captions=json.loads(captions_file.read_text()))
+        return dict(load_file(cache), captions=read_json(captions_file, expect=list, what="caption cache"))
     images, captions, _ = dataset.sample(count, seed + SEED_OFFSETS["data"])
     log(f"data: {count} images drawn")
     latents = design_latents(to_tensor(images))
@@ -430,7 +431,7 @@ def write_folder(out: Path, text_root: Path, vae, model, data: dict, defaults: d
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        index = json.loads((tmp / "model_index.json").read_text())
+        index = read_json(tmp / "model_index.json", what="model_index.json")
         index["krea2_lite"] = dict(defaults, description="krea2_lite demo: a miniature Krea 2 trained on "
                                    "procedural shapes (krea2_lite/demo/train.py)")
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

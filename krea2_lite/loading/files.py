@@ -8,7 +8,6 @@ through both. Pickle-based files are refused by name and never opened.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from safetensors import safe_open
 
 from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
                       UnsafeCheckpointFormatError)
+from ..jsonfile import parse_json, read_json  # noqa: F401  (read_json re-exported: the one JSON reader)
+from ..safetensors_set import check_entry
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -45,17 +46,6 @@ def refuse_pickle(path: Path) -> None:
             "(unpickling can run arbitrary code). Convert the checkpoint to .safetensors first.")
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; one clear error naming the file otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Validate a safetensors file without reading its tensors; returns {key: TensorInfo}.
 
@@ -75,10 +65,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 "this is not a safetensors file, or it is truncated")
         raw = fh.read(header_len)
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+        header = parse_json(raw.decode("utf-8"), where=str(path), what="safetensors header")
+    except UnicodeDecodeError as exc:
         raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
     data_len = size - 8 - header_len
     tensors = {}
@@ -95,6 +83,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise CorruptCheckpointError(
                 f"{path}: tensor '{key}' ends at byte {end} of the data but only {data_len} bytes are "
                 "present; the file is truncated (an interrupted download?)")
+        check_entry(path, key, *tensors[key][:2], start, end)  # bytes = prod(shape) × dtype size
     return tensors
 
 
@@ -135,7 +124,7 @@ class WeightFiles:
 
 
 def _from_index(index: Path) -> WeightFiles:
-    weight_map = read_json(index).get("weight_map")
+    weight_map = read_json(index, what="shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"{index}: no 'weight_map' object of key → shard file name")
     folder = index.parent

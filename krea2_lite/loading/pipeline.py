@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import arguments
 from ..config import Krea2Config
-from ..errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..model.text_encoder import DEFAULT_SELECT_LAYERS
 from ..quantize.recipe import QuantSpec
 from ..sampling import DEFAULT_SHIFT
@@ -48,28 +49,42 @@ class PipelineSpec:
     default_size: tuple[int, int] = (1024, 1024)  # (width, height)
 
 
-def _json_if_present(path: Path) -> dict:
-    return read_json(path) if path.is_file() else {}
+def _json_if_present(path: Path, what: str) -> dict:
+    """A JSON object, {} when the file does not exist; a damaged one is a JsonFileError naming it."""
+    return read_json(path, what=what, default={})
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "krea2_lite.json").is_file())
 
 
 def _open_root(path_or_hub_id) -> tuple[Path | None, dict, dict]:
     """(root, model_index.json, krea2_lite.json) of what the user named (None: nothing named)."""
     if path_or_hub_id is None:
         return None, {}, {}
-    if os.fspath(path_or_hub_id) == "demo" and not Path("demo").exists():
+    if os.fspath(path_or_hub_id) == "demo" and not _is_model_folder(Path("demo")):
         from ..demo import demo_path  # the trained miniature shipped with the package
 
+        if Path("demo").exists():
+            logger.warning("krea2_lite: ./demo is not a model folder; loading the shipped demo model "
+                           "(pass ./demo/ to mean the local entry)")
         path_or_hub_id = demo_path()
     root = resolve_path(path_or_hub_id, ROOT_PATTERNS)
     if not root.is_dir():
         return root, {}, {}
-    return root, _json_if_present(root / "model_index.json"), _json_if_present(root / "krea2_lite.json")
+    return (root, _json_if_present(root / "model_index.json", "model_index.json"),
+            _json_if_present(root / "krea2_lite.json", "quantized-folder manifest"))
 
 
 def _components(root: Path | None, index: dict, manifest: dict, transformer, text_encoder, vae):
     """(transformer, text_encoder, vae, pipeline root or None, index) as named or found in the root."""
     if manifest:  # a folder written by `python -m krea2_lite.quantize`
-        index = dict(manifest.get("components", {}).get("pipeline", {}))
+        components = manifest.get("components", {})
+        pipeline = components.get("pipeline", {}) if isinstance(components, dict) else None
+        if not isinstance(pipeline, dict):
+            raise CorruptCheckpointError(f"{root / 'krea2_lite.json'}: 'components' must map names to JSON "
+                                         "objects (the manifest was edited or is damaged)")
+        index = dict(pipeline)
         if manifest.get("variant") and "is_distilled" not in index:
             index["is_distilled"] = manifest["variant"] == "turbo"
         transformer = transformer or root
@@ -91,10 +106,13 @@ def _components(root: Path | None, index: dict, manifest: dict, transformer, tex
     return transformer, text_encoder, vae, root, index
 
 
-def _variant(variant: str | None, index: dict) -> str:
+def _variant(variant: str | None, index: dict, root) -> str:
     if variant is not None:
         return variant
     if "is_distilled" in index:
+        if not isinstance(index["is_distilled"], bool):
+            raise ValueError(f"{root}: model_index.json 'is_distilled' must be true or false, "
+                             f"got {index['is_distilled']!r}")
         return "turbo" if index["is_distilled"] else "raw"
     logger.warning("krea2_lite: the checkpoint does not say whether it is Raw or Turbo; using Raw's "
                    "defaults (52 steps, CFG 3.5). Pass variant='turbo' for Turbo.")
@@ -116,17 +134,19 @@ def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=N
     transformer, text_encoder, vae, root, index = _components(root, index, manifest, transformer, text_encoder, vae)
     transformer = resolve_path(transformer, TRANSFORMER_PATTERNS)
     config, spec = describe_transformer(transformer, quant)  # what the user named, checked first
-    own = index.get("krea2_lite") or {}  # a folder's own sampling defaults and native size (the demo's)
+    # A folder's own sampling defaults and native size (the demo's), validated (arguments.py).
+    own = arguments.folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
     defaults = None
     if variant is None and "steps" in own and "guidance" in own:
         defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
     shift = {}
     if root is not None:
-        scheduler = _json_if_present(root / "scheduler" / "scheduler_config.json")
-        shift = {k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}
+        scheduler_file = root / "scheduler" / "scheduler_config.json"
+        scheduler = _json_if_present(scheduler_file, "scheduler config")
+        shift = arguments.check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
     return PipelineSpec(
         transformer=transformer,
         text_encoder=resolve_path(text_encoder or DEFAULT_TEXT_ENCODER, TEXT_ENCODER_PATTERNS),
-        vae=_resolve_vae(vae), config=config, quant=spec, variant=_variant(variant, index), shift=shift,
+        vae=_resolve_vae(vae), config=config, quant=spec, variant=_variant(variant, index, root), shift=shift,
         select_layers=tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS),
         defaults=defaults, default_size=(int(own.get("width", 1024)), int(own.get("height", 1024))))

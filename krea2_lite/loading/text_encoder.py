@@ -22,6 +22,7 @@ from ..model.text_encoder import (DEFAULT_PREFIX_TOKENS, DEFAULT_SELECT_LAYERS, 
                                   PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX, Krea2TextEncoder,
                                   validate_select_layers)
 from ..quantize.recipe import QuantSpec
+from ..safetensors_set import check_float_dtype, require_float
 from .files import TensorInfo, find_weight_files, read_json, refuse_pickle, tensor_locations
 from .stream import set_tensor, stream_groups, unloaded
 
@@ -39,7 +40,7 @@ def read_text_config(folder: Path) -> tuple[Qwen3VLTextConfig, dict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointNotFoundError(f"{folder}: no config.json (expected a Qwen3-VL text encoder folder)")
-    raw = read_json(config_file)
+    raw = read_json(config_file, what="text encoder config")
     model_type = raw.get("model_type")
     if model_type not in _ACCEPTED_MODEL_TYPES:
         raise NotKrea2CheckpointError(
@@ -139,7 +140,7 @@ def _locate(model_folder: Path) -> tuple[dict[str, tuple[Path, TensorInfo]], str
 
 
 def _attach_tokenizer(encoder: Krea2TextEncoder, tokenizer_folder: Path, prefix_tokens, suffix_tokens) -> None:
-    encoder.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+    encoder.tokenizer = load_tokenizer(tokenizer_folder)
     counted = {"prefix_tokens": len(encoder.tokenizer(PROMPT_TEMPLATE_PREFIX).input_ids),
                "suffix_tokens": len(encoder.tokenizer(PROMPT_TEMPLATE_SUFFIX).input_ids)}
     for name, given in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens)):
@@ -151,6 +152,20 @@ def _attach_tokenizer(encoder: Krea2TextEncoder, tokenizer_folder: Path, prefix_
                 f"{'prefix' if name == 'prefix_tokens' else 'suffix'}, but {name}={given} (the Krea 2 "
                 f"reference constant); keeping {given}. Pass {name}=None to use the tokenizer's count.",
                 UserWarning, stacklevel=4)  # the caller of load_text_encoder
+
+
+def load_tokenizer(folder: Path):
+    """AutoTokenizer for `folder`, its JSON files validated first (transformers reports a damaged
+    tokenizer.json without naming the file, or as an unrelated AttributeError)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json",
+                 "added_tokens.json"):
+        if (folder / name).exists():
+            read_json(folder / name, what=f"tokenizer file {name}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many unrelated types for one damaged folder
+        raise CorruptCheckpointError(f"{folder}: the tokenizer cannot be loaded ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
 
 
 def load_text_encoder(
@@ -202,6 +217,7 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
     into its text model {name: (file, key, info)}, and how to put them: `stream_groups`' arguments."""
     from ..quantize.text_encoder import QUANT_INFO_FILE, resolve_load_spec, swap_for_loading
 
+    check_float_dtype(dtype)
     model_folder, tokenizer_folder = resolve_folders(path, tokenizer_path)
     text_config, raw_config = read_text_config(model_folder)
     select_layers = validate_select_layers(select_layers, text_config.num_hidden_layers)
@@ -226,6 +242,8 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
         raise CheckpointKeysError(
             f"{model_folder}: {len(missing)} tensor(s) needed by the text encoder are missing, e.g. {missing[:5]}")
     entries = {name: (found[key][0], key, found[key][1]) for name, key in keys.items()}
+    # Floats wherever a float is read (stored quanto codes are the exception).
+    require_float(found, [key for name, key in keys.items() if how[name] == "quantize" or not name.endswith(".qdata")])
     _check_shapes(encoder.text_model, entries, how)
     _attach_tokenizer(encoder, tokenizer_folder, prefix_tokens, suffix_tokens)
     return encoder, entries, TextPut(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})

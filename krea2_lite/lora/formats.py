@@ -11,7 +11,6 @@ applied: an error names the file, the key and what was expected.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,7 +20,8 @@ from typing import NamedTuple
 import torch
 
 from ..checkpoint import PICKLE_SUFFIXES, open_safetensors, read_safetensors_header, resolve_path
-from ..errors import LoraError, UnsafeCheckpointFormatError
+from ..errors import JsonFileError, LoraError, UnsafeCheckpointFormatError
+from ..jsonfile import parse_json, read_json
 from .names import ModuleIndex, split_key, unsupported_kind, why_unknown
 
 
@@ -83,12 +83,16 @@ class AlphaSource:
         config = None
         if "lora_adapter_metadata" in metadata:  # diffusers' save_lora_weights
             try:
-                config = json.loads(metadata["lora_adapter_metadata"])
-            except ValueError:
-                raise LoraError(f"{file}: header field lora_adapter_metadata is not valid JSON") from None
+                config = parse_json(metadata["lora_adapter_metadata"], where=f"{file}: header field "
+                                    "lora_adapter_metadata", what="adapter config")
+            except JsonFileError as exc:
+                raise LoraError(str(exc)) from None
             config = {k.removeprefix("transformer."): v for k, v in config.items()}
         elif file.name == "adapter_model.safetensors" and (file.parent / "adapter_config.json").is_file():
-            config = json.loads((file.parent / "adapter_config.json").read_text())  # PEFT save_pretrained
+            try:  # PEFT save_pretrained
+                config = read_json(file.parent / "adapter_config.json", what="PEFT adapter config")
+            except JsonFileError as exc:
+                raise LoraError(str(exc)) from None
         where = f"{file}: lora_alpha"
         if config:
             if config.get("lora_alpha") is not None:
@@ -170,6 +174,8 @@ def _pair(file: Path, handle, module: str, slot: dict[str, tuple[str, str]], sha
     if down.shape[0] != up.shape[1]:
         raise LoraError(f"{file}: rank mismatch for module {module}: lora_A {down_key} is (r={down.shape[0]}, "
                         f"in={down.shape[1]}) but lora_B {up_key} is (out={up.shape[0]}, r={up.shape[1]})")
+    if down.shape[0] == 0:  # alpha / rank would divide by zero
+        raise LoraError(f"{file}: module {module} has rank 0 ({down_key} is {tuple(down.shape)}); a LoRA needs rank ≥ 1")
     if down.shape[1] != in_features or up.shape[0] != out_features:
         raise LoraError(f"{file}: shape mismatch for module {module}: the LoRA maps in={down.shape[1]} → "
                         f"out={up.shape[0]} ({down_key}, {up_key}) but the layer is in={in_features} → "

@@ -22,7 +22,6 @@ imports diffusers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -40,9 +39,12 @@ from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     NotKrea2CheckpointError,
+    SafetensorsSetError,
     ShapeMismatchError,
     UnsafeCheckpointFormatError,
 )
+from ..jsonfile import read_json
+from ..safetensors_set import check_float_dtype, read_weight_map
 
 __all__ = [
     "QwenImageVAEConfig",
@@ -104,6 +106,10 @@ class QwenImageVAEConfig:
                 problems.append(f"{name} has {len(getattr(self, name))} entries, z_dim is {self.z_dim}")
         if any(not s for s in self.latents_std):
             problems.append("latents_std has a zero entry")
+        for name in ("latents_mean", "latents_std"):  # a NaN/inf here decodes every image to black
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                   for v in getattr(self, name)):
+                problems.append(f"{name} must hold finite numbers, got {list(getattr(self, name))}")
         if isinstance(self.base_dim, int) and self.base_dim % 2:
             problems.append(f"base_dim={self.base_dim} must be even (the upsamplers halve channels)")
         if problems:
@@ -462,12 +468,7 @@ def _resolve_folder(path: str | os.PathLike) -> Path:
 
 
 def _read_config(folder: Path) -> QwenImageVAEConfig:
-    try:
-        data = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{folder / 'config.json'}: unreadable config ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{folder / 'config.json'}: expected a JSON object")
+    data = read_json(folder / "config.json", what="VAE config")
     cls = data.get("_class_name")
     if cls is not None and cls != _CLASS_NAME:
         raise NotKrea2CheckpointError(f"{folder}: config is for {cls!r}, expected {_CLASS_NAME!r}")
@@ -511,6 +512,7 @@ def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "c
     are assigned directly, converted to ``dtype`` on ``device``.  Returns the module in eval mode
     with ``requires_grad`` off.
     """
+    check_float_dtype(dtype)
     folder = _resolve_folder(path)
     config = _read_config(folder)
     with torch.device("meta"):
@@ -550,6 +552,8 @@ def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "c
                 raise CorruptCheckpointError(f"{file}: cannot read tensor {key!r} ({exc})") from exc
             except Exception as exc:  # a key the index lists but the shard lacks
                 raise CheckpointKeysError(f"{folder}: {file.name} has no tensor {key!r} ({exc})") from exc
+            if not tensor.is_floating_point():  # an int / bool tensor would be cast and used
+                raise SafetensorsSetError(f"{file}: tensor {key!r} is {tensor.dtype}; the VAE expects floating point")
             tensor = _convert(key, tensor, expected[key], file)
             state[key] = tensor.to(device=device, dtype=dtype).contiguous()
             del tensor

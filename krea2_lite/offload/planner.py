@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Krea2Config
+from ..arguments import check_gib
 from ..errors import MemoryPlanError
 from . import sizes
 
@@ -140,14 +141,6 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_gib(name: str, value, *, allow_none: bool = True) -> None:
-    """A memory budget argument must be a finite positive number of GiB (or None where allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-        raise ValueError(f"{name} must be a finite positive number of GiB, got {value!r}")
-
-
 @dataclass(frozen=True)
 class _Costs:
     """Every byte count a candidate placement is built from."""
@@ -203,8 +196,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
     if vram_gb is None and mode == "auto":
         raise ValueError("vram_gb=None needs a named mode ('none', 'model', 'sequential'): 'auto' plans to a budget")
-    check_gib("vram_gb", vram_gb)
-    check_gib("host_ram_gb", host_ram_gb)
+    # finite, positive, ≤ 1 PiB (arguments.py): inf overflowed int(vram_gb * GiB)
+    vram_gb, host_ram_gb = check_gib("vram_gb", vram_gb), check_gib("host_ram_gb", host_ram_gb)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
     if text_encoder_place is not None and text_encoder_place not in TEXT_PLACES:

@@ -11,24 +11,24 @@ only read.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import Krea2LiteError
+from ..cli_errors import run_cli
+from ..jsonfile import read_json
 from ..loading.paths import resolve_path
 from ..loading.transformer import open_float_checkpoint
+from . import output_dir
 from .format import folder_size, is_quantized_folder, write_manifest
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
 from .shards import DEFAULT_MAX_SHARD, parse_size
 from .write import write_text_encoder, write_transformer
 
-PARTIAL_MARK = ".partial-"
+PARTIAL_MARK = output_dir.PARTIAL_MARK
 BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
 
 
@@ -63,24 +63,6 @@ def _shard_size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:  # argparse prints "argument --max-shard-size: ..." and exits 2
         raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--max-shard-size {text!r}: ")) from None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(out: Path) -> None:
-    """Temporary folders left by a killed run (their process is gone) are removed."""
-    for path in out.parent.glob(f".{out.name}{PARTIAL_MARK}*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def estimate_bytes(source_bytes: int, dtype: str) -> int:
@@ -119,11 +101,7 @@ def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool
 
 def run(args: argparse.Namespace) -> Path:
     src = resolve_path(args.model)
-    out = Path(args.out).expanduser().resolve()
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out == src.resolve() or src.resolve() in out.parents:
-        raise ValueError(f"--out {out} must not be inside --model {src}")
+    out = output_dir.check_output(args.out, src, args.force)  # never the source, a root, or not ours
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
     if is_quantized_folder(src):
@@ -133,13 +111,11 @@ def run(args: argparse.Namespace) -> Path:
     source_files = sorted({file for file, _, _ in source.entries.values()})
     source_bytes = sum(f.stat().st_size for f in source_files)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out)
+    output_dir.remove_stale(out)
     check_free_space(out, estimate_bytes(source_bytes, args.dtype) + (source_bytes // 3 if root else 0))
 
-    tmp = out.parent / f".{out.name}{PARTIAL_MARK}{os.getpid()}"
-    tmp.mkdir()
     started = time.time()
-    try:
+    with output_dir.removed_on_failure(output_dir.temporary_folder(out)) as tmp:  # also on SIGINT / SIGTERM
         model, files = write_transformer(source, config, spec, tmp, max_shard_bytes=args.max_shard_size,
                                          progress=not args.quiet)
         shards = sum(name.endswith(".safetensors") for name in files)
@@ -148,10 +124,11 @@ def run(args: argparse.Namespace) -> Path:
         if root is not None:
             components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet,
                                                       args.max_shard_size))
-            index = json.loads((root / "model_index.json").read_text())
-            if variant is None and "is_distilled" in index:
+            index = read_json(root / "model_index.json", what="model_index.json")
+            if variant is None and isinstance(index.get("is_distilled"), bool):
                 variant = "turbo" if index["is_distilled"] else "raw"
-            for key in ("text_encoder_select_layers", "is_distilled"):
+            # krea2_lite: the source folder's own steps / guidance / size (the demo's 64² × 20).
+            for key in ("text_encoder_select_layers", "is_distilled", "krea2_lite"):
                 if key in index:
                     components.setdefault("pipeline", {})[key] = index[key]
         write_manifest(tmp, {
@@ -163,16 +140,7 @@ def run(args: argparse.Namespace) -> Path:
             "variant": variant,
             "components": components,
         })
-        if out.exists():  # --force: swap in the new folder, then drop the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output_dir.install(tmp, out)  # --force: replaces only an earlier output of ours
     if not args.quiet:
         print(f"wrote {out} ({folder_size(out) / 1e9:.2f} GB, from {source_bytes / 1e9:.2f} GB) "
               f"in {time.time() - started:.0f} s", file=sys.stderr)
@@ -182,14 +150,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
-        print(run(args))
-    except (Krea2LiteError, ValueError, OSError) as exc:
-        if os.environ.get("KREA2_LITE_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: print(run(args)))  # one `error: …` line, exit 2 (cli_errors.py)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ def select_linears(model: nn.Module, spec: QuantSpec, log: bool = True) -> tuple
                               "not matched by the include patterns")
         elif any(fnmatch.fnmatchcase(name, p) for p in spec.exclude):
             kept[name] = "matched an exclude pattern"
+        elif module.out_features < 2:  # one output row: nothing to save, and quanto's scale loses its axis
+            kept[name] = f"out_features={module.out_features} is too small to quantize"
         elif spec.dtype == "int4" and module.in_features > spec.group_size and module.in_features % spec.group_size:
             kept[name] = f"in_features={module.in_features} is not a multiple of group_size={spec.group_size}"
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Krea2Config
+from ..errors import CheckpointKeysError, ShapeMismatchError
 from ..model import Krea2Transformer
 from .qlinear import swap_linears
 from .recipe import QuantSpec, select_linears

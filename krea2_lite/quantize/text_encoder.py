@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..jsonfile import read_json
 from ..errors import CorruptCheckpointError
 from ..model.text_encoder import Krea2TextEncoder
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear, quantize_weight_tensors, swap_linears
@@ -192,7 +193,7 @@ def resolve_load_spec(folder: Path, quant: str | QuantSpec | None) -> tuple[Quan
     if not info_file.is_file():
         return requested, None
     try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
+        info = read_json(info_file, what="text encoder quantization info")
         saved = QuantSpec.from_dict(info["quantization"]) if info.get("quantization") else None
         modules = [str(name) for name in info.get("modules", [])]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
