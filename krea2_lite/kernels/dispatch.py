@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .attention_torch import attention_torch
 from .fused_attention_torch import fused_attention_torch
+from .tuning import auto_choice
 
 logger = logging.getLogger("krea2_lite.kernels")
 
@@ -143,8 +144,11 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
     from .qmatmul_torch import qmatmul_torch
 
     # Not yet compiled and timed on a GPU: `auto` keeps the torch path until it has been; the
-    # kernel runs when asked for explicitly (KREA2_LITE_KERNELS=triton).
+    # kernel runs when asked for explicitly (KREA2_LITE_KERNELS=triton), or on a GPU whose
+    # measured table (kernels/tuning.json) says Triton wins at this token count.
     backend = kernel_backend()
+    if backend == "auto" and auto_choice("qmatmul", dtype, x) == "triton":
+        backend = "triton"
     if backend == "auto" and x.is_cuda:
         log_fallback("qmatmul", "auto keeps dequantize + cuBLAS on CUDA (the Triton dequant-matmul is not yet "
                      "validated on a GPU; KREA2_LITE_KERNELS=triton forces it)")
@@ -260,6 +264,8 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
                              w8a8_matmul_dequant, w8a8_matmul_torch)
 
     backend = kernel_backend()
+    tuned = auto_choice("w8a8", act, x) if backend == "auto" else None  # the GPU's measured table
+    backend = "triton" if tuned == "triton" else backend
     N, K = qdata.shape
     forced = backend == "triton"
     fused = None
@@ -276,7 +282,7 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
 
     if x.is_cuda and not forced:
         threshold = DEQUANT_MIN_TOKENS.get(torch.cuda.get_device_capability(x.device))
-        if threshold is not None and M >= threshold:
+        if (threshold is not None and M >= threshold) or tuned == "dequant":
             return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(x.device, x.dtype, N * K))
         log_fallback("w8a8_linear", "auto on CUDA uses the torch activation quantizer and torch._int_mm / "
                      "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
