@@ -115,12 +115,14 @@ def _load(path: str) -> dict:
     return validate(read_table(path), path)
 
 
+def lookup(parsed: dict, name: str, capability: tuple[int, int]) -> dict:
+    """One GPU's rules from a parsed table: by exact device name, else by sm_XY; {} when unmeasured."""
+    return parsed.get(name) or parsed.get(f"sm_{capability[0]}{capability[1]}") or {}
+
+
 @functools.lru_cache(maxsize=16)
 def _device_rules(path: str, index: int) -> dict:
-    table = _load(path)
-    name = torch.cuda.get_device_name(index)
-    major, minor = torch.cuda.get_device_capability(index)
-    return table.get(name) or table.get(f"sm_{major}{minor}") or {}
+    return lookup(_load(path), torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index))
 
 
 def choose(rules: dict, kernel: str, qtype: str, tokens: int) -> str | None:
