@@ -174,6 +174,10 @@ def run_section(budget, rec, name: str, fn, *args) -> None:
 
 def start_watchdog(rec, budget) -> threading.Timer:
     def fire():
+        from proof_quanto import CHILDREN, kill
+
+        for child in CHILDREN:
+            kill(child)
         rec.update(complete=False, killed=f"watchdog: still running {WATCHDOG_GRACE_S:.0f} s past the budget",
                    elapsed_s=round(budget.elapsed(), 1))
         print("gpu_proof: watchdog fired; results so far are in the JSON", file=sys.stderr, flush=True)

@@ -80,7 +80,7 @@ def _layer_fns(ctx, N: int, K: int):
     from krea2_lite.quantize.qlinear import quantize_weight_tensors
 
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(N, K, generator=g) * 0.02
+    w = (torch.randn(N, K, generator=g) * 0.02).to(ctx.device)  # quantized on the device (fast at full size)
     fns = {("bf16", "bf16"): (lambda x, wd=w.to(ctx.device, ctx.dtype): F.linear(x, wd))}
     for qtype in QTYPES["qmatmul"]:
         group = 128 if qtype == "int4" else None

@@ -159,14 +159,19 @@ def run_prewarm(args) -> int:
     return 0
 
 
+CHILDREN: list[subprocess.Popen] = []  # killed by gpu_proof.py's watchdog if the run overstays
+
+
 def spawn(argv: list[str], log: Path, jobs: int | None = None) -> subprocess.Popen:
     """This script as a child in its own process group (so a timeout kills ninja and the compilers too)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     if jobs:
         env["MAX_JOBS"] = str(jobs)  # leave CPU cores to the timed process
     with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=fh, stderr=fh,
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=fh, stderr=fh,
                                 env=env, start_new_session=True)
+    CHILDREN.append(proc)
+    return proc
 
 
 def kill(proc: subprocess.Popen) -> None:
