@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 for path in (HERE.parent / "tests", HERE.parent, HERE):  # tests/factories.py is reused on purpose
     sys.path.insert(0, str(path))
 
-SECTIONS = {"checks": 0.20, "layers": 0.09, "steps": 0.40, "stream": 0.16, "quanto": 0.15}
+SECTIONS = {"checks": 0.24, "layers": 0.08, "steps": 0.38, "stream": 0.15, "quanto": 0.15}
 WATCHDOG_GRACE_S = 90.0  # past the budget a stuck run writes what it has and exits
 
 
@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="timed calls per row (default 3; tiny 1)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset to run")
     ap.add_argument("--no-peer", action="store_true", help="skip the diffusers and quanto peers")
+    ap.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
+                    help="run the checks in a child process restarted past a check that kills it (auto: on CUDA)")
+    ap.add_argument("--only-checks", default="", help="comma-separated name prefixes: run only these checks")
+    ap.add_argument("--skip-checks", default="", help=argparse.SUPPRESS)  # names a restarted child leaves out
     ap.add_argument("--write-table", nargs="?", type=Path, const=Path("default"), metavar="PATH",
                     help="write this GPU's measured auto choices into the tuning table")
     ap.add_argument("--table-from", type=Path, metavar="RESULT", help="fill the table from an earlier result; "
@@ -138,22 +142,40 @@ def make_ctx(args, device, tmp: Path) -> argparse.Namespace:
                              tiny=args.preset == "tiny", preset=args.preset, cfg=preset_config(args.preset),
                              resolution=args.resolution, text_tokens=args.text_tokens, warmup=args.warmup,
                              repeats=args.repeats, tmp=tmp, with_peer=with_peer,
-                             quanto_build_dir=tmp / "quanto_build")
+                             quanto_build_dir=tmp / "quanto_build", args=args)
     ctx.estimates = Estimates(ctx)
     return ctx
 
 
+def selected(name: str, only: str, skip: str) -> bool:
+    prefixes = [p for p in only.split(",") if p]
+    if prefixes and not any(name == p or name.startswith(p.rstrip("/") + "/") for p in prefixes):
+        return False
+    return name not in skip.split(",")
+
+
 def run_checks(ctx, rec, section) -> None:
+    from proof_isolate import ABORT_ENV
     from proof_kernel_checks import attention_checks, qmatmul_checks, w8a8_checks
     from proof_pipeline_checks import pipeline_checks
     from proof_timings import free
 
+    if ctx.args.isolate == "on" or (ctx.args.isolate == "auto" and ctx.device.type == "cuda"):
+        from proof_isolate import run_isolated
+
+        return run_isolated(ctx.args, rec, section, ctx.tmp)
     for family in (pipeline_checks, qmatmul_checks, w8a8_checks, attention_checks):
         for name, fn in family(ctx):
+            if not selected(name, ctx.args.only_checks, ctx.args.skip_checks):
+                continue
             if section.left() <= 0:
                 rec.skip_check(name, section.why_not(1.0))
-            else:
-                rec.check(name, fn, cleanup=lambda: free(ctx))
+                continue
+            rec.update(running=name)  # a parent that sees this process die knows which check killed it
+            if os.environ.get(ABORT_ENV) == name:
+                os._exit(134)
+            rec.check(name, fn, cleanup=lambda: free(ctx))
+    rec.update(running=None)
 
 
 def run_section(budget, rec, name: str, fn, *args) -> None:
@@ -168,8 +190,8 @@ def run_section(budget, rec, name: str, fn, *args) -> None:
     except Exception as exc:  # noqa: BLE001 - a broken section must not take the later ones down
         note = f"section aborted: {describe(exc)}"
         print(note, flush=True)
-    rec.section({"name": name, "allotted_s": round(allotted, 1), "spent_s": round(time.monotonic() - section.started, 1),
-                 "note": note})
+    spent = time.monotonic() - section.started
+    rec.section({"name": name, "allotted_s": round(allotted, 1), "spent_s": round(spent, 1), "note": note})
 
 
 def start_watchdog(rec, budget) -> threading.Timer:
@@ -208,15 +230,11 @@ def prove(args, device, rec, budget, tmp: Path) -> None:
     from proof_timings import step_rows, stream_rows
 
     ctx = make_ctx(args, device, tmp)
-    wanted = set(args.sections.split(","))
-    prewarm = Prewarm(ctx) if device.type == "cuda" and ctx.with_peer and "quanto" in wanted else None
+    prewarm = Prewarm(ctx) if device.type == "cuda" and ctx.with_peer and "quanto" in budget.pending else None
     steps = {"checks": (run_checks,), "layers": (layer_rows,), "steps": (step_rows,), "stream": (stream_rows,),
              "quanto": (quanto_rows,)}
     try:
-        for name in SECTIONS:
-            if name not in wanted:
-                budget.open(name)
-                continue
+        for name in budget.pending[:]:
             if name == "quanto":
                 if not ctx.with_peer:
                     rec.section({"name": name, "note": "skipped: --no-peer or diffusers not installed"})
@@ -259,7 +277,8 @@ def main(argv=None) -> int:
     from proof_record import Budget, Recorder
     from proof_report import add_ratios, goals, markdown
 
-    budget = Budget(args.budget_s, SECTIONS)
+    wanted = args.sections.split(",")
+    budget = Budget(args.budget_s, {name: weight for name, weight in SECTIONS.items() if name in wanted})
     rec = Recorder(args.json, header(args, device), markdown)
     watchdog = start_watchdog(rec, budget)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_proof_"))

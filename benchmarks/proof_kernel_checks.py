@@ -134,7 +134,8 @@ def _int_mm_check(ctx, rotate: int):
     ref = (xq.double() @ qdata.double().t()).to(torch.int32)
     out = int8_mm_exact(xq.to(ctx.device), qdata.to(ctx.device))
     path = "torch._int_mm" if ctx.device.type == "cuda" else "float64 (CPU path of int8_mm_exact)"
-    return torch.equal(out.cpu(), ref), f"exact int32 accumulation via {path}: {'equal' if torch.equal(out.cpu(), ref) else 'DIFFERS'}"
+    equal = torch.equal(out.cpu(), ref)
+    return equal, f"exact int32 accumulation via {path}: {'equal' if equal else 'DIFFERS'}"
 
 
 def _gemm_check(ctx, act: str, rotate: int, which: str):

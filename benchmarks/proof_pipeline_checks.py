@@ -101,7 +101,8 @@ class PipelineChecks:
             self.restore()
         what = (f"{len(plan.streamed_blocks)} blocks streamed, prefetch {prefetch}" if mode == "sequential"
                 else f"text encoder {plan.text_encoder}")
-        return same(got, self.reference), f"{what}: image {'bit-identical' if same(got, self.reference) else 'DIFFERS'} vs offload none"
+        equal = same(got, self.reference)
+        return equal, f"{what}: image {'bit-identical' if equal else 'DIFFERS'} vs offload none"
 
     def lora(self):
         from lora import write_random_lora

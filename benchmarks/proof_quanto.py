@@ -245,6 +245,40 @@ def _run_peer(ctx, quants: list[str], seconds: float) -> tuple[dict, dict, str |
     return rows, errors, stopped
 
 
+CHILD_START_S = 20.0  # a child's imports and CUDA start-up, before it builds anything
+
+
+def _collect(ctx, section, prewarm, plain: list[str], built: list[str]) -> tuple[dict, dict]:
+    """Run the peer children within the section: ({(quant, batch): [ms...]}, {quant: why not measured})."""
+    per_quant = ctx.estimates.build_s + 2 * ctx.estimates.row(2)
+    rows, reasons = {}, {}
+    if plain:
+        share = section.left() * len(plain) / (len(plain) + len(built))  # the built types keep their share
+        if share < CHILD_START_S + per_quant:
+            reasons.update({q: section.why_not(CHILD_START_S + per_quant) for q in plain})
+        else:
+            got, errors, stopped = _run_peer(ctx, plain, share)
+            rows.update(got)
+            reasons.update(errors)
+            reasons.update({q: stopped for q in plain if stopped and q not in errors})
+    if built:
+        need = CHILD_START_S + per_quant * len(built)
+        state = prewarm.wait(section.left() - need) if prewarm is not None else "built"
+        if state == "running":
+            kill(prewarm.proc)
+            reasons.update({q: f"not measured: extension build exceeded {prewarm.elapsed():.0f} s" for q in built})
+        elif state != "built":
+            reasons.update({q: f"not measured: extension build {state}" for q in built})
+        elif section.left() < CHILD_START_S + per_quant:
+            reasons.update({q: section.why_not(need) for q in built})
+        else:
+            got, errors, stopped = _run_peer(ctx, built, section.left())
+            rows.update(got)
+            reasons.update(errors)
+            reasons.update({q: stopped for q in built if stopped and q not in errors})
+    return rows, reasons
+
+
 def quanto_rows(ctx, rec, section, prewarm: "Prewarm | None") -> None:
     """Peer rows for int8 (no extension needed), then int4 / fp8 once the extension is built (or why not)."""
     import statistics
@@ -252,38 +286,19 @@ def quanto_rows(ctx, rec, section, prewarm: "Prewarm | None") -> None:
     needs = NEEDS_EXTENSION[ctx.device.type] if ctx.device.type == "cuda" else ()
     plain = [q for q in ("int8", "int4", "fp8") if q not in needs]
     built = [q for q in ("int8", "int4", "fp8") if q in needs]
-    reasons = {}
-    per_quant = ctx.estimates.build_s + 2 * ctx.estimates.row(2)
-    rows, stopped = {}, None
-    if plain:
-        got, errors, stopped = _run_peer(ctx, plain, section.left() - (per_quant * len(built) if built else 0))
-        rows.update(got)
-        reasons.update(errors)
-    if built:
-        state = prewarm.wait(section.left() - per_quant * len(built)) if prewarm is not None else "built"
-        if state == "running":
-            kill(prewarm.proc)
-            reasons.update({q: f"not measured: extension build exceeded {prewarm.elapsed():.0f} s" for q in built})
-        elif state != "built":
-            reasons.update({q: f"not measured: extension build {state}" for q in built})
-        else:
-            got, errors, why = _run_peer(ctx, built, section.left())
-            rows.update(got)
-            reasons.update(errors)
-            reasons.update({q: why for q in built if why and q not in errors})
-    for q in plain:
-        if stopped and q not in reasons:
-            reasons[q] = stopped
+    rows, reasons = _collect(ctx, section, prewarm, plain, built)
+    note = "optimum.quanto.quantize + freeze (diffusers' QuantoConfig path), no_grad"
     for quant in ("int8", "int4", "fp8"):
         for batch in (1, 2):
             times = rows.get((quant, batch))
             if times:
+                cpu_int4 = ctx.device.type == "cpu" and quant == "int4"
                 rec.timing(ms=round(statistics.median(times), 3), min_ms=round(min(times), 3), repeats=len(times),
-                           detail="optimum.quanto.quantize + freeze (diffusers' QuantoConfig path), no_grad"
-                           + ("; CPU dry run: quanto's python unpack" if ctx.device.type == "cpu" and quant == "int4"
-                              else ""), **_peer_case(ctx, quant, batch))
+                           detail=note + ("; CPU dry run: a python unpack instead of quanto's C++ one" if cpu_int4
+                                          else ""), **_peer_case(ctx, quant, batch))
             else:
-                rec.timing(ms=None, ok=False, detail=reasons.get(quant) or "not measured", **_peer_case(ctx, quant, batch))
+                rec.timing(ms=None, ok=False, detail=reasons.get(quant) or "not measured",
+                           **_peer_case(ctx, quant, batch))
 
 
 def main(argv=None) -> int:

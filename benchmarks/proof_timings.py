@@ -11,14 +11,10 @@ autotuning happen there), then the systems alternate for `repeats` timed calls; 
 from __future__ import annotations
 
 import gc
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from proof_kernel_checks import kernels_backend
 
