@@ -249,33 +249,35 @@ CHILD_START_S = 20.0  # a child's imports and CUDA start-up, before it builds an
 
 
 def _collect(ctx, section, prewarm, plain: list[str], built: list[str]) -> tuple[dict, dict]:
-    """Run the peer children within the section: ({(quant, batch): [ms...]}, {quant: why not measured})."""
-    per_quant = ctx.estimates.build_s + 2 * ctx.estimates.row(2)
+    """Run the peer children within the section: ({(quant, batch): [ms...]}, {quant: why not measured}).
+    One child for every type when the extension is ready; else the types without it first, then the
+    others if the build finishes while time is left."""
+    per_quant = CHILD_START_S + ctx.estimates.build_s + 2 * ctx.estimates.row(2)
     rows, reasons = {}, {}
+
+    def run(quants):
+        if section.left() < per_quant:
+            reasons.update({q: section.why_not(per_quant) for q in quants})
+            return
+        got, errors, stopped = _run_peer(ctx, quants, section.left())
+        rows.update(got)
+        reasons.update(errors)
+        reasons.update({q: stopped for q in quants if stopped and q not in errors})
+
+    state = prewarm.state() if prewarm is not None and built else "built"
+    if state == "built":
+        run(plain + built)
+        return rows, reasons
     if plain:
-        share = section.left() * len(plain) / (len(plain) + len(built))  # the built types keep their share
-        if share < CHILD_START_S + per_quant:
-            reasons.update({q: section.why_not(CHILD_START_S + per_quant) for q in plain})
-        else:
-            got, errors, stopped = _run_peer(ctx, plain, share)
-            rows.update(got)
-            reasons.update(errors)
-            reasons.update({q: stopped for q in plain if stopped and q not in errors})
-    if built:
-        need = CHILD_START_S + per_quant * len(built)
-        state = prewarm.wait(section.left() - need) if prewarm is not None else "built"
-        if state == "running":
-            kill(prewarm.proc)
-            reasons.update({q: f"not measured: extension build exceeded {prewarm.elapsed():.0f} s" for q in built})
-        elif state != "built":
-            reasons.update({q: f"not measured: extension build {state}" for q in built})
-        elif section.left() < CHILD_START_S + per_quant:
-            reasons.update({q: section.why_not(need) for q in built})
-        else:
-            got, errors, stopped = _run_peer(ctx, built, section.left())
-            rows.update(got)
-            reasons.update(errors)
-            reasons.update({q: stopped for q in built if stopped and q not in errors})
+        run(plain)
+    state = prewarm.wait(section.left() - per_quant) if state == "running" else state
+    if state == "running":
+        kill(prewarm.proc)
+        reasons.update({q: f"not measured: extension build exceeded {prewarm.elapsed():.0f} s" for q in built})
+    elif state != "built":
+        reasons.update({q: f"not measured: extension build {state}" for q in built})
+    else:
+        run(built)
     return rows, reasons
 
 

@@ -153,6 +153,7 @@ def test_table_entry_takes_the_fastest_correct_choice(tmp_path, monkeypatch):
     assert tuning.choose(rules, "qmatmul", "int8", 8320) == "torch"
 
 
+@pytest.mark.slow  # three processes start (~35 s of CPU); the default run covers the in-process checks
 def test_a_check_that_kills_its_process_is_recorded_and_the_rest_still_run(tmp_path):
     """On CUDA the checks run in a child (a kernel's illegal memory access poisons the process); a child that
     dies is replaced and the check it was running is recorded as failed. Forced here with --isolate on."""
@@ -169,3 +170,56 @@ def test_a_check_that_kills_its_process_is_recorded_and_the_rest_still_run(tmp_p
     assert checks["qmatmul/int8/auto"]["ok"] and checks["attention/auto"]["ok"]
     dead = checks["w8a8/int8/auto"]
     assert not dead["ok"] and "the process died running this check (exit 134)" in dead["detail"]
+
+
+@pytest.mark.parametrize("build, expected", [
+    ("running", "not measured: extension build exceeded"),  # killed when the section's time runs out
+    ("failed (exit 1): nvcc not found", "not measured: extension build failed (exit 1): nvcc not found"),
+    ("built", None),
+])
+def test_quanto_peer_waits_for_the_extension_build_within_the_section(tmp_path, monkeypatch, build, expected):
+    """On CUDA the int4 / fp8 peers need quanto's extension; the int8 peer runs first, then the others only if the
+    background build finished in time, else their rows say why (no GPU needed: the children are stubbed)."""
+    import argparse
+
+    import torch
+
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
+    import proof_quanto
+    from proof_record import Budget, Recorder
+    from proof_report import markdown
+
+    runs, killed = [], []
+
+    def fake_peer(ctx, quants, seconds):
+        runs.append(list(quants))
+        return {(q, b): [10.0, 11.0, 12.0] for q in quants for b in (1, 2)}, {}, None
+
+    class FakePrewarm:
+        proc = "build"
+
+        def state(self):
+            return build
+
+        def wait(self, seconds):
+            return build
+
+        def elapsed(self):
+            return 123.0
+
+    monkeypatch.setattr(proof_quanto, "_run_peer", fake_peer)
+    monkeypatch.setattr(proof_quanto, "kill", killed.append)
+    ctx = argparse.Namespace(device=torch.device("cuda"), resolution=1024, text_tokens=64, estimates=argparse.Namespace(
+        build_s=10.0, row=lambda batch, systems=1: 5.0))
+    rec = Recorder(tmp_path / "r.json", {"device": "test", "torch": "x"}, markdown)
+    section = Budget(600, {"quanto": 1.0}).open("quanto")
+    proof_quanto.quanto_rows(ctx, rec, section, FakePrewarm())
+    rows = {(r["quant"], r["batch"]): r for r in rec.data["timings"]}
+    assert len(rows) == 6 and rows[("int8", 1)]["ms"] == 11.0 and rows[("int8", 2)]["system"] == "diffusers+quanto"
+    if expected is None:
+        assert runs == [["int8", "int4", "fp8"]] and all(r["ms"] for r in rows.values())
+    else:
+        assert runs == [["int8"]]
+        for quant in ("int4", "fp8"):
+            assert rows[(quant, 1)]["ms"] is None and rows[(quant, 1)]["detail"].startswith(expected)
+        assert killed == (["build"] if build == "running" else [])
