@@ -74,6 +74,10 @@ def _fmt(value, digits=2) -> str:
     return str(value)
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "/").replace("\n", " ")
+
+
 def markdown(data: dict) -> str:
     """The result as Markdown: header, goals, checks, timings."""
     lines = [f"# GPU proof: {data.get('device')}", "",
@@ -90,7 +94,7 @@ def markdown(data: dict) -> str:
     lines += [f"## Checks ({passed}/{len(checks)} passed, {skipped} skipped)", "", "| check | ok | detail |",
               "|---|---|---|"]
     lines += [f"| {c['name']} | {'ok' if c['ok'] else ('skipped' if c.get('skipped') else '**FAIL**')} | "
-              f"{c['detail'].replace('|', '/')} |" for c in checks]
+              f"{_cell(c['detail'])} |" for c in checks]
     lines += ["", "## Timings", "",
               "| kind | case | system | quant | backend | batch | ms | min ms | × bf16 | other | detail |",
               "|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
@@ -102,7 +106,7 @@ def markdown(data: dict) -> str:
                 other.append(f"{key}={_fmt(r[key])}")
         lines.append(f"| {r.get('kind', '')} | {r['case']} | {r['system']} | {r['quant']} | {r.get('backend', '')} | "
                      f"{_fmt(r.get('batch'))} | {_fmt(r['ms'])} | {_fmt(r.get('min_ms'))} | "
-                     f"{_fmt(r.get('ratio_to_bf16'), 3)} | {' '.join(other)} | {str(r.get('detail', '')).replace('|', '/')} |")
+                     f"{_fmt(r.get('ratio_to_bf16'), 3)} | {' '.join(other)} | {_cell(r.get('detail', ''))} |")
     if data.get("sections"):
         lines += ["", "## Sections", "", "| section | allotted s | spent s | note |", "|---|---:|---:|---|"]
         lines += [f"| {s['name']} | {_fmt(s.get('allotted_s'), 0)} | {_fmt(s.get('spent_s'), 0)} | {s.get('note', '')} |"
