@@ -227,6 +227,8 @@ def _run_peer(ctx, quants: list[str], seconds: float) -> tuple[dict, dict, str |
     argv = ["--build-dir", str(ctx.quanto_build_dir), "--out", str(out), "--device", ctx.device.type,
             "--preset", ctx.preset, "--resolution", str(ctx.resolution), "--text-tokens", str(ctx.text_tokens),
             "--warmup", str(ctx.warmup), "--repeats", str(ctx.repeats), "--quant", *quants]
+    if ctx.args.threads:
+        argv += ["--threads", str(ctx.args.threads)]
     log = ctx.tmp / "quanto_peer.log"
     proc = spawn(argv, log)
     stopped = None
@@ -315,7 +317,12 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (as the parent's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return run_prewarm(args) if args.prewarm else run_child(args)
 
 
