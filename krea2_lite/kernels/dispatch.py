@@ -36,6 +36,12 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
   quantized once inside the workspace's `sharing(x)` scope (also under `torch.inference_mode()`).
   `torch._int_mm` needs K and N multiples of 8 (all Krea 2 layers are multiples of 128); other
   shapes take an exact float64 GEMM, correct but slow on a GPU.
+
+Measured exceptions to these defaults come from a committed per-GPU table, `kernels/tuning.json`
+(`tuning.auto_choice`; `KREA2_LITE_TUNING` names another file), filled from a run of
+`benchmarks/gpu_proof.py`: per GPU name or capability, per kernel and quant type, the token counts
+from which the Triton kernel (or `dequant_matmul`) wins. It holds nothing yet, so every GPU keeps
+the defaults above until a proof run on it has been recorded.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import torch.nn.functional as F
 
 from .attention_torch import attention_torch
 from .fused_attention_torch import fused_attention_torch
+from .tuning import auto_choice
 
 logger = logging.getLogger("krea2_lite.kernels")
 
@@ -184,8 +191,11 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
     from .qmatmul_torch import qmatmul_torch
 
     # Not yet compiled and timed on a GPU: `auto` keeps the torch path until it has been; the
-    # kernel runs when asked for explicitly (KREA2_LITE_KERNELS=triton).
+    # kernel runs when asked for explicitly (KREA2_LITE_KERNELS=triton), or on a GPU whose
+    # measured table (kernels/tuning.json) says Triton wins at this token count.
     backend = kernel_backend()
+    if backend == "auto" and auto_choice("qmatmul", dtype, x) == "triton":
+        backend = "triton"
     if backend == "auto" and x.is_cuda:
         log_fallback("qmatmul", "auto keeps dequantize + cuBLAS on CUDA (the Triton dequant-matmul is not yet "
                      "validated on a GPU; KREA2_LITE_KERNELS=triton forces it)")
@@ -269,6 +279,8 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
                              w8a8_matmul_torch)
 
     backend = kernel_backend()
+    tuned = auto_choice("w8a8", act, x) if backend == "auto" else None  # the GPU's measured table
+    backend = "triton" if tuned == "triton" else backend
     N, K = qdata.shape
     forced = backend == "triton"
     fused = None
@@ -284,7 +296,7 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
 
     if x.is_cuda and not forced and not reference:
         threshold = dequant_min_tokens(x.device)
-        if threshold is not None and M >= threshold:
+        if (threshold is not None and M >= threshold) or tuned == "dequant":
             return dequant_matmul(x, qdata, scale, bias, act, rotate, _scratch(workspace, x, N * K))
         log_fallback("w8a8_linear", "auto on CUDA uses the torch activation quantizer and torch._int_mm / "
                      "torch._scaled_mm (the Triton W8A8 kernels are not yet validated on a GPU; "
