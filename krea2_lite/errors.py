@@ -49,3 +49,11 @@ class MemoryPlanError(Krea2LiteError, MemoryError):
 class LoraError(Krea2LiteError, ValueError):
     """A LoRA file that does not fit the model (other model, unknown module, rank or shape
     mismatch, unsupported adapter type), or a LoRA name that is not loaded / already loaded."""
+
+
+class MetadataError(Krea2LiteError, ValueError):
+    """A PNG without readable krea2_lite metadata (generate --from-png); the message names the file."""
+
+
+class PromptFileError(Krea2LiteError, ValueError):
+    """A prompt file (generate --prompts) that is empty or has a bad line; the message names file and line."""

@@ -8,12 +8,13 @@ gives the same image on any device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +57,8 @@ VARIANTS = {
 class Krea2Output:
     images: list  # PIL.Image.Image, prompt-major: prompt 0 images 0..n-1, then prompt 1, ...
     latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
+    # One dict per image: the settings that reproduce it (krea2_lite.metadata; save with save_png).
+    metadata: list = field(default_factory=list)
 
 
 def _read_json(path: Path) -> dict:
@@ -117,6 +120,7 @@ class Krea2Pipeline:
         self.memory_plan = None
         self.plan_request = None  # {"vram_gb", "mode"} when from_pretrained planned to a budget
         self._device = None
+        self.source = None  # what from_pretrained was given (a path, hub id or "demo"), for image metadata
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +161,7 @@ class Krea2Pipeline:
         if variant is not None and variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        source = os.fspath(path_or_hub_id if path_or_hub_id is not None else transformer or "") or None
         if os.fspath(path_or_hub_id or "") == "demo" and not Path("demo").exists():
             from .demo import demo_path  # the trained miniature shipped with the package
 
@@ -251,6 +256,7 @@ class Krea2Pipeline:
         if plan is not None:
             pipe.apply_plan(plan, device)
             pipe.plan_request = dict(vram_gb=budget, mode=offload)
+        pipe.source = source
         return pipe
 
     # ---- memory placement ------------------------------------------------------------------
@@ -372,6 +378,7 @@ class Krea2Pipeline:
             self._prompt_list("negative_prompt", negatives, expected=len(prompts))
 
         total = len(prompts) * num_images
+        user_latents = latents
         channels = self.transformer.config.channels
         lat_h, lat_w = height // 8, width // 8
         if latents is None:
@@ -383,9 +390,16 @@ class Krea2Pipeline:
             raise ValueError("latents contain NaN or inf")
         call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
                     guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
+        from .metadata import image_metadata
+
+        # mu None here means "from the size" unless the variant pins it; seed None: the caller's own noise.
+        described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
+                                   seed=seed if user_latents is None else None, steps=steps,
+                                   guidance=float(guidance), mu=mu if mu is not None else self.defaults.mu,
+                                   width=width, height=height)
         self._fit_plan(width, height, negatives is not None, total, max_sequence_length)
         try:
-            return self._generate(**call)
+            return dataclasses.replace(self._generate(**call), metadata=described)
         except torch.cuda.OutOfMemoryError as exc:
             # Keep only the message: the exception's traceback holds the failed step's activations.
             first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
@@ -400,7 +414,7 @@ class Krea2Pipeline:
         warnings.warn(f"out of GPU memory generating {where}; retrying once with a smaller memory plan:\n{plan}",
                       RuntimeWarning, stacklevel=2)
         try:
-            return self._generate(**call)
+            return dataclasses.replace(self._generate(**call), metadata=described)
         except torch.cuda.OutOfMemoryError as exc:
             raise DeviceMemoryError(
                 f"out of GPU memory generating {where}, also after re-planning for "
