@@ -158,11 +158,7 @@ def build_jobs(args: argparse.Namespace, call: dict) -> list[dict]:
         return [dict(call)]
     from .prompts import read_prompt_file
 
-    jobs = []
-    for line in read_prompt_file(args.prompts):
-        line.pop("line")
-        jobs.append({**call, **line})
-    return jobs
+    return [{**call, **line} for line in read_prompt_file(args.prompts)]  # each keeps its "line" number
 
 
 # ---- output files ------------------------------------------------------------------------------
@@ -245,10 +241,15 @@ def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Nam
     with tqdm(total=sum(len(p) for p in paths), desc="images", unit="image",
               disable=args.quiet or not several) as bar:
         for job, job_paths in zip(jobs, paths):
-            result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
-                          height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
-                          mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
-                          progress=not args.quiet and not several)
+            try:
+                result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
+                              height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
+                              mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
+                              progress=not args.quiet and not several)
+            except (ValueError, TypeError) as exc:  # a setting the pipeline refused: say which line set it
+                if "line" not in job:
+                    raise
+                raise PromptFileError(f"{args.prompts}:{job['line']}: {exc}") from exc
             for image, meta, path in zip(result.images, result.metadata, job_paths):
                 save_png(image, path, None if args.no_metadata else meta)
                 print(path, flush=True)

@@ -163,3 +163,12 @@ def test_quant_int8_w8a8_rot_runs(tmp_path, loads):
     assert loads[0][1]["quant"] == "int8-w8a8-rot"
     assert read_png_metadata(out)["quant"] == "int8-w8a8-rot"
     assert Image.open(out).size == (64, 64)
+
+
+def test_a_setting_the_pipeline_refuses_names_its_line(tmp_path, loads, capsys):
+    path = tmp_path / "wide.jsonl"
+    path.write_text('\n{"prompt": "a red circle", "width": 5000}\n')
+    assert main(["generate", "--prompts", str(path), *FAST, "--output", str(tmp_path / "x_{index}.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "wide.jsonl:2: width must be in 1..4096" in err, err
+    assert not list(tmp_path.glob("x_*.png"))
