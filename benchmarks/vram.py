@@ -227,6 +227,16 @@ def main() -> int:
                         load_float_peak_gb=round(loaded_f["peak_gb"], 4))
         rows.append(qrow)
 
+    print_tables(args, device, rows, qrow, notes)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+        write_chart([r for r in rows if r["kind"] == "pipeline"], args.json.with_suffix(".png"), device.type == "cuda")
+    return 0
+
+
+def print_tables(args, device, rows: list[dict], qrow: dict | None, notes: list[str]) -> None:
+    """The markdown tables of the pipeline stages and of the quantizer."""
     dtype = str(model_dtype(device)).replace("torch.", "")
     print(f"\n{device_name(device)} · preset {args.preset} · {dtype} · {args.resolution}² · {args.steps} steps · "
           f"guidance {args.guidance:g} · quant {args.quant} · peer: {peer_note(args.quant, device)} · "
@@ -264,11 +274,6 @@ def main() -> int:
         print(f"| {qrow['quant']} | {qrow['source_gb']:.4g} | {qrow['output_gb']:.4g} | {qrow['quantize_s']:.2f} | "
               f"{qrow['gb_per_s']:.4g} | {qrow['quantizer_maxrss_gb']:.3f} | {qrow['load_quantized_s']:.2f} | "
               f"{qrow['load_float_s']:.2f} | {qm[0]:.3f} / {qm[1]:.3f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
-        write_chart(pipeline_rows, args.json.with_suffix(".png"), device.type == "cuda")
-    return 0
 
 
 def write_chart(rows: list[dict], path: Path, cuda: bool) -> None:
