@@ -29,14 +29,27 @@ call (on CUDA every timer synchronizes before it starts and before it stops):
 Systems alternate within each repeat (--order alternate, the default; --order sequential loads
 and measures one pipeline at a time, for a card that cannot hold both at the full shape); medians
 over --repeats after --warmup untimed calls each.
-max_pixel_diff: largest |difference| (0–255) between the two systems' images of the first timed
-repeat (a sanity check that both did the same work; quantized krea2_lite rows differ more).
+max_pixel_diff: largest |difference| (0–255) between a peer's image and krea2_lite's of the first timed
+repeat (krea2_lite's row: against the diffusers row), a sanity check that both did the same work;
+quantized rows differ more.
 
 Dtypes: CPU runs in float32, CUDA in bfloat16 (krea2_lite keeps its VAE in float32 on the CPU).
---quant int8|fp8|int4 quantizes krea2_lite's transformer while loading (`from_pretrained(...,
-quant=)`); diffusers has no such path here, so quant rows compare with the diffusers pipeline at the
-model dtype (its row says `weights: float32` / `bfloat16`). --offload / --vram-gb are passed to
-krea2_lite's from_pretrained (diffusers always runs fully resident here).
+--quant (any string `krea2_lite.QuantSpec.parse` accepts: int8, fp8, int4, int8-w8a8, ...) quantizes
+krea2_lite's transformer while loading (`from_pretrained(..., quant=)`). The peer is then what a
+diffusers user does at that precision: the diffusers transformer loaded with
+`quantization_config=QuantoConfig(weights_dtype=...)` (optimum-quanto, diffusers' defaults: every
+linear quantized), its row labelled e.g. `int8 (quanto)`. quanto through diffusers is weight-only, so
+a W8A8 mode is compared with quanto's weight-only peer of the same weight type (labelled "weights
+only"). When torchao is importable, a third row `diffusers+torchao` loads the transformer with
+`TorchAoConfig(<dtype> weight-only config)`; where torchao cannot run that type on the device, the
+row is left out and the reason printed. Every system runs under `torch.no_grad()`, never
+`torch.inference_mode()`: optimum-quanto's int4 fails there ("Cannot set version_counter for
+inference tensor"). --offload / --vram-gb are passed to krea2_lite's from_pretrained (diffusers
+always runs fully resident here).
+
+Minimums: the rows also carry min_step_ms / min_end_to_end_ms (the fastest repeat) and ratios of
+those (min_step_vs_peer, min_end_to_end_vs_peer). On a shared or noisy CPU, alternate the systems
+and compare minimums over many repeats.
 
 CUDA memory (per stage, last timed repeat): peak_alloc_gb = `torch.cuda.max_memory_allocated()`
 during the stage (peak reset at its start) MINUS the other system's resident weights (both
@@ -72,13 +85,13 @@ import torch  # noqa: E402
 
 from pipeline_factory import (DEFAULT_RESOLUTION, PRESETS, usable_device,  # noqa: E402
                               ensure_preset)
+from krea2_lite.quantize.recipe import DTYPES as QUANT_DTYPES, SHORTCUTS as QUANT_SHORTCUTS  # noqa: E402
 
 PROMPT = "a red fox sitting in the snow"
 NEGATIVE = ""
 SEED = 0
-QUANTS = ("none", "int8", "fp8", "int4")
+QUANTS = ("none", *QUANT_DTYPES, *QUANT_SHORTCUTS)  # the library's own list
 DEFAULT_STEPS = {"tiny": 4, "medium": 2, "full": 8}
-SYSTEMS = ("krea2_lite", "diffusers")
 STAGES = ("encode", "denoise", "decode")
 
 
@@ -261,16 +274,65 @@ class Ours(System):
         return base if self.quant == "none" else f"{self.quant} ({base} compute)"
 
 
+QUANTO_WEIGHTS = {"int8": "int8", "fp8": "float8", "int4": "int4"}  # krea2_lite dtype → QuantoConfig's name
+
+
+def peer_weight_dtype(quant: str) -> str | None:
+    """The weight type of a krea2_lite quant string (int8-w8a8-rot → int8); None for "none"."""
+    from krea2_lite import QuantSpec
+
+    return None if quant == "none" else QuantSpec.parse(quant).dtype
+
+
+def torchao_config(dtype: str):
+    """diffusers' TorchAoConfig for weight-only `dtype` (torchao ≥ 0.10 config objects)."""
+    import torchao.quantization as tq
+    from diffusers import TorchAoConfig
+
+    configs = {"int8": "Int8WeightOnlyConfig", "int4": "Int4WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig"}
+    return TorchAoConfig(getattr(tq, configs[dtype])())
+
+
 class Peer(System):
+    """diffusers' Krea2Pipeline; with a quant, its transformer quantized by optimum-quanto (diffusers'
+    QuantoConfig) at the same weight type."""
+
     name = "diffusers"
+    backend = "quanto"
 
     def load(self):
         from diffusers import Krea2Pipeline as DiffusersKrea2Pipeline
 
-        pipe = DiffusersKrea2Pipeline.from_pretrained(self.folder, dtype=model_dtype(self.device))
+        dtype = model_dtype(self.device)
+        extra = {}
+        weight = peer_weight_dtype(self.quant)
+        if weight is not None:
+            from diffusers import Krea2Transformer2DModel
+
+            with warnings.catch_warnings():  # diffusers 0.42 deprecates its quanto path (it still works)
+                warnings.simplefilter("ignore", FutureWarning)
+                extra["transformer"] = Krea2Transformer2DModel.from_pretrained(
+                    self.folder, subfolder="transformer", torch_dtype=dtype,
+                    quantization_config=self.quantization_config(weight))
+        pipe = DiffusersKrea2Pipeline.from_pretrained(self.folder, dtype=dtype, **extra)
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def quantization_config(self, weight: str):
+        from diffusers import QuantoConfig
+
+        with warnings.catch_warnings():  # QuantoConfig is deprecated in diffusers 0.42 but works
+            warnings.simplefilter("ignore")
+            return QuantoConfig(weights_dtype=QUANTO_WEIGHTS[weight])
+
+    @property
+    def weights(self) -> str:
+        weight = peer_weight_dtype(self.quant)
+        if weight is None:
+            return super().weights
+        only = ", weights only" if weight != self.quant and self.quant not in QUANT_DTYPES else ""
+        return f"{weight} ({self.backend}{only})"
 
     def instrument(self) -> None:
         pipe, clock = self.pipe, self.clock
@@ -296,6 +358,22 @@ class Peer(System):
                              max_sequence_length=self.msl, output_type="pil").images
 
 
+class TorchaoPeer(Peer):
+    """diffusers with its transformer quantized by torchao (weight-only) at the same weight type."""
+
+    name = "diffusers+torchao"
+    backend = "torchao"
+
+    def quantization_config(self, weight: str):
+        return torchao_config(weight)
+
+
+def torchao_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
 def max_pixel_diff(a: list, b: list) -> int:
     import numpy as np
 
@@ -306,13 +384,16 @@ def max_pixel_diff(a: list, b: list) -> int:
 def print_table(rows: list[dict], header: str) -> None:
     print(f"\n{header}\n")
     print("| system | weights | load s | encode ms | step ms | decode ms | other ms | end-to-end ms "
-          "| step vs diffusers | end-to-end vs diffusers | max Δpixel |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| min step ms | min end-to-end ms | step vs diffusers | end-to-end vs diffusers "
+          "| min step vs diffusers | min end-to-end vs diffusers | max Δpixel |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = lambda v: f"{v:.2f}×" if v is not None else "–"  # noqa: E731
         print(f"| {r['system']} | {r['weights']} | {r['load_s']:.2f} | {r['encode_ms']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['decode_ms']:.1f} | {r['other_ms']:.1f} | {r['end_to_end_ms']:.1f} | "
-              f"{ratio(r['step_vs_diffusers'])} | {ratio(r['end_to_end_vs_diffusers'])} | "
+              f"{r['decode_ms']:.1f} | {r['other_ms']:.1f} | {r['end_to_end_ms']:.1f} | {r['min_step_ms']:.1f} | "
+              f"{r['min_end_to_end_ms']:.1f} | {ratio(r['step_vs_diffusers'])} | "
+              f"{ratio(r['end_to_end_vs_diffusers'])} | {ratio(r['min_step_vs_peer'])} | "
+              f"{ratio(r['min_end_to_end_vs_peer'])} | "
               f"{r['max_pixel_diff'] if r['max_pixel_diff'] is not None else '–'} |")
     if any("peak_alloc_gb" in r for r in rows):
         print("\n| system | resident GB | peak GB encode | peak GB denoise | peak GB decode "
@@ -353,7 +434,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=PRESETS, default="tiny")
     ap.add_argument("--quant", choices=QUANTS, default="none",
-                    help="krea2_lite transformer weights; diffusers always runs at the model dtype")
+                    help="krea2_lite's transformer quantization; the diffusers peer is quantized by optimum-quanto "
+                    "(and torchao, when installed) at the same weight type")
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential", "auto"],
                     help="krea2_lite's offload mode (from_pretrained(offload=...))")
     ap.add_argument("--vram-gb", type=float, default=None, help="krea2_lite's device budget in GiB (the planner's)")
@@ -398,6 +480,114 @@ def check_common_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> 
         ap.error("--guidance must be >= 0")
 
 
+def peer_classes(quant: str) -> list[type]:
+    """The peers to measure: diffusers (quanto-quantized when quant is set), and diffusers+torchao
+    when a quant is set and torchao is importable."""
+    return [Peer] + ([TorchaoPeer] if quant != "none" and torchao_available() else [])
+
+
+def load_system(cls, notes: list[str], **kwargs) -> System | None:
+    """Load one system; an optional peer (torchao) that cannot load here is noted and left out."""
+    if cls is not TorchaoPeer:
+        return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # torchao lacks some types on some devices (e.g. fp8 on a CPU)
+        notes.append(f"diffusers+torchao not measured: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return None
+
+
+def measure(args, device: torch.device, folder: Path, notes: list[str]):
+    """Load and time every system: (systems, {name: {stage: [ms per repeat]}}, {name: first images})."""
+    common = dict(folder=folder, device=device, quant=args.quant, steps=args.steps, guidance=args.guidance,
+                  resolution=args.resolution, max_sequence_length=args.max_sequence_length)
+    ours_only = dict(offload=args.offload, vram_gb=args.vram_gb)
+    classes = [Ours, *peer_classes(args.quant)]
+    times, first_images = {}, {}
+
+    def timed_run(s: System, rep: int, latents: torch.Tensor) -> None:
+        images, t = s.run(latents)
+        t["other"] = t["end_to_end"] - sum(t.get(k, 0.0) for k in STAGES)  # per call, then the median
+        for k in (*STAGES, "other", "end_to_end"):
+            times.setdefault(s.name, {}).setdefault(k, []).append(t.get(k, 0.0))
+        if rep == 0:
+            first_images[s.name] = images
+        del images
+        gc.collect()
+
+    with torch.no_grad():  # never inference_mode: optimum-quanto's int4 fails under it
+        if args.order == "alternate":  # every pipeline loaded; systems alternate within each repeat
+            loaded = [load_system(cls, notes, **common, **(ours_only if cls is Ours else {})) for cls in classes]
+            systems = [s for s in loaded if s is not None]
+            latents = systems[0].pipe.noise(1, args.resolution, args.resolution, seed=SEED)
+            for s in systems:
+                for _ in range(args.warmup):
+                    s.run(latents)
+            for rep in range(args.repeats):
+                for s in systems:
+                    timed_run(s, rep, latents)
+            return systems, times, first_images
+        systems = []  # one pipeline at a time (the pair may not fit on the card together)
+        for cls in classes:
+            s = load_system(cls, notes, **common, **(ours_only if cls is Ours else {}))
+            if s is None:
+                continue
+            if cls is Ours:
+                latents = s.pipe.noise(1, args.resolution, args.resolution, seed=SEED)
+            for _ in range(args.warmup):
+                s.run(latents)
+            for rep in range(args.repeats):
+                timed_run(s, rep, latents)
+            s.pipe = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            systems.append(s)
+    return systems, times, first_images
+
+
+def make_rows(args, device: torch.device, systems: list, times: dict, first_images: dict) -> list[dict]:
+    med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in times.items()}
+    low = {name: {k: min(v) for k, v in d.items()} for name, d in times.items()}
+    ref, ref_low = med["diffusers"], low["diffusers"]
+    rows = []
+    for s in systems:
+        m, lo = med[s.name], low[s.name]
+        row = dict(system=s.name, device=device_name(device), preset=args.preset, quant=args.quant,
+                   offload=args.offload, resolution=args.resolution, steps=args.steps, guidance=args.guidance,
+                   max_sequence_length=args.max_sequence_length, weights=s.weights,
+                   kernels=os.environ.get("KREA2_LITE_KERNELS", "auto") if s.name == "krea2_lite" else None,
+                   repeats=args.repeats, warmup=args.warmup, order=args.order, load_s=round(s.load_s, 3),
+                   encode_ms=round(m["encode"], 2), denoise_ms=round(m["denoise"], 2),
+                   step_ms=round(m["denoise"] / args.steps, 2), decode_ms=round(m["decode"], 2),
+                   other_ms=round(m["other"], 2), end_to_end_ms=round(m["end_to_end"], 2),
+                   min_step_ms=round(lo["denoise"] / args.steps, 2),
+                   min_end_to_end_ms=round(lo["end_to_end"], 2),
+                   step_vs_diffusers=round(m["denoise"] / ref["denoise"], 3),
+                   end_to_end_vs_diffusers=round(m["end_to_end"] / ref["end_to_end"], 3),
+                   min_step_vs_peer=round(lo["denoise"] / ref_low["denoise"], 3),
+                   min_end_to_end_vs_peer=round(lo["end_to_end"] / ref_low["end_to_end"], 3),
+                   max_pixel_diff=max_pixel_diff(first_images["krea2_lite"],
+                                                  first_images["diffusers" if s.name == "krea2_lite" else s.name]),
+                   date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
+        if device.type == "cuda":
+            others = sum(o.resident_bytes for o in systems if o is not s) if args.order == "alternate" else 0
+            row["resident_gb"] = round(s.resident_bytes / 1e9, 3)
+            row["peak_alloc_gb"] = {k: round((s.clock.peaks.get(k, 0) - others) / 1e9, 3) for k in STAGES}
+            row["reserved_gb"] = {k: round(s.clock.reserved.get(k, 0) / 1e9, 3) for k in STAGES}
+        rows.append(row)
+    return rows
+
+
+def peer_note(quant: str, device: torch.device) -> str:
+    dtype = str(model_dtype(device)).replace("torch.", "")
+    if quant == "none":
+        return f"diffusers at {dtype}"
+    weight = peer_weight_dtype(quant)
+    only = "" if quant in QUANT_DTYPES else ", weight-only: it has no W8A8 path"
+    return f"diffusers + optimum-quanto {weight} ({dtype} compute{only})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
@@ -417,84 +607,17 @@ def main() -> int:
     quiet_libraries()
     folder = ensure_preset(args.preset, args.workdir)
     prewarm_quant(args.quant)
-    from krea2_lite import Krea2Pipeline
-
-    common = dict(folder=folder, device=device, quant=args.quant, steps=args.steps, guidance=args.guidance,
-                  resolution=args.resolution, max_sequence_length=args.max_sequence_length)
-    ours_only = dict(offload=args.offload, vram_gb=args.vram_gb)
-    times = {name: {k: [] for k in (*STAGES, "other", "end_to_end")} for name in SYSTEMS}
-    first_images = {}
-
-    def timed_run(s: System, rep: int, latents: torch.Tensor) -> None:
-        images, t = s.run(latents)
-        t["other"] = t["end_to_end"] - sum(t.get(k, 0.0) for k in STAGES)  # per call, then the median
-        for k in times[s.name]:
-            times[s.name][k].append(t.get(k, 0.0))
-        if rep == 0:
-            first_images[s.name] = images
-        del images
-        gc.collect()
-
-    with torch.no_grad():
-        if args.order == "alternate":  # both pipelines loaded; systems alternate within each repeat
-            systems = [Ours(**common, **ours_only), Peer(**common)]
-            latents = systems[0].pipe.noise(1, args.resolution, args.resolution, seed=SEED)
-            for s in systems:
-                for _ in range(args.warmup):
-                    s.run(latents)
-            for rep in range(args.repeats):
-                for s in systems:
-                    timed_run(s, rep, latents)
-        else:  # one pipeline at a time (the pair may not fit on the card together)
-            systems = []
-            for cls in (Ours, Peer):
-                s = cls(**common, **(ours_only if cls is Ours else {}))
-                if cls is Ours:
-                    latents = s.pipe.noise(1, args.resolution, args.resolution, seed=SEED)
-                for _ in range(args.warmup):
-                    s.run(latents)
-                for rep in range(args.repeats):
-                    timed_run(s, rep, latents)
-                s.pipe = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                systems.append(s)
-    assert isinstance(latents, torch.Tensor) and Krea2Pipeline is not None
-    diff = max_pixel_diff(first_images["krea2_lite"], first_images["diffusers"])
-
-    med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in times.items()}
-    ref = med["diffusers"]
-    rows = []
-    for s in systems:
-        m = med[s.name]
-        row = dict(system=s.name, device=device_name(device), preset=args.preset, quant=args.quant,
-                   offload=args.offload, resolution=args.resolution, steps=args.steps, guidance=args.guidance,
-                   max_sequence_length=args.max_sequence_length, weights=s.weights,
-                   kernels=os.environ.get("KREA2_LITE_KERNELS", "auto") if s.name == "krea2_lite" else None,
-                   repeats=args.repeats, warmup=args.warmup, order=args.order, load_s=round(s.load_s, 3),
-                   encode_ms=round(m["encode"], 2), denoise_ms=round(m["denoise"], 2),
-                   step_ms=round(m["denoise"] / args.steps, 2), decode_ms=round(m["decode"], 2),
-                   other_ms=round(m["other"], 2), end_to_end_ms=round(m["end_to_end"], 2),
-                   min_end_to_end_ms=round(min(times[s.name]["end_to_end"]), 2),
-                   step_vs_diffusers=round(m["denoise"] / ref["denoise"], 3),
-                   end_to_end_vs_diffusers=round(m["end_to_end"] / ref["end_to_end"], 3),
-                   max_pixel_diff=diff, date=time.strftime("%Y-%m-%d"),
-                   torch=torch.__version__)
-        if device.type == "cuda":
-            others = sum(o.resident_bytes for o in systems if o is not s) if args.order == "alternate" else 0
-            row["resident_gb"] = round(s.resident_bytes / 1e9, 3)
-            row["peak_alloc_gb"] = {k: round((s.clock.peaks.get(k, 0) - others) / 1e9, 3) for k in STAGES}
-            row["reserved_gb"] = {k: round(s.clock.reserved.get(k, 0) / 1e9, 3) for k in STAGES}
-        rows.append(row)
-    peer_note = ("" if args.quant == "none" else
-                 f" · diffusers at {str(model_dtype(device)).replace('torch.', '')} (it has no {args.quant} path)")
+    notes: list[str] = []
+    systems, times, first_images = measure(args, device, folder, notes)
+    rows = make_rows(args, device, systems, times, first_images)
     header = (f"{device_name(device)} · preset {args.preset} · {str(model_dtype(device)).replace('torch.', '')} · "
               f"{args.resolution}² · {args.steps} steps · guidance {args.guidance:g} · "
-              f"quant {args.quant}{peer_note} · "
+              f"quant {args.quant} · peer: {peer_note(args.quant, device)} · "
               f"offload {args.offload} · medians of {args.repeats} after {args.warmup} warm-up, "
               + ("systems alternated" if args.order == "alternate" else "one system at a time"))
     print_table(rows, header)
+    for note in notes:
+        print(f"\n{note}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))

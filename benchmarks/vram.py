@@ -1,7 +1,8 @@
 """Peak memory per pipeline stage, krea2_lite beside diffusers, plus the quantizer's throughput.
 
-Pipeline part. Each system (krea2_lite's Krea2Pipeline, diffusers' Krea2Pipeline) runs in its OWN
-fresh subprocess (process-wide peaks would otherwise mix the two), on the same saved folder
+Pipeline part. Each system (krea2_lite's Krea2Pipeline, diffusers' Krea2Pipeline — with --quant,
+its transformer quantized by optimum-quanto at the same weight type, and a diffusers+torchao row when
+torchao is installed; see speed.py, whose systems these are) runs in its OWN fresh subprocess (process-wide peaks would otherwise mix the two), on the same saved folder
 (benchmarks/pipeline_factory.py), prompt, noise, steps and guidance as benchmarks/speed.py. The
 child loads the pipeline, then makes ONE cold end-to-end call (no warm-up) whose component calls
 are wrapped exactly as in speed.py, giving the stages load / encode / denoise / decode:
@@ -49,10 +50,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from pipeline_factory import usable_device, ensure_preset, folder_size  # noqa: E402
-from speed import (SEED, Ours, Peer, StageClock, add_common_args, check_common_args, device_name,  # noqa: E402
-                   model_dtype, prewarm_quant, proc_status, sync)
+from speed import (SEED, Ours, Peer, StageClock, TorchaoPeer, add_common_args, check_common_args,  # noqa: E402
+                   device_name, model_dtype, peer_classes, peer_note, prewarm_quant, proc_status, sync)
 
 MARK = "@@VRAM_RESULT@@ "
+CHILDREN = {cls.name: cls for cls in (Ours, Peer, TorchaoPeer)}
 GB = 1e9
 
 
@@ -64,12 +66,12 @@ def maxrss_bytes(usage=None) -> int:
 # ---- children ----------------------------------------------------------------------------------
 def child_pipeline(args) -> dict:
     device = torch.device(args.device)
-    cls = Ours if args.child == "krea2_lite" else Peer
+    cls = CHILDREN[args.child]
     import krea2_lite  # noqa: F401
 
-    if cls is Peer:
+    if cls is not Ours:
         import diffusers  # noqa: F401
-    prewarm_quant(args.quant if cls is Ours else "none")
+    prewarm_quant(args.quant)  # int4: quanto's extension is built/loaded before anything is measured
     clock = StageClock(device, rss=True)
     base = dict(rss_gb=proc_status().get("VmRSS", 0) / GB, process_peak_gb=clock.hwm_max / GB)
     stages = {"imports": base}
@@ -79,7 +81,7 @@ def child_pipeline(args) -> dict:
                      max_sequence_length=args.max_sequence_length, clock=clock,
                      **(dict(offload=args.offload, vram_gb=args.vram_gb) if cls is Ours else {}))
     config = system.pipe.transformer.config
-    channels = config.in_channels // 4 if cls is Peer else config.channels
+    channels = config.channels if cls is Ours else config.in_channels // 4
     side = args.resolution // 8  # Krea2Pipeline.noise(1, H, W, SEED), drawn here without building it for diffusers
     latents = torch.randn((1, channels, side, side), generator=torch.Generator("cpu").manual_seed(SEED))
     with torch.no_grad():
@@ -143,8 +145,13 @@ def run_quantizer(source: Path, dtype: str, out: Path) -> dict:
     """`python -m krea2_lite.quantize` in its own process: wall time and that process's peak RSS."""
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "krea2_lite.quantize", "--model", str(source), "--dtype", dtype,
+    from krea2_lite import QuantSpec
+
+    spec = QuantSpec.parse(dtype)  # a shortcut (int8-w8a8-rot) becomes the quantizer's flags
+    cmd = [sys.executable, "-m", "krea2_lite.quantize", "--model", str(source), "--dtype", spec.dtype,
            "--out", str(out), "--quiet"]
+    if spec.activations:
+        cmd += ["--activations", spec.activations] + (["--rotate", str(spec.rotate)] if spec.rotate else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
@@ -168,7 +175,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap)
     ap.add_argument("--no-quantize", action="store_true", help="skip the quantizer part")
-    ap.add_argument("--child", choices=("krea2_lite", "diffusers", "load"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*CHILDREN, "load"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     check_common_args(ap, args)
@@ -187,9 +194,15 @@ def main() -> int:
     common = dict(device=device_name(device), preset=args.preset, quant=args.quant, offload=args.offload,
                   resolution=args.resolution, steps=args.steps, guidance=args.guidance,
                   date=time.strftime("%Y-%m-%d"), torch=torch.__version__)
-    rows = []
-    for system in ("krea2_lite", "diffusers"):
-        result = run_child(args, system, folder, quant=args.quant if system == "krea2_lite" else "none")
+    rows, notes = [], []
+    for system in ("krea2_lite", *(cls.name for cls in peer_classes(args.quant))):
+        try:
+            result = run_child(args, system, folder)
+        except RuntimeError as exc:
+            if system != TorchaoPeer.name:
+                raise
+            notes.append(f"{system} not measured: {str(exc).strip().splitlines()[-1][:200]}")
+            continue
         for stage, figures in result["stages"].items():
             rows.append(dict(kind="pipeline", system=system, weights=result["weights"], stage=stage,
                              **common, **{k: round(v, 4) for k, v in figures.items()}))
@@ -214,11 +227,22 @@ def main() -> int:
                         load_float_peak_gb=round(loaded_f["peak_gb"], 4))
         rows.append(qrow)
 
+    print_tables(args, device, rows, qrow, notes)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+        write_chart([r for r in rows if r["kind"] == "pipeline"], args.json.with_suffix(".png"), device.type == "cuda")
+    return 0
+
+
+def print_tables(args, device, rows: list[dict], qrow: dict | None, notes: list[str]) -> None:
+    """The markdown tables of the pipeline stages and of the quantizer."""
     dtype = str(model_dtype(device)).replace("torch.", "")
-    peer_note = "" if args.quant == "none" else f" · diffusers at {dtype} (it has no {args.quant} path)"
     print(f"\n{device_name(device)} · preset {args.preset} · {dtype} · {args.resolution}² · {args.steps} steps · "
-          f"guidance {args.guidance:g} · quant {args.quant}{peer_note} · offload {args.offload} · "
-          "each system in a fresh process, one cold call\n")
+          f"guidance {args.guidance:g} · quant {args.quant} · peer: {peer_note(args.quant, device)} · "
+          f"offload {args.offload} · each system in a fresh process, one cold call\n")
+    for note in notes:
+        print(f"{note}\n")
     pipeline_rows = [r for r in rows if r["kind"] == "pipeline"]
     if device.type == "cuda":
         print("| system | weights | stage | time s | peak allocated GB | reserved GB | allocated after GB |")
@@ -250,11 +274,6 @@ def main() -> int:
         print(f"| {qrow['quant']} | {qrow['source_gb']:.4g} | {qrow['output_gb']:.4g} | {qrow['quantize_s']:.2f} | "
               f"{qrow['gb_per_s']:.4g} | {qrow['quantizer_maxrss_gb']:.3f} | {qrow['load_quantized_s']:.2f} | "
               f"{qrow['load_float_s']:.2f} | {qm[0]:.3f} / {qm[1]:.3f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
-        write_chart(pipeline_rows, args.json.with_suffix(".png"), device.type == "cuda")
-    return 0
 
 
 def write_chart(rows: list[dict], path: Path, cuda: bool) -> None:

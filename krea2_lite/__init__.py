@@ -2,12 +2,14 @@
 
 from .loading.transformer import load_transformer
 from .config import Krea2Config
+from .metadata import read_png_metadata, save_png
 from .model import Krea2Transformer
 from .quantize import QuantSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "__version__"]
+__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "read_png_metadata",
+           "save_png", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,9 @@
-"""`python -m krea2_lite generate PROMPT --model …`: write PNGs and print their paths."""
+"""`python -m krea2_lite generate PROMPT --model …`: write PNGs and print their paths.
+
+Settings come in layers, each overriding the one before: the image given to --from-png (its
+krea2_lite metadata), then the flags given on the command line, then a --prompts file's per-line
+overrides. The model is loaded once for the whole list.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,36 @@ import argparse
 import logging
 import os
 import re
+import string
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .cli_errors import run_cli
+from .errors import MetadataError, PromptFileError
+from .quantize.recipe import DTYPES as QUANT_DTYPES, SHORTCUTS as QUANT_SHORTCUTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTS = (*QUANT_DTYPES, *QUANT_SHORTCUTS)  # every string QuantSpec.parse accepts, from the library itself
+CALL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "num_images")
+PLACEHOLDERS = ("index", "seed", "stem")
+FOLDER_PATTERN = "{stem}_{index:04d}.png"  # the file names when --output names a folder
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m krea2_lite", description="Krea 2 image generation")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt", help="text prompt")
-    gen.add_argument("--model", required=True,
-                     help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer .safetensors, "
-                     "or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds on a CPU)")
+    gen = sub.add_parser("generate", help="generate images from a prompt, a prompt file or a PNG's settings")
+    gen.add_argument("prompt", nargs="?", help="text prompt (optional with --prompts or --from-png)")
+    gen.add_argument("--prompts", metavar="FILE", help="a .txt file (one prompt a line) or .jsonl file (one JSON "
+                     "object a line: prompt plus any of negative_prompt, seed, steps, cfg, mu, width, height, size, "
+                     "num_images); the model is loaded once for the whole list")
+    gen.add_argument("--from-png", metavar="FILE", help="regenerate from the settings stored in a PNG written by "
+                     "krea2_lite; flags given override them")
+    gen.add_argument("--model", help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer "
+                     ".safetensors, or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds "
+                     "on a CPU); required unless --from-png names it")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -34,15 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mu", type=float, help="pin the timestep shift instead of deriving it from the size")
     gen.add_argument("--width", type=int, help="default: the model's own (1024; the demo: 64)")
     gen.add_argument("--height", type=int, help="default: the model's own (1024; the demo: 64)")
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--num-images", type=int, help="images per prompt (default 1)")
+    gen.add_argument("--seed", type=int, help="image i of a prompt uses seed + i (default 0; each line of a "
+                     "prompt file starts again at this seed unless it sets its own)")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--output", default="sample.png",
-                     help="PNG path; with several images, _0, _1, … are added before the suffix")
+    gen.add_argument("--output", help="PNG path (default sample.png), or a folder (ending in / or existing), or a "
+                     "pattern with {index} (image number in this run), {seed}, {stem} (the --prompts / --from-png "
+                     "file's name, else 'sample'); without placeholders several images get _0, _1, …")
+    gen.add_argument("--no-metadata", action="store_true", help="write no settings into the PNGs (by default: "
+                     "an A1111 'parameters' chunk and a 'krea2_lite' JSON chunk)")
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     gen.add_argument("--dtype", choices=sorted(DTYPES),
                      help="default bf16; fp32 for --model demo (tiny: CPUs without native bf16 run it ~3× slower)")
-    gen.add_argument("--quant", choices=["int8", "fp8", "int4"], help="quantize the transformer while loading")
+    gen.add_argument("--quant", choices=("none", *QUANTS), help="quantize the transformer while loading "
+                     "(none: full precision, also over a --from-png image's quant)")
     gen.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto",
                      help="where weights live: auto plans from --vram-gb or the free GPU memory")
     gen.add_argument("--vram-gb", type=float, help="device memory budget in GiB for the offload planner")
@@ -50,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: what the OS reports available)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
-                     help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable")
+                     help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
+                     "(replaces a --from-png image's LoRAs)")
     return parser
 
 
@@ -66,7 +88,85 @@ def lora_argument(text: str) -> tuple[str, float]:
     return match.group("path"), float(match.group("scale"))
 
 
+# ---- settings: --from-png, then flags, then prompt-file lines ----------------------------------
+def png_settings(path: str) -> tuple[dict, dict]:
+    """(call settings, load settings) stored in a krea2_lite PNG; MetadataError names the file."""
+    from .metadata import read_png_metadata
+    from .prompts import check_value
+
+    meta = read_png_metadata(path)
+    call = {"prompt": meta["prompt"]}
+    for key in ("negative_prompt", "seed", "steps", "guidance", "mu", "width", "height"):
+        if meta.get(key) is not None:
+            try:
+                call.update(check_value(key, meta[key], f"{path} (krea2_lite metadata)"))
+            except PromptFileError as exc:
+                raise MetadataError(str(exc)) from None
+    if "seed" not in call:
+        raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
+    load = {k: meta[k] for k in ("model", "variant", "quant", "dtype") if meta.get(k) is not None}
+    if load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo"):
+        raise MetadataError(f"{path}: unknown dtype / variant in the krea2_lite metadata: {load}")
+    loras = meta.get("loras") or []
+    if not isinstance(loras, list) or not all(isinstance(lo, dict) and isinstance(lo.get("name"), str)
+                                              and isinstance(lo.get("scale"), (int, float)) for lo in loras):
+        raise MetadataError(f"{path}: 'loras' in the krea2_lite metadata must be a list of {{name, scale}}")
+    load["lora"] = [(lo["name"], float(lo["scale"])) for lo in loras]
+    if "quant" in load:
+        load["quant"] = _png_quant(load["quant"], path)
+    return call, load
+
+
+def _png_quant(value, path: str):
+    """A stored quant: one of the library's strings, or a QuantSpec dict (a custom recipe)."""
+    from .quantize import QuantSpec
+
+    if isinstance(value, str) and value in QUANTS:
+        return value
+    try:
+        if isinstance(value, dict):
+            return QuantSpec.from_dict(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MetadataError(f"{path}: the quant recipe in the krea2_lite metadata is not valid ({exc})") from None
+    raise MetadataError(f"{path}: unknown quant {value!r} in the krea2_lite metadata; expected one of {QUANTS}")
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(call settings, load settings): the --from-png image's, overridden by the flags given."""
+    call, load = png_settings(args.from_png) if args.from_png else ({}, {})
+    given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                 guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images)
+    call.update({k: v for k, v in given.items() if v is not None})
+    call.setdefault("seed", 0)
+    call.setdefault("num_images", 1)
+    flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
+                 lora=args.lora or None)
+    load.update({k: v for k, v in flags.items() if v is not None})
+    if load.get("quant") == "none":
+        load["quant"] = None
+    if not load.get("model"):
+        raise ValueError("--model is required (or --from-png with an image that names its model)")
+    load.setdefault("dtype", "fp32" if load["model"] == "demo" else "bf16")
+    load.setdefault("lora", [])
+    return call, load
+
+
+def build_jobs(args: argparse.Namespace, call: dict) -> list[dict]:
+    """One dict of pipeline-call settings per prompt: the prompt file's lines over `call`, or `call`."""
+    if args.prompts and args.prompt is not None:
+        raise ValueError("give a prompt or --prompts FILE, not both")
+    if not args.prompts:
+        if not call.get("prompt"):
+            raise ValueError("a prompt is needed (or --prompts FILE, or --from-png FILE)")
+        return [dict(call)]
+    from .prompts import read_prompt_file
+
+    return [{**call, **line} for line in read_prompt_file(args.prompts)]  # each keeps its "line" number
+
+
+# ---- output files ------------------------------------------------------------------------------
 def output_paths(output: str, count: int) -> list[Path]:
+    """Plain --output: the path itself for one image, else _0, _1, … before the suffix."""
     path = Path(output)
     if path.suffix.lower() != ".png":
         path = path.with_name(path.name + ".png")
@@ -75,36 +175,96 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(count)]
 
 
-def save_atomically(image, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written PNG is ever visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _template(output: str) -> str | None:
+    """The --output pattern to format, or None for a plain path; a folder becomes FOLDER_PATTERN in it."""
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        return str(Path(output) / FOLDER_PATTERN)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        fields = [f for _, f, _, _ in string.Formatter().parse(output) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"--output {output!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    unknown = [f for f in fields if f not in PLACEHOLDERS]
+    if unknown:
+        raise ValueError(f"--output {output!r}: unknown placeholder {{{unknown[0]}}}; use "
+                         + ", ".join("{" + p + "}" for p in PLACEHOLDERS))
+    return output if fields else None
+
+
+def plan_outputs(args: argparse.Namespace, jobs: list[dict]) -> list[list[Path]]:
+    """The PNG path of every image of every job, checked before anything is loaded: no two images
+    share a path, and none replaces the --from-png or --prompts file."""
+    output = args.output or "sample.png"
+    seeds = [[job["seed"] + i for i in range(job["num_images"])] for job in jobs]
+    total = sum(len(s) for s in seeds)
+    source = args.prompts or args.from_png
+    stem = Path(source).stem if source else "sample"
+    template = _template(output)
+    if template is None:
+        flat = output_paths(output, total)
+    else:
+        try:
+            flat = [Path(template.format(index=i, seed=seed, stem=stem))
+                    for i, seed in enumerate(s for job_seeds in seeds for s in job_seeds)]
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"--output {output!r}: {exc}") from None
+        flat = [p if p.suffix.lower() == ".png" else p.with_name(p.name + ".png") for p in flat]
+    seen = {}
+    inputs = {Path(f).resolve() for f in (args.from_png, args.prompts) if f}
+    for path in flat:
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(f"--output {output!r} names {path} for more than one image; add {{index}}")
+        if key in inputs:
+            raise ValueError(f"--output {output!r} would overwrite the input file {path}")
+        seen[key] = path
+    it = iter(flat)
+    return [[next(it) for _ in job_seeds] for job_seeds in seeds]
+
+
+# ---- running -----------------------------------------------------------------------------------
+def load_pipeline(args: argparse.Namespace, load: dict):
+    from .pipeline import Krea2Pipeline
+
+    pipe = Krea2Pipeline.from_pretrained(load["model"], variant=load.get("variant"), device=args.device,
+                                         dtype=DTYPES[load["dtype"]], text_encoder=args.text_encoder, vae=args.vae,
+                                         quant=load.get("quant"), offload=args.offload, vram_gb=args.vram_gb,
+                                         host_ram_gb=args.ram_gb, progress=not args.quiet)
+    for path, scale in load["lora"]:
+        pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
+    return pipe
+
+
+def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Namespace) -> None:
+    """One pipeline call per job; one progress bar over every image when there are several jobs."""
+    from tqdm.auto import tqdm
+
+    from .metadata import save_png
+
+    several = len(jobs) > 1
+    with tqdm(total=sum(len(p) for p in paths), desc="images", unit="image",
+              disable=args.quiet or not several) as bar:
+        for job, job_paths in zip(jobs, paths):
+            try:
+                result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
+                              height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
+                              mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
+                              progress=not args.quiet and not several)
+            except (ValueError, TypeError) as exc:  # a setting the pipeline refused: say which line set it
+                if "line" not in job:
+                    raise
+                raise PromptFileError(f"{args.prompts}:{job['line']}: {exc}") from exc
+            for image, meta, path in zip(result.images, result.metadata, job_paths):
+                save_png(image, path, None if args.no_metadata else meta)
+                print(path, flush=True)
+            bar.update(len(job_paths))
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .pipeline import Krea2Pipeline
-
-    pipe = Krea2Pipeline.from_pretrained(args.model, variant=args.variant, device=args.device,
-                                         dtype=DTYPES[args.dtype or ("fp32" if args.model == "demo" else "bf16")],
-                                         text_encoder=args.text_encoder, vae=args.vae, quant=args.quant,
-                                         offload=args.offload, vram_gb=args.vram_gb, host_ram_gb=args.ram_gb,
-                                         progress=not args.quiet)
-    for path, scale in args.lora:
-        pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-                  steps=args.steps, guidance=args.cfg, mu=args.mu, seed=args.seed,
-                  num_images=args.num_images, progress=not args.quiet)
-    for image, path in zip(result.images, output_paths(args.output, len(result.images))):
-        save_atomically(image, path)
-        print(path)
+    call, load = resolve_settings(args)
+    jobs = build_jobs(args, call)
+    paths = plan_outputs(args, jobs)  # every input checked before the (slow) model load
+    pipe = load_pipeline(args, load)
+    run_jobs(pipe, jobs, paths, args)
     return 0
 
 

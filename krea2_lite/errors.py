@@ -77,3 +77,9 @@ class UnsafeOutputError(Krea2LiteError, ValueError):
 
 class NonFiniteError(Krea2LiteError, FloatingPointError):
     """NaN or inf in a tensor that must be finite; the message names where it came from."""
+class MetadataError(Krea2LiteError, ValueError):
+    """A PNG without readable krea2_lite metadata (generate --from-png); the message names the file."""
+
+
+class PromptFileError(Krea2LiteError, ValueError):
+    """A prompt file (generate --prompts) that is empty or has a bad line; the message names file and line."""

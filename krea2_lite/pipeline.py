@@ -8,12 +8,13 @@ gives the same image on any device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -49,6 +50,8 @@ REPLAN_FACTOR = 0.8  # after a CUDA out-of-memory error, plan again for this sha
 class Krea2Output:
     images: list  # PIL.Image.Image, prompt-major: prompt 0 images 0..n-1, then prompt 1, ...
     latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
+    # One dict per image: the settings that reproduce it (krea2_lite.metadata; save with save_png).
+    metadata: list = field(default_factory=list)
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -120,6 +123,7 @@ class Krea2Pipeline:
         self.plan_request = None  # {"vram_gb", "mode", "host_ram_gb"} when from_pretrained planned
         self.text_encoder_loader = None  # re-reads the text encoder from its files (a "reload" plan needs it)
         self._device = None
+        self.source = None  # what from_pretrained was given (a path, hub id or "demo"), for image metadata
 
     @property
     def device(self) -> torch.device:
@@ -162,8 +166,11 @@ class Krea2Pipeline:
             host_ram_gb = available_host_bytes() / (1 << 30)
         spec = resolve_pipeline(path_or_hub_id, variant=variant, quant=quant, transformer=transformer,
                                 text_encoder=text_encoder, vae=vae)
-        return cls.from_spec(spec, quant=quant, vram_gb=vram_gb, offload=offload, device=device, dtype=dtype,
+        pipe = cls.from_spec(spec, quant=quant, vram_gb=vram_gb, offload=offload, device=device, dtype=dtype,
                              progress=progress, prefetch=prefetch, host_ram_gb=host_ram_gb)
+        # What the user named (a path, hub id or "demo"), recorded in every image's metadata.
+        pipe.source = os.fspath(path_or_hub_id if path_or_hub_id is not None else transformer or "") or None
+        return pipe
 
     @classmethod
     def from_spec(cls, spec: PipelineSpec, *, quant=None, vram_gb: float | None = None, offload: str = "auto",
@@ -324,6 +331,7 @@ class Krea2Pipeline:
             self._prompt_list("negative_prompt", negatives, expected=len(prompts))
 
         total = len(prompts) * num_images
+        user_latents = latents
         channels = self.transformer.config.channels
         lat_h, lat_w = height // 8, width // 8
         seed = arguments.check_seed(seed, total)
@@ -333,9 +341,16 @@ class Krea2Pipeline:
             arguments.check_latents(latents, (total, channels, lat_h, lat_w))
         call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
                     guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
+        from .metadata import image_metadata
+
+        # mu None here means "from the size" unless the variant pins it; seed None: the caller's own noise.
+        described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
+                                   seed=seed if user_latents is None else None, steps=steps,
+                                   guidance=float(guidance), mu=mu if mu is not None else self.defaults.mu,
+                                   width=width, height=height)
         self._fit_plan(width, height, negatives is not None, total, max_sequence_length)
         try:
-            return self._generate(**call)
+            return dataclasses.replace(self._generate(**call), metadata=described)
         except torch.cuda.OutOfMemoryError as exc:
             # Keep only the message: the exception's traceback holds the failed step's activations.
             first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
@@ -350,7 +365,7 @@ class Krea2Pipeline:
         warnings.warn(f"out of GPU memory generating {where}; retrying once with a smaller memory plan:\n{plan}",
                       RuntimeWarning, stacklevel=2)
         try:
-            return self._generate(**call)
+            return dataclasses.replace(self._generate(**call), metadata=described)
         except torch.cuda.OutOfMemoryError as exc:
             raise DeviceMemoryError(
                 f"out of GPU memory generating {where}, also after re-planning for "

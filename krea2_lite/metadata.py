@@ -1,0 +1,169 @@
+"""Generation settings carried inside PNGs, so an image can be reproduced or varied later.
+
+Two text chunks, both written by `save_png`:
+  `parameters`  A1111 style, read by image viewers, civitai and ComfyUI: the prompt, then
+                `Negative prompt: …`, then one line `Steps: 8, CFG scale: 0, Seed: 3, Size: 1024x1024, …`.
+  `krea2_lite`  the same settings as JSON (FIELDS below), the form `read_png_metadata` and
+                `python -m krea2_lite generate --from-png` read back.
+
+`mu` is null when the timestep shift was derived from the image size (a changed size then derives
+its own), and the pinned value otherwise. `seed` is the seed of THIS image (a call's image i uses
+seed + i), null when the caller passed its own latents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+from .errors import MetadataError
+
+METADATA_KEY = "krea2_lite"
+PARAMETERS_KEY = "parameters"
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "model", "variant",
+          "quant", "loras", "dtype", "version")
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def quant_label(spec) -> str | dict | None:
+    """A QuantSpec as the library's own string for it (int8, int8-w8a8-rot, …) when one names it
+    exactly, else its full dict (custom include/exclude, group size): either form parses back."""
+    if spec is None:
+        return None
+    from .quantize import QuantSpec
+    from .quantize.recipe import DTYPES, SHORTCUTS
+
+    for name in (*DTYPES, *SHORTCUTS):
+        if QuantSpec.parse(name) == spec:
+            return name
+    return spec.to_dict()
+
+
+def pipeline_metadata(pipe) -> dict:
+    """The settings a pipeline adds to every image: model, variant, quant, LoRAs, dtype, version."""
+    from . import __version__
+    from .lora import loaded_loras
+
+    quantization = getattr(pipe.transformer, "quantization", None)
+    return dict(model=getattr(pipe, "source", None), variant=pipe.variant,
+                quant=quant_label(quantization.spec if quantization is not None else None),
+                loras=[dict(name=name, scale=scale) for name, scale in loaded_loras(pipe.transformer).items()],
+                dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
+
+
+def image_metadata(pipe, *, prompts: list[str], negatives: list[str] | None, num_images: int, seed: int | None,
+                   steps: int, guidance: float, mu: float | None, width: int, height: int) -> list[dict]:
+    """One dict per image of a call (prompt-major, as Krea2Output.images), keys in FIELDS order."""
+    shared = pipeline_metadata(pipe)
+    out = []
+    for i in range(len(prompts) * num_images):
+        p = i // num_images
+        out.append(dict(prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
+                        seed=None if seed is None else seed + i, steps=steps, guidance=guidance, mu=mu,
+                        width=width, height=height, **shared))
+    return out
+
+
+def _quote(value) -> str:
+    """A1111's rule: a value holding ',', ':' or a newline is written as a JSON string."""
+    if isinstance(value, float):  # 0.0 → 0, 3.5 → 3.5, and full precision otherwise
+        value = int(value) if value.is_integer() else value
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def format_parameters(meta: dict) -> str:
+    """The A1111 `parameters` text of one image's metadata."""
+    lines = [meta.get("prompt", "")]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    items = [("Steps", meta.get("steps")), ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
+             ("Size", f"{meta.get('width')}x{meta.get('height')}"), ("Model", meta.get("model")),
+             ("Variant", meta.get("variant"))]
+    quant = meta.get("quant")
+    if quant is not None:
+        items.append(("Quant", quant if isinstance(quant, str) else _quant_dict_name(quant)))
+    items += [("Mu", meta.get("mu")), ("Dtype", meta.get("dtype"))]
+    loras = meta.get("loras") or []
+    if loras:
+        items.append(("LoRA", ", ".join(f"{lo['name']}:{lo['scale']:g}" for lo in loras)))
+    items.append(("krea2_lite", meta.get("version")))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in items if value is not None))
+    return "\n".join(lines)
+
+
+def _quant_dict_name(data: dict) -> str:
+    from .quantize import QuantSpec
+
+    return QuantSpec.from_dict(data).name
+
+
+def save_png(image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write `image` (PIL) as a PNG at `path`, with `metadata` (one image's dict) in its text chunks.
+
+    Atomic: written under a temporary name beside `path`, then renamed, so no half-written PNG is
+    ever visible. The file is created with mode 0o666 like any `open(path, "w")`, so the umask
+    decides its permissions (a mkstemp file would stay 0600).
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    info = None
+    if metadata is not None:
+        info = PngInfo()
+        info.add_itxt(PARAMETERS_KEY, format_parameters(metadata))
+        info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new, empty temporary file in path's folder: (fd, name). O_EXCL: never another's file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict:
+    """The `krea2_lite` settings of a PNG written by `save_png`. MetadataError names the file when it
+    is not a readable PNG, carries no krea2_lite chunk, or the chunk is not a JSON object with a prompt."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise MetadataError(f"{path}: not a PNG (a {image.format} image)")
+            text = dict(getattr(image, "text", None) or {})
+    except (OSError, UnidentifiedImageError) as exc:
+        raise MetadataError(f"{path}: cannot read it as a PNG ({exc})") from None
+    raw = text.get(METADATA_KEY)
+    if raw is None:
+        other = " (it has an A1111 'parameters' chunk, but not krea2_lite's)" if PARAMETERS_KEY in text else ""
+        raise MetadataError(f"{path}: no krea2_lite metadata{other}; only PNGs written by krea2_lite without "
+                            "--no-metadata carry it")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"{path}: the krea2_lite metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
+        raise MetadataError(f"{path}: the krea2_lite metadata is not an object with a 'prompt' string")
+    return meta
