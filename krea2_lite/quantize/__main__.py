@@ -1,5 +1,5 @@
 """`python -m krea2_lite.quantize --model SRC --dtype {int8,fp8,int4} --out DIR
-[--activations {int8,fp8} [--rotate [BLOCK]]]`.
+[--activations {int8,fp8} [--rotate [BLOCK]]] [--lowrank R]`.
 
 Writes a self-contained quantized folder (see `format.py`). The work happens in a temporary
 folder beside DIR that is renamed into place at the end, so DIR is either absent, the previous
@@ -23,7 +23,7 @@ from .. import __version__
 from ..checkpoint import open_checkpoint, resolve_path
 from ..errors import Krea2LiteError
 from .format import folder_size, write_manifest, write_transformer
-from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
+from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec, require_rank
 
 PARTIAL_MARK = ".partial-"
 BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=[r for r in ROTATE_SIZES if r], metavar="BLOCK",
                    help=f"W8A8 only: store weights as W·H (block Hadamard, default block {DEFAULT_ROTATE}) and "
                         "rotate activations before quantizing them (spreads outlier channels)")
+    p.add_argument("--lowrank", type=int, default=None, metavar="R",
+                   help="int4 only: give each quantized layer a bf16 rank-R correction U·V (int4 stores W − U·V); "
+                        "R from 1 to the smallest layer's min(in, out), 32 is the usual choice")
     p.add_argument("--text-encoder-dtype", choices=["int8", "int4", "none"], default="int8",
                    help="for a pipeline source: quantize the Qwen3-VL text path (none = keep bf16)")
     p.add_argument("--include", nargs="*", default=list(DEFAULT_INCLUDE), help="module-name globs to quantize")
@@ -116,8 +119,12 @@ def run(args: argparse.Namespace) -> Path:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     if out == src.resolve() or src.resolve() in out.parents:
         raise ValueError(f"--out {out} must not be inside --model {src}")
+    lowrank = 0 if args.lowrank is None else require_rank(args.lowrank, "--lowrank")
+    if lowrank and args.dtype != "int4":
+        raise ValueError(f"--lowrank needs --dtype int4, got --dtype {args.dtype}")
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
-                     activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
+                     activations=None if args.activations == "none" else args.activations, rotate=args.rotate,
+                     lowrank=lowrank)
     transformer_path, root = source_layout(src)
     source = open_checkpoint(transformer_path)
     source_files = sorted({file for file, _, _ in source.entries.values()})
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> Path:
         model = load_transformer(transformer_path, device="cpu", dtype=torch.bfloat16, quant=spec,
                                  progress=not args.quiet)
         write_transformer(model, tmp)
-        components = {"transformer": {"path": "transformer", "dtype": args.dtype}}
+        components = {"transformer": {"path": "transformer", "dtype": spec.name if spec.lowrank else args.dtype}}
         variant = args.variant
         if root is not None:
             components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet))
