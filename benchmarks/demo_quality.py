@@ -97,31 +97,31 @@ def run(rows: dict, n_prompts: int, seeds: list[int], threads: int) -> None:
     scenes = dataset.held_out_prompts(n_prompts)
     prompts = [s.caption() for s in scenes]
     truth = scenes * len(seeds)
-    results = {}
-    for name, (dtype, quant, *context) in rows.items():
+    reference = None
+    for name, (dtype, quant, *context) in rows.items():  # the fp32 reference is the first row
         with (context[0]() if context else contextlib.nullcontext()):
             images, seconds, size = generate(dtype, quant, prompts, seeds)
         readings = [classifier.classify(im.astype(np.uint8)) for im in images]
-        results[name] = (images, seconds, readings, size)
-        print(f"{name}: {len(images)} images in {seconds:.1f} s", flush=True)
-    reference = np.stack(results["fp32 (reference)"][0]).astype(np.float64)
+        if reference is None:
+            reference = np.stack(images).astype(np.float64)
+            print(f"\nDemo model quality — {len(prompts)} held-out prompts × seeds {seeds} = {len(reference)} "
+                  f"images, 64×64, CPU ({platform.processor() or platform.machine()}, {threads} thread(s)), "
+                  f"torch {torch.__version__}\n")
+            print("| weights | PSNR vs fp32 (dB) | max pixel error | background | shape colour | position "
+                  "| colour + position | shape | time (s) | transformer bytes |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(table_row(name, images, reference, readings, truth, seconds, size), flush=True)
 
-    print(f"\nDemo model quality — {len(prompts)} held-out prompts × seeds {seeds} = {len(reference)} "
-          f"images, 64×64, CPU ({platform.processor() or platform.machine()}, {threads} thread(s)), "
-          f"torch {torch.__version__}\n")
-    print("| weights | PSNR vs fp32 (dB) | max pixel error | background | shape colour | position | colour + position "
-          "| shape | time (s) | transformer bytes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (images, seconds, readings, size) in results.items():
-        got = np.stack(images).astype(np.float64)
-        mse = float(((got - reference) ** 2).mean())
-        psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
-        err = int(np.abs(got - reference).max())
-        share = lambda check: sum(r.agrees(s, check) for r, s in zip(readings, truth)) / len(truth)  # noqa: E731
-        print(f"| {name} | {psnr} | {err} | {share(('background',)):.0%} | {share(('colour',)):.0%} | "
-              f"{share(('position',)):.0%} | "
-              f"{share(('colour', 'position')):.0%} | {share(('shape',)):.0%} | {seconds:.1f} | {size:,} |")
 
+def table_row(name, images, reference, readings, truth, seconds, size) -> str:
+    got = np.stack(images).astype(np.float64)
+    mse = float(((got - reference) ** 2).mean())
+    psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
+    err = int(np.abs(got - reference).max())
+    share = lambda check: sum(r.agrees(s, check) for r, s in zip(readings, truth)) / len(truth)  # noqa: E731
+    return (f"| {name} | {psnr} | {err} | {share(('background',)):.0%} | {share(('colour',)):.0%} | "
+            f"{share(('position',)):.0%} | {share(('colour', 'position')):.0%} | {share(('shape',)):.0%} | "
+            f"{seconds:.1f} | {size:,} |")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
 
 import torch
@@ -50,6 +51,10 @@ def structured_weight(out: int, inp: int, seed: int, *, energy: float = 2.0, dec
     w += torch.randn(out, inp, generator=g) * sigma
     w[:, torch.randperm(inp, generator=g)[:outliers]] *= gain
     return w
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def linear_names(block: nn.Module) -> list[str]:
@@ -85,6 +90,7 @@ def quantized_block(source: SingleStreamBlock, config: Krea2Config, rank: int, g
         start = time.perf_counter()
         q.set_weight(linear.weight)
         seconds[name] = time.perf_counter() - start
+        log(f"rank {rank}: {name} {tuple(linear.weight.shape)} quantized in {seconds[name]:.1f} s")
         parent, _, leaf = name.rpartition(".")
         setattr(block.get_submodule(parent), leaf, q)
     rest = {k: v for k, v in source.state_dict().items() if not k.endswith(".weight") or "norm" in k}
@@ -115,7 +121,7 @@ def quantized_bytes(block: nn.Module) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=256, help="image tokens of the block forward (a square)")
+    parser.add_argument("--tokens", type=int, default=64, help="image tokens of the block forward (a square)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--energy", type=float, default=2.0, help="structured/noise energy of the generator")
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     config = Krea2Config.krea2()
     source = float_block(config, seed=0, energy=args.energy, decay=args.decay)
+    log("float block built")
     x, vec, rope = block_inputs(config, args.tokens)
     probe = torch.randn(args.tokens, config.features, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -137,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.randn(args.tokens, dense.in_features, generator=torch.Generator().manual_seed(4))
             y = dense(inp)
             layer_errors[name] = {mode: rel(block.get_submodule(name)(inp), y) for mode, (block, _) in modes.items()}
+        log(f"layer errors: {layer_errors}")
         del source  # the float block is no longer needed: room for the timed forwards
         update = reference - x
         block_errors = {mode: rel(block(x, vec, rope) - x, update) for mode, (block, _) in modes.items()}
+        log(f"block errors: {block_errors}")
         times = {mode: math.inf for mode in modes}
         for _ in range(args.repeats):  # alternate the modes: CPU timings here are bimodal
             for mode, (block, _) in modes.items():
