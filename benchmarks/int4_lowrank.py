@@ -167,7 +167,8 @@ def report(args, config, modes, layer_errors, block_errors, times) -> None:
     print("| linear | " + " | ".join(f"{m} rel. error" for m in names) + " | ratio |")
     print("|---|" + "---:|" * (len(names) + 1))
     for name, errors in layer_errors.items():
-        print(f"| {name} | " + " | ".join(f"{errors[m]:.4f}" for m in names) + f" | {errors[names[1]] / errors[names[0]]:.2f} |")
+        ratio = errors[names[1]] / errors[names[0]]
+        print(f"| {name} | " + " | ".join(f"{errors[m]:.4f}" for m in names) + f" | {ratio:.2f} |")
     print(f"| **block update** | " + " | ".join(f"{block_errors[m]:.4f}" for m in names)
           + f" | {block_errors[names[1]] / block_errors[names[0]]:.2f} |")
     base = quantized_bytes(modes[names[0]][0])
@@ -178,7 +179,8 @@ def report(args, config, modes, layer_errors, block_errors, times) -> None:
         print(f"| {mode} | {size:,} | {size / base - 1:+.1%} | {sum(seconds.values()):.1f} | {times[mode]:.3f} |")
     lr_seconds = sum(modes[names[1]][1].values())
     blocks_equiv = config.layers + 1  # 28 blocks + the text fusion (< one block of weights), rounded up
-    print(f"\nfull model at {names[1]} ≈ {blocks_equiv} × {lr_seconds:.0f} s = {blocks_equiv * lr_seconds / 60:.0f} min "
+    print(f"\nfull model at {names[1]} ≈ {blocks_equiv} × {lr_seconds:.0f} s = "
+          f"{blocks_equiv * lr_seconds / 60:.0f} min "
           f"of quantization work on this CPU at {args.threads} thread(s) (plus reading the checkpoint)")
 
 

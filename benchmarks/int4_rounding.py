@@ -99,7 +99,8 @@ def demo_weights() -> list[torch.Tensor]:
     out = []
     for key, value in state.items():
         name = diffusers_to_official_key(key)
-        if value.ndim == 2 and name.endswith(".weight") and any(fnmatch.fnmatchcase(name[:-7], p) for p in DEFAULT_INCLUDE):
+        quantized = any(fnmatch.fnmatchcase(name[:-len(".weight")], p) for p in DEFAULT_INCLUDE)
+        if value.ndim == 2 and name.endswith(".weight") and quantized:
             out.append(value.float())
     return out
 
