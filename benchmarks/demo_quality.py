@@ -9,7 +9,10 @@ Rows. fp32: the reference (weights as stored, bf16, computed in float32). bf16: 
 computed in bfloat16 (transformer and text encoder; the VAE stays float32 on the CPU). int8 / fp8
 / int4: the transformer's block and text-fusion linears quantized at load (`quant=`, krea2_lite's
 default recipe, int4 groups of 128), activations in float32. W8A8 is listed when this checkout's
-QuantSpec accepts it.
+QuantSpec accepts it. int4-lr{r} (--lowrank-ranks): int4 with a rank-r bf16 correction per layer
+(the demo's linears are only 128–384 wide, so r = 32 is a quarter of a 128-wide layer); the bytes
+column is the transformer's weight bytes as the planner counts them (bf16 for unquantized layers).
+--rows keeps only the rows whose name contains one of the given words (fp32 is always run).
 
 Columns. PSNR (dB) and max |pixel error| (0–255) of each row's images against the fp32 images,
 over all images at once (PSNR of the pooled MSE; inf when identical); then the share of images in
@@ -21,6 +24,7 @@ position, both of those, and the shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import platform
 import time
@@ -52,13 +56,23 @@ def w8a8_row():
     return {}
 
 
+def lowrank_rows(ranks: list[int]) -> dict:
+    return {f"int4-lr{r}": (torch.float32, f"int4-lr{r}") for r in ranks}
+
+
+def weight_bytes(pipe) -> int:
+    from krea2_lite.offload.sizes import module_bytes
+
+    return module_bytes(pipe.transformer, torch.bfloat16)
+
+
 def generate(dtype, quant, prompts: list[str], seeds: list[int]) -> tuple[list[np.ndarray], float]:
     pipe = Krea2Pipeline.from_pretrained("demo", device="cpu", dtype=dtype, quant=quant, progress=False)
     images, start = [], time.perf_counter()
     for seed in seeds:
         out = pipe(prompts, seed=seed, progress=False)  # prompt i uses seed (one image each)
         images += [np.asarray(im, dtype=np.int16) for im in out.images]
-    return images, time.perf_counter() - start
+    return images, time.perf_counter() - start, weight_bytes(pipe)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,38 +80,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lowrank-ranks", type=int, nargs="*", default=[8, 16, 32])
+    parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these (fp32 always)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    scenes = dataset.held_out_prompts(args.prompts)
-    prompts = [s.caption() for s in scenes]
-    truth = scenes * len(args.seeds)
-
-    rows = dict(ROWS, **w8a8_row())
-    results = {}
-    for name, (dtype, quant) in rows.items():
-        images, seconds = generate(dtype, quant, prompts, args.seeds)
-        readings = [classifier.classify(im.astype(np.uint8)) for im in images]
-        results[name] = (images, seconds, readings)
-        print(f"{name}: {len(images)} images in {seconds:.1f} s", flush=True)
-    reference = np.stack(results["fp32 (reference)"][0]).astype(np.float64)
-
-    print(f"\nDemo model quality — {len(prompts)} held-out prompts × seeds {args.seeds} = {len(reference)} "
-          f"images, 64×64, CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s)), "
-          f"torch {torch.__version__}\n")
-    print("| weights | PSNR vs fp32 (dB) | max pixel error | background | shape colour | position | colour + position "
-          "| shape | time (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (images, seconds, readings) in results.items():
-        got = np.stack(images).astype(np.float64)
-        mse = float(((got - reference) ** 2).mean())
-        psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
-        err = int(np.abs(got - reference).max())
-        share = lambda check: sum(r.agrees(s, check) for r, s in zip(readings, truth)) / len(truth)  # noqa: E731
-        print(f"| {name} | {psnr} | {err} | {share(('background',)):.0%} | {share(('colour',)):.0%} | "
-              f"{share(('position',)):.0%} | "
-              f"{share(('colour', 'position')):.0%} | {share(('shape',)):.0%} | {seconds:.1f} |")
+    rows = dict(ROWS, **w8a8_row(), **lowrank_rows(args.lowrank_ranks))
+    if args.rows:
+        rows = {k: v for k, v in rows.items() if k.startswith("fp32") or any(w in k for w in args.rows)}
+    run(rows, args.prompts, args.seeds, args.threads)
     return 0
 
+
+def run(rows: dict, n_prompts: int, seeds: list[int], threads: int) -> None:
+    """Generate and print the table. rows: {name: (dtype, quant) or (dtype, quant, context)}, where
+    `context()` is a context manager the row's model is loaded in (benchmarks/int4_rounding.py)."""
+    torch.set_num_threads(threads)
+    scenes = dataset.held_out_prompts(n_prompts)
+    prompts = [s.caption() for s in scenes]
+    truth = scenes * len(seeds)
+    reference = None
+    for name, (dtype, quant, *context) in rows.items():  # the fp32 reference is the first row
+        with (context[0]() if context else contextlib.nullcontext()):
+            images, seconds, size = generate(dtype, quant, prompts, seeds)
+        readings = [classifier.classify(im.astype(np.uint8)) for im in images]
+        if reference is None:
+            reference = np.stack(images).astype(np.float64)
+            print(f"\nDemo model quality — {len(prompts)} held-out prompts × seeds {seeds} = {len(reference)} "
+                  f"images, 64×64, CPU ({platform.processor() or platform.machine()}, {threads} thread(s)), "
+                  f"torch {torch.__version__}\n")
+            print("| weights | PSNR vs fp32 (dB) | max pixel error | background | shape colour | position "
+                  "| colour + position | shape | time (s) | transformer bytes |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(table_row(name, images, reference, readings, truth, seconds, size), flush=True)
+
+
+def table_row(name, images, reference, readings, truth, seconds, size) -> str:
+    got = np.stack(images).astype(np.float64)
+    mse = float(((got - reference) ** 2).mean())
+    psnr = "inf" if mse == 0 else f"{10 * math.log10(255 ** 2 / mse):.1f}"
+    err = int(np.abs(got - reference).max())
+    share = lambda check: sum(r.agrees(s, check) for r, s in zip(readings, truth)) / len(truth)  # noqa: E731
+    return (f"| {name} | {psnr} | {err} | {share(('background',)):.0%} | {share(('colour',)):.0%} | "
+            f"{share(('position',)):.0%} | {share(('colour', 'position')):.0%} | {share(('shape',)):.0%} | "
+            f"{seconds:.1f} | {size:,} |")
 
 if __name__ == "__main__":
     raise SystemExit(main())

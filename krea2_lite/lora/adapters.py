@@ -12,6 +12,13 @@ layer's output by one GEMM with beta=1 (`addmm_`, the BLAS epilogue), so no outp
 temporary is made; A·x is not fused into the quantized matmul kernel (the hook stays
 independent of the kernels).
 
+Resident branches: a layer may carry its own low-rank branch as a child module `lowrank` with
+buffers `down` (rank, in) and `up` (out, rank) — int4-lr's correction of its quantization error
+(`quantize/lowrank.py`). It runs through this same hook with factor 1, part of the layer's
+weights: no LoRA verb touches it. When it and LoRAs are present they run as ONE branch: the
+down-projections are stacked (cached until a branch changes) so the layer makes one (tokens, Σr)
+GEMM and one rank-Σr update instead of one pair per branch.
+
 Merging (dense `nn.Linear` only): W ← W₀ + Σ merged sᵢ·BᵢAᵢ, summed in float32 from W₀ (A and B
 kept in float32) and cast once, so scale changes never accumulate rounding. W₀ is kept on the
 CPU while any LoRA is merged into the layer and copied back on unload: exact, at the cost of one
@@ -30,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 from .formats import LoraPair
 
 ATTRIBUTE = "_krea2_lora"
+RESIDENT = "lowrank"  # child module name of a layer's own low-rank branch (int4-lr)
 
 
 @dataclass
@@ -71,24 +79,72 @@ def layer_loras(module: nn.Module) -> LayerLoras | None:
     return module.__dict__.get(ATTRIBUTE)
 
 
+def resident_pair(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(down, up) of the layer's own low-rank branch (int4-lr), or None."""
+    branch = module._modules.get(RESIDENT)
+    return None if branch is None else (branch.down, branch.up)
+
+
+def _terms(module: nn.Module, layer: LayerLoras, device: torch.device) -> list[tuple]:
+    """[(down, up, factor)] of every branch to run now: the resident one first, then the LoRAs."""
+    terms = []
+    resident = resident_pair(module)
+    if resident is not None:
+        terms.append((*resident, 1.0))
+    for branch in layer.branches.values():
+        if branch.merged or branch.factor == 0:  # scale 0 gives exactly the base output
+            continue
+        if branch.down.device != device:  # the layer was moved after loading: follow it once
+            branch.down, branch.up = branch.down.to(device), branch.up.to(device)
+        terms.append((branch.down, branch.up, branch.factor))
+    return terms
+
+
+def _fuse(terms: list[tuple]) -> tuple:
+    """One (down, up, factor) for several branches of one dtype: downs stacked over the rank axis,
+    ups side by side, the factor per rank row. Stacked per call, not cached: a cached copy would
+    hold every branch twice on the device, and the copies cost ~Σr/tokens of the GEMMs."""
+    if len(terms) == 1:
+        return terms[0]
+    down = torch.cat([d for d, _, _ in terms])
+    up = torch.cat([u for _, u, _ in terms], dim=1)
+    if all(f == 1 for _, _, f in terms):
+        return down, up, 1.0
+    factors = torch.cat([torch.full((d.shape[0],), f, dtype=d.dtype, device=d.device) for d, _, f in terms])
+    return down, up, factors
+
+
 def _lora_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    branches = [b for b in module.__dict__[ATTRIBUTE].branches.values()
-                if not b.merged and b.factor != 0]  # scale 0 gives exactly the base output
-    if not branches:
+    terms = _terms(module, module.__dict__[ATTRIBUTE], args[0].device)
+    if not terms:
         return output
     x = args[0].reshape(-1, args[0].shape[-1])
     out = output.reshape(-1, output.shape[-1])  # a view of the output when it is contiguous
-    for branch in branches:
-        if branch.down.device != x.device:  # the layer was moved after loading: follow it once
-            branch.down, branch.up = branch.down.to(x.device), branch.up.to(x.device)
-        hidden = F.linear(x.to(branch.down.dtype), branch.down) * branch.factor  # (tokens, rank)
+    groups: dict[torch.dtype, list[tuple]] = {}
+    for term in terms:  # a resident branch and LoRAs normally share the activation dtype: one group
+        groups.setdefault(term[0].dtype, []).append(term)
+    for dtype, group in groups.items():
+        down, up, factor = _fuse(group)
+        hidden = F.linear(x.to(dtype), down)  # (tokens, Σ rank)
+        if isinstance(factor, torch.Tensor) or factor != 1:
+            hidden = hidden * factor
         if out.requires_grad or out.dtype != hidden.dtype:
-            out = out + F.linear(hidden, branch.up).to(out.dtype)
+            out = out + F.linear(hidden, up).to(out.dtype)
         else:
             # B·h and the add as one GEMM with beta=1 (the BLAS epilogue): no output-sized
             # temporary, one rounding to the output dtype.
-            out.addmm_(hidden, branch.up.t())
+            out.addmm_(hidden, up.t())
     return out.view(output.shape)
+
+
+def enable_resident(module: nn.Module) -> None:
+    """Run `module`'s own `lowrank` branch (see the module docstring) through the branch hook."""
+    layer = layer_loras(module)
+    if layer is None:
+        layer = LayerLoras()
+        module.__dict__[ATTRIBUTE] = layer
+    if layer.hook is None:
+        layer.hook = module.register_forward_hook(_lora_hook)
 
 
 def attach(module: nn.Module, name: str, pair: LoraPair, scale: float, dtype: torch.dtype,
@@ -126,10 +182,11 @@ def detach(module: nn.Module, name: str) -> None:
     branch = layer.branches.pop(name)
     if branch.merged:
         _remerge(module, layer)
-    if not any(not b.merged for b in layer.branches.values()) and layer.hook is not None:
+    resident = resident_pair(module) is not None  # the layer's own branch keeps the hook and record
+    if not resident and not any(not b.merged for b in layer.branches.values()) and layer.hook is not None:
         layer.hook.remove()
         layer.hook = None
-    if not layer.branches:
+    if not layer.branches and not resident:
         del module.__dict__[ATTRIBUTE]
 
 

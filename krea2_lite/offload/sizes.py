@@ -149,6 +149,7 @@ def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: 
     scratch = 0
     if spec is not None:
         scratch = m * f * s  # the largest dequantized weight (MLP up / gate / down)
+        scratch += tokens * spec.lowrank * s  # int4-lr: the branch's (tokens, rank) intermediate
         if spec.activations is not None:
             scratch += 2 * tokens * m + 2 * (64 << 20)  # int8 input copies (shared + widest) and GEMM chunks
     return max(mlp, attention, norm, fusion) + persistent + scratch

@@ -1,5 +1,5 @@
 """`python -m krea2_lite.quantize --model SRC --dtype {int8,fp8,int4} --out DIR
-[--activations {int8,fp8} [--rotate [BLOCK]]] [--max-shard-size 2GB]`.
+[--activations {int8,fp8} [--rotate [BLOCK]]] [--lowrank R] [--max-shard-size 2GB]`.
 
 Writes a self-contained quantized folder (see `format.py`), block by block into safetensors
 shards of at most --max-shard-size (`write.py`), so host memory holds about one block, not the
@@ -24,7 +24,7 @@ from ..loading.paths import resolve_path
 from ..loading.transformer import open_float_checkpoint
 from . import output_dir
 from .format import folder_size, is_quantized_folder, write_manifest
-from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec
+from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec, require_rank
 from .shards import DEFAULT_MAX_SHARD, parse_size
 from .write import write_text_encoder, write_transformer
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=[r for r in ROTATE_SIZES if r], metavar="BLOCK",
                    help=f"W8A8 only: store weights as W·H (block Hadamard, default block {DEFAULT_ROTATE}) and "
                         "rotate activations before quantizing them (spreads outlier channels)")
+    p.add_argument("--lowrank", type=int, default=None, metavar="R",
+                   help="int4 only: give each quantized layer a bf16 rank-R correction U·V (int4 stores W − U·V); "
+                        "R from 1 to the smallest layer's min(in, out), 32 is the usual choice")
     p.add_argument("--text-encoder-dtype", choices=["int8", "int4", "none"], default="int8",
                    help="for a pipeline source: quantize the Qwen3-VL text path (none = keep bf16)")
     p.add_argument("--include", nargs="*", default=list(DEFAULT_INCLUDE), help="module-name globs to quantize")
@@ -102,8 +105,12 @@ def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool
 def run(args: argparse.Namespace) -> Path:
     src = resolve_path(args.model)
     out = output_dir.check_output(args.out, src, args.force)  # never the source, a root, or not ours
+    lowrank = 0 if args.lowrank is None else require_rank(args.lowrank, "--lowrank")
+    if lowrank and args.dtype != "int4":
+        raise ValueError(f"--lowrank needs --dtype int4, got --dtype {args.dtype}")
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
-                     activations=None if args.activations == "none" else args.activations, rotate=args.rotate)
+                     activations=None if args.activations == "none" else args.activations, rotate=args.rotate,
+                     lowrank=lowrank)
     if is_quantized_folder(src):
         raise ValueError(f"--model {src} is already a quantized folder; quantize the float checkpoint it came from")
     transformer_path, root = source_layout(src)
@@ -119,7 +126,8 @@ def run(args: argparse.Namespace) -> Path:
         model, files = write_transformer(source, config, spec, tmp, max_shard_bytes=args.max_shard_size,
                                          progress=not args.quiet)
         shards = sum(name.endswith(".safetensors") for name in files)
-        components = {"transformer": {"path": "transformer", "dtype": args.dtype, "shards": shards}}
+        components = {"transformer": {"path": "transformer", "dtype": spec.name if spec.lowrank else args.dtype,
+                                      "shards": shards}}
         variant = args.variant
         if root is not None:
             components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet,

@@ -11,12 +11,17 @@ input per token at run time, so the matmul runs on 8-bit tensor cores. `rotate` 
 stores the weights as W·H and rotates activations by the same block Hadamard H before quantizing
 them, which spreads outlier channels. String shortcuts: "int8-w8a8", "int8-w8a8-rot" (rotate 128),
 "fp8-w8a8", "fp8-w8a8-rot".
+
+Low-rank corrected int4: `lowrank` = r > 0 (int4 weight-only) gives each quantized layer a bf16
+branch U·V of rank r that absorbs the weight's dominant directions, int4 storing W − U·V
+(`lowrank.py`). String form "int4-lr{r}", e.g. "int4-lr32".
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -34,6 +39,7 @@ SHORTCUTS = {
     "fp8-w8a8": dict(dtype="fp8", activations="fp8"),
     "fp8-w8a8-rot": dict(dtype="fp8", activations="fp8", rotate=DEFAULT_ROTATE),
 }
+LOWRANK_NAME = re.compile(r"int4-lr(\d+)")
 DEFAULT_INCLUDE = ("blocks.*", "txtfusion.layerwise_blocks.*", "txtfusion.refiner_blocks.*")
 KEPT_REASONS = {
     "first": "input projection (kept in the model dtype)",
@@ -45,6 +51,36 @@ KEPT_REASONS = {
 }
 
 
+def require_rank(rank: int, argument: str) -> int:
+    """A rank the user asked for explicitly (int4-lr{r}, --lowrank r): 0 is refused, not read as off."""
+    if rank < 1:
+        raise ValueError(f"{argument}: the low-rank correction's rank must be at least 1 (at most the smallest "
+                         f"quantized layer's min(in_features, out_features); 32 is the usual choice), got {rank}; "
+                         "for plain int4 use quant='int4' / omit --lowrank")
+    return rank
+
+
+def check_lowrank(lowrank, dtype: str, activations: str | None) -> int:
+    """QuantSpec.lowrank: 0 (off) or a positive rank, int4 weight-only."""
+    if isinstance(lowrank, bool) or not isinstance(lowrank, int) or lowrank < 0:
+        raise ValueError(f"lowrank must be 0 (off) or a positive integer rank, got {lowrank!r}")
+    if lowrank and (dtype != "int4" or activations is not None):
+        raise ValueError(f"lowrank={lowrank} needs int4 weight-only quantization (dtype='int4', no activations), "
+                         f"got dtype={dtype!r}, activations={activations!r}")
+    return lowrank
+
+
+def check_rank_fits(rank: int, layers: dict[str, tuple[int, int]]) -> None:
+    """Refuse a rank larger than a quantized layer: {name: (out_features, in_features)}."""
+    if not rank or not layers:
+        return
+    name, (out, inp) = min(layers.items(), key=lambda item: min(item[1]))
+    if rank > min(out, inp):
+        raise ValueError(f"lowrank={rank} is larger than layer {name} ({out}×{inp}): for this model the rank "
+                         f"must be between 1 and {min(out, inp)} (the smallest quantized layer's "
+                         "min(out_features, in_features))")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """A quantization recipe: weight type, int4 group size and module-name glob patterns.
@@ -52,7 +88,8 @@ class QuantSpec:
     `include` / `exclude` are fnmatch patterns over module names (`blocks.3.mlp.down`); a
     module is quantized when it is an nn.Linear, matches an include and no exclude.
     `activations` (None | "int8" | "fp8", equal to `dtype`) makes the layers W8A8; `rotate` is the
-    Hadamard block size (0 = off; True means 128), only with `activations`.
+    Hadamard block size (0 = off; True means 128), only with `activations`. `lowrank` (int4 only)
+    is the rank of each layer's low-rank correction (0 = none).
     """
 
     dtype: str
@@ -61,6 +98,7 @@ class QuantSpec:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     activations: str | None = None
     rotate: int = 0
+    lowrank: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -78,6 +116,7 @@ class QuantSpec:
         if rotate and self.activations is None:
             raise ValueError("rotate needs W8A8 (activations='int8' or 'fp8')")
         object.__setattr__(self, "rotate", rotate)
+        object.__setattr__(self, "lowrank", check_lowrank(self.lowrank, self.dtype, self.activations))
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
@@ -86,12 +125,20 @@ class QuantSpec:
         if value is None or isinstance(value, QuantSpec):
             return value
         if isinstance(value, str):
-            return cls(**SHORTCUTS[value]) if value in SHORTCUTS else cls(value)
-        raise TypeError(f"quant must be None, one of {DTYPES + tuple(SHORTCUTS)} or a QuantSpec, got {value!r}")
+            if value in SHORTCUTS:
+                return cls(**SHORTCUTS[value])
+            match = LOWRANK_NAME.fullmatch(value)
+            if match:
+                return cls("int4", lowrank=require_rank(int(match.group(1)), f"quant={value!r}"))
+            return cls(value)
+        raise TypeError(f"quant must be None, one of {DTYPES + tuple(SHORTCUTS)}, 'int4-lr{{rank}}' or a QuantSpec, "
+                        f"got {value!r}")
 
     @property
     def name(self) -> str:
         """Short name: int8, int8-w8a8, int8-w8a8-rot128, …"""
+        if self.lowrank:
+            return f"{self.dtype}-lr{self.lowrank}"
         if self.activations is None:
             return self.dtype
         return f"{self.dtype}-w8a8" + (f"-rot{self.rotate}" if self.rotate else "")
@@ -101,13 +148,16 @@ class QuantSpec:
                     exclude=list(self.exclude))
         if self.activations is not None:  # absent = weight-only (what folders before W8A8 say)
             data.update(activations=self.activations, rotate=self.rotate)
+        if self.lowrank:  # absent = no low-rank branch (what folders before int4-lr say)
+            data.update(lowrank=self.lowrank)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
         return cls(dtype=data["dtype"], group_size=int(data.get("group_size", 128)),
                    include=tuple(data.get("include", DEFAULT_INCLUDE)), exclude=tuple(data.get("exclude", ())),
-                   activations=data.get("activations"), rotate=int(data.get("rotate", 0)))
+                   activations=data.get("activations"), rotate=int(data.get("rotate", 0)),
+                   lowrank=int(data.get("lowrank", 0)))
 
     def group_for(self, in_features: int) -> int | None:
         """int4 group length for a layer (None for 8-bit types): per row when the row is shorter."""

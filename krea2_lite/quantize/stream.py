@@ -39,5 +39,9 @@ def build_quantized_skeleton(config: Krea2Config, spec: QuantSpec, dtype: torch.
     if modules is not None:
         chosen = list(modules)
     swap_linears(model, chosen, spec.dtype, spec.group_for, dtype, spec.activations, spec.rotate_for)
+    if spec.lowrank:  # int4-lr: the same int4 layers, each with its low-rank correction
+        from .lowrank import add_lowrank_branches
+
+        add_lowrank_branches(model, chosen, spec.lowrank)
     model.quantization = QuantizationInfo(spec, chosen, kept)
     return model
