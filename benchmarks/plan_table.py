@@ -3,7 +3,7 @@
 Cards of 8 / 12 / 16 / 24 GiB × 16 / 32 GiB of host RAM (`host_ram_gb`) × transformer weights in
 bf16 / fp8 / int8 / int4, for the released shape at 1024² with CFG (Raw), one image, Qwen3-VL-4B in
 bf16, prefetch 1. Each cell is the plan in a few words, or which limit refuses it and by how much.
-tests/test_plan_table.py checks that the README holds exactly what this prints today.
+tests/offload/test_plan_table.py checks that the README holds exactly what this prints today.
 
   python benchmarks/plan_table.py                # print the table
   python benchmarks/plan_table.py --write README.md   # replace the table between its markers

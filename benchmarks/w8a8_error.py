@@ -17,7 +17,7 @@
 
 Rows: weight-only int8 (reference point), int8 W8A8, int8 W8A8 + rotation (block 128), fp8 W8A8,
 fp8 W8A8 + rotation. Everything runs in fp32 with KREA2_LITE_KERNELS=torch, so the numbers are the
-quantization error alone (the Triton kernels reproduce the references; tests/test_w8a8.py).
+quantization error alone (the Triton kernels reproduce the references; tests/kernels/test_w8a8.py).
 """
 
 from __future__ import annotations

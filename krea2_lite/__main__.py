@@ -19,7 +19,7 @@ import torch
 
 from .cli_errors import run_cli
 from .errors import MetadataError, PromptFileError
-from .quantize.recipe import DTYPES as QUANT_DTYPES, SHORTCUTS as QUANT_SHORTCUTS
+from .quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTS = (*QUANT_DTYPES, *QUANT_SHORTCUTS)  # every string QuantSpec.parse accepts, from the library itself
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     gen.add_argument("--dtype", choices=sorted(DTYPES),
                      help="default bf16; fp32 for --model demo (tiny: CPUs without native bf16 run it ~3× slower)")
-    gen.add_argument("--quant", choices=("none", *QUANTS), help="quantize the transformer while loading "
-                     "(none: full precision, also over a --from-png image's quant)")
+    gen.add_argument("--quant", type=quant_argument, metavar="{none," + ",".join(QUANTS) + ",int4-lrR}",
+                     help="quantize the transformer while loading (none: full precision, also over a "
+                     "--from-png image's quant; int4-lrR: int4 with a rank-R low-rank correction)")
     gen.add_argument("--offload", choices=["auto", "none", "model", "sequential"], default="auto",
                      help="where weights live: auto plans from --vram-gb or the free GPU memory")
     gen.add_argument("--vram-gb", type=float, help="device memory budget in GiB for the offload planner")
@@ -117,11 +118,23 @@ def png_settings(path: str) -> tuple[dict, dict]:
     return call, load
 
 
+def quant_argument(text: str) -> str:
+    """--quant: 'none' or any quant string the library parses (checked here, so a typo exits 2 at once)."""
+    from .quantize import QuantSpec
+
+    if text != "none":
+        try:
+            QuantSpec.parse(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a quant type ({exc})") from None
+    return text
+
+
 def _png_quant(value, path: str):
     """A stored quant: one of the library's strings, or a QuantSpec dict (a custom recipe)."""
     from .quantize import QuantSpec
 
-    if isinstance(value, str) and value in QUANTS:
+    if isinstance(value, str) and (value in QUANTS or LOWRANK_NAME.fullmatch(value)):
         return value
     try:
         if isinstance(value, dict):

@@ -30,3 +30,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source(request, tmp_path_factory):
+    """A tiny random checkpoint with the official key names, for the test module's `CFG`
+    (diffusers' initialisation, seed 1). Modules that need another one define their own."""
+    from safetensors.torch import save_file
+
+    from factories import diffusers_transformer, official_state_dict
+
+    path = tmp_path_factory.mktemp("source") / "krea2.safetensors"
+    save_file(official_state_dict(diffusers_transformer(request.module.CFG, seed=1)), path)
+    return path
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """`calls = spy(module, "name")`: wraps module.name so each call appends to `calls` (and runs it)."""
+
+    def install(owner, name: str) -> list:
+        calls, real = [], getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+        return calls
+
+    return install

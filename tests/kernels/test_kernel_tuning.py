@@ -21,7 +21,7 @@ def table(**gpus):
 def test_committed_table_is_valid_and_packaged():
     parsed = tuning.validate(tuning.read_table(tuning.TABLE_PATH), str(tuning.TABLE_PATH))
     assert isinstance(parsed, dict)
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"krea2_lite.kernels" = ["tuning.json"]' in text
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from krea2_lite.checkpoint import load_transformer, open_checkpoint
+from krea2_lite.checkpoint import open_checkpoint
+from krea2_lite.loading.transformer import load_transformer
 from krea2_lite.errors import CheckpointNotFoundError, CorruptCheckpointError, JsonFileError, LoraError
 from krea2_lite.jsonfile import read_json
 from krea2_lite.pipeline import Krea2Pipeline

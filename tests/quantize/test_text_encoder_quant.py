@@ -19,7 +19,7 @@ import krea2_lite.loading.files as files_mod  # where every safetensors file is 
 import krea2_lite.model.text_encoder as te
 import krea2_lite.quantize.text_encoder as qte
 from factories import tiny_qwen3vl_config, train_tokenizer
-from krea2_lite.model.text_encoder import load_text_encoder
+from krea2_lite.loading.text_encoder import load_text_encoder
 from krea2_lite.quantize.qlinear import STORAGE_DTYPES, QuantizedLinear
 from krea2_lite.quantize.recipe import QuantSpec
 from krea2_lite.quantize.text_encoder import quantize_text_encoder_, save_text_encoder

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from krea2_lite.checkpoint import load_transformer
+from krea2_lite.loading.transformer import load_transformer
 from krea2_lite.pipeline import Krea2Pipeline
 from krea2_lite.quantize import QuantizedLinear
 from krea2_lite.quantize import __main__ as quantize_cli

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("diffusers")
 
 # The check paths issue 16 names (a name may be a prefix of more specific checks: `w8a8/fp8/rot/auto`).

@@ -42,7 +42,7 @@ def pipeline_folder() -> Path:
 @functools.lru_cache(maxsize=None)
 def official_state() -> dict[str, torch.Tensor]:
     """The tiny pipeline's transformer in official names (float32)."""
-    from krea2_lite.checkpoint import load_transformer
+    from krea2_lite.loading.transformer import load_transformer
 
     model = load_transformer(pipeline_folder() / "transformer", dtype=torch.float32)
     return {k: v.contiguous() for k, v in model.state_dict().items()}

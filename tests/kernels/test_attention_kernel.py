@@ -216,7 +216,7 @@ def test_fused_supports_reasons():
 
 
 # ---------------------------------------------------------------- dispatch
-def test_dispatch_backends(monkeypatch):
+def test_attention_dispatch_backends(monkeypatch):
     q, k, v = make_qkv(1, 4, 2, 19, 64, seed=21)
     mask = make_mask(1, 19, seed=21)
     monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")

@@ -115,12 +115,10 @@ def test_supports_reasons():
         qmatmul_triton(x.double(), *args_of(ql))
 
 
-def test_dispatch_and_module_forward(monkeypatch):
+def test_dispatch_and_module_forward(spy, monkeypatch):
     ql = layer(64, 48, "int4", 64, torch.float32, True)
     x = torch.randn(5, 64)
-    calls = []
-    real = qmt.qmatmul_triton
-    monkeypatch.setattr(qmt, "qmatmul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(qmt, "qmatmul_triton")
     monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
     ref = ql(x)
     assert not calls
@@ -134,24 +132,15 @@ def test_dispatch_and_module_forward(monkeypatch):
 CFG = Krea2Config.tiny(features=128, heads=4, kvheads=2, txtdim=64, txtheads=2, txtkvheads=2)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qmm") / "krea2.safetensors"
-    save_file(official_state_dict(diffusers_transformer(CFG, seed=1)), path)
-    return path
-
-
 @pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
-def test_quantized_model_triton_equals_torch(source, dtype, monkeypatch):
+def test_quantized_model_triton_equals_torch(source, dtype, monkeypatch, spy):
     model = load_transformer(source, dtype=torch.float32, quant=dtype)
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
     inputs = random_inputs(CFG, batch=1, txt_len=5, rows=4, cols=4)
     monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
     with torch.no_grad():
         ref = model(*inputs)
-    calls = []
-    real = qmt.qmatmul_triton
-    monkeypatch.setattr(qmt, "qmatmul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(qmt, "qmatmul_triton")
     monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
     with torch.no_grad():
         ours = model(*inputs)

@@ -282,7 +282,7 @@ def test_w8a8_layer_validation():
         QuantizedLinear(128, 32, False, "int8", None, rotate=64)
 
 
-def test_dispatch_backends(monkeypatch, caplog):
+def test_w8a8_dispatch_backends(monkeypatch, caplog):
     _, ql = w8a8_layer(128, 48, "int8", 64)
     x = activations(2 * 9, 128, seed=2).reshape(2, 9, 128)
     calls = []
@@ -352,13 +352,6 @@ CFG = Krea2Config.tiny(features=128, heads=4, kvheads=2, txtdim=64, txtheads=2, 
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w8a8") / "krea2.safetensors"
-    save_file(official_state_dict(diffusers_transformer(CFG, seed=1)), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inputs():
     return random_inputs(CFG, batch=1, txt_len=5, rows=4, cols=4)
 
@@ -422,7 +415,7 @@ def _run_script(*args):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / args[0]), *map(str, args[1:])],
                           capture_output=True, text=True, env=env, timeout=300, cwd=root)

@@ -42,13 +42,6 @@ def sha(path):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qsrc") / "krea2.safetensors"
-    save_file(official_state_dict(diffusers_transformer(CFG, seed=1)), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inputs():
     return random_inputs(CFG, batch=2, txt_len=6, rows=4, cols=4)
 

@@ -229,7 +229,7 @@ def test_layer_output_is_quantized_output_plus_fp32_delta(source, tmp_path, dtyp
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_branch_beside_the_triton_qmatmul(source, tmp_path, dtype, monkeypatch):
+def test_branch_beside_the_triton_qmatmul(source, tmp_path, dtype, monkeypatch, spy):
     """The hook is independent of the matmul backend: with the Triton kernel (interpreter here)
     the layer gives the kernel's output plus the branch."""
     import krea2_lite.kernels.qmatmul_triton as qmt
@@ -237,8 +237,7 @@ def test_branch_beside_the_triton_qmatmul(source, tmp_path, dtype, monkeypatch):
     model = load_transformer(source, dtype=torch.float32, quant=dtype)
     pairs = random_lora(linear_names(model), seed=14)
     load_lora(model, write_lora(tmp_path, pairs, "kohya"), scale=0.9)
-    calls, real = [], qmt.qmatmul_triton
-    monkeypatch.setattr(qmt, "qmatmul_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(qmt, "qmatmul_triton")
     monkeypatch.setenv("KREA2_LITE_KERNELS", "triton")
     layer = model.blocks[1].attn.gate
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(15))
@@ -453,7 +452,7 @@ def test_clear_errors_name_the_file_and_key(source, tmp_path, case):
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".ckpt", ".bin"])
-def test_pickle_files_are_refused_unopened(source, tmp_path, suffix):
+def test_pickle_lora_files_are_refused_unopened(source, tmp_path, suffix):
     model = load_transformer(source, dtype=torch.float32)
     path = tmp_path / f"lora{suffix}"
     path.write_bytes(b"\x80\x04 not even a pickle")
@@ -582,7 +581,7 @@ def test_benchmark_script_runs_on_tiny_cpu(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lora.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lora.py"
     spec = importlib.util.spec_from_file_location("lora_benchmark", script)
     bench = importlib.util.module_from_spec(spec)
     saved = list(sys.path)

@@ -2,35 +2,35 @@
 message names the cause, and leaves nothing half-written.
 
 The rest of the battery lives with the feature it guards:
-  loading        tests/test_checkpoint.py (missing path, empty folder, .ckpt/.pt/.pth/.bin refused
+  loading        tests/loading/test_checkpoint.py (missing path, empty folder, .ckpt/.pt/.pth/.bin refused
                  unopened, zero-byte, truncated, corrupt header, FLUX, missing/unexpected tensors,
-                 explicit-config shape), tests/test_text_encoder.py (another text-encoder family,
-                 .bin), tests/test_vae.py (VAE config and key mismatches)
-  quantized dirs tests/test_quantize.py (newer format version, manifest vs tensors, existing --out,
+                 explicit-config shape), tests/model/test_text_encoder.py (another text-encoder family,
+                 .bin), tests/model/test_vae.py (VAE config and key mismatches)
+  quantized dirs tests/quantize/test_quantize.py (newer format version, manifest vs tensors, existing --out,
                  SIGKILL mid-write, no disk space up front)
-  generation     tests/test_pipeline.py (sizes, steps, guidance, num_images, negative prompts,
-                 latents shape and NaN, empty prompt, determinism), tests/test_sampling.py (NaN step)
-  memory         tests/test_offload.py (a CUDA OOM re-plans once and gives the same image; a second OOM
+  generation     tests/pipeline/test_pipeline.py (sizes, steps, guidance, num_images, negative prompts,
+                 latents shape and NaN, empty prompt, determinism), tests/pipeline/test_sampling.py (NaN step)
+  memory         tests/offload/test_offload.py (a CUDA OOM re-plans once and gives the same image; a second OOM
                  is a DeviceMemoryError; no plan fits / not enough host RAM → MemoryPlanError)
 
 Round two (issue 20), one file per class of fault:
-  JSON           tests/test_reliability_json.py (krea2_lite/jsonfile.py: not JSON, wrong JSON type,
+  JSON           tests/reliability/test_reliability_json.py (krea2_lite/jsonfile.py: not JSON, wrong JSON type,
                  missing keys, not UTF-8 in model_index.json, scheduler, transformer / text encoder /
                  VAE config.json, tokenizer files, shard index, manifest, PEFT adapter_config.json)
-  safetensors    tests/test_reliability_safetensors.py (krea2_lite/safetensors_set.py: a tensor in two
+  safetensors    tests/reliability/test_reliability_safetensors.py (krea2_lite/safetensors_set.py: a tensor in two
                  unindexed files, weight_map obeyed, index naming a tensor its shard lacks, byte length vs
                  shape × dtype on the float and the quantizing path, int / bool tensors where floats
                  belong in transformer, text encoder and VAE, ComfyUI double names, dtype= arguments)
-  arguments      tests/test_reliability_arguments.py (krea2_lite/arguments.py: steps, seeds, mu,
+  arguments      tests/reliability/test_reliability_arguments.py (krea2_lite/arguments.py: steps, seeds, mu,
                  max_sequence_length, guidance, num_images, latents type / device, vram_gb, device,
                  a folder's own defaults, scheduler shift settings)
-  finite         tests/test_reliability_finite.py (krea2_lite/finite.py: NaN/inf VAE statistics and
+  finite         tests/reliability/test_reliability_finite.py (krea2_lite/finite.py: NaN/inf VAE statistics and
                  weights, a degenerate schedule, decoder overflow, the transformer's NaN step)
-  paths          tests/test_reliability_paths.py (krea2_lite/quantize/output_dir.py: --out equal to,
+  paths          tests/reliability/test_reliability_paths.py (krea2_lite/quantize/output_dir.py: --out equal to,
                  containing, inside the source, through symlinks, `.`, `~`, "", `/`; --force on foreign
                  folders and files; SIGINT / SIGTERM cleanup; --include of biased linears; quantized
                  folders keep the source's defaults)
-  CLI / order    tests/test_reliability_cli.py (krea2_lite/cli_errors.py: one `error:` line and exit 2;
+  CLI / order    tests/reliability/test_reliability_cli.py (krea2_lite/cli_errors.py: one `error:` line and exit 2;
                  exit 1 for internal errors; KREA2_LITE_DEBUG; the named model checked before defaults)
 """
 
@@ -105,7 +105,7 @@ def test_out_of_memory_gets_a_clear_message(pipe, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     # This pipeline's memory is mostly activations, so offloading cannot shrink it: after the OOM the
-    # re-plan finds nothing smaller and says so (tests/test_offload.py covers the successful re-plan).
+    # re-plan finds nothing smaller and says so (tests/offload/test_offload.py covers the successful re-plan).
     monkeypatch.setattr(pipe.transformer, "forward", oom)
     with pytest.raises(DeviceMemoryError, match=r"generating 2 image\(s\) at 32×48 with CFG: CUDA out of memory"
                                                 r".*no smaller memory plan.*quant='int4'"):

@@ -53,15 +53,6 @@ def w8a8_attention(seed=0) -> nn.Module:
     return quantized(holder, ["attn.wq", "attn.wk", "attn.wv", "attn.gate", "attn.wo"], rotate=64)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Krea2Transformer(CFG)
-    path = tmp_path_factory.mktemp("workspace") / "krea2.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    return path
-
-
 def tiny_inputs():
     g = torch.Generator().manual_seed(1)
     txt, rows, cols = 5, 4, 4
@@ -246,7 +237,7 @@ def test_release_workspaces_frees_the_scratch(source):
 
 def test_model_files_are_the_plain_spec():
     """No quantization, LoRA or hook logic in the model files: those live in quantize/, lora/, offload/."""
-    root = Path(__file__).resolve().parents[1] / "krea2_lite" / "model"
+    root = Path(__file__).resolve().parents[2] / "krea2_lite" / "model"
     for name in ("transformer.py", "layers.py", "rope.py"):
         text = (root / name).read_text()
         found = re.findall(r"quant|lora|hook|workspace|forward_swiglu", text, flags=re.IGNORECASE)
