@@ -8,7 +8,6 @@ gives the same image on any device.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -311,15 +310,36 @@ class Krea2Pipeline:
                  guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
                  max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
+        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`)."""
+        call = self._validate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                              guidance=guidance, mu=mu, seed=seed, num_images=num_images, latents=latents,
+                              max_sequence_length=max_sequence_length)
+        call.progress = progress
+        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length)
+        try:
+            return self._generate(call)
+        except torch.cuda.OutOfMemoryError as exc:
+            # Keep only the message: the exception's traceback holds the failed step's activations.
+            first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        plan = self._replan_after_oom(call, first)  # one re-plan for a smaller budget, visible as a warning
+        try:
+            return self._generate(call)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise DeviceMemoryError(
+                f"out of GPU memory generating {call.describe()}, also after re-planning for "
+                f"{plan.budget_bytes / (1 << 30):.2f} GiB (offload '{plan.mode}', {len(plan.streamed_blocks)} blocks "
+                f"streamed): {str(exc).splitlines()[0]} — lower the resolution or num_images, pass a smaller "
+                "vram_gb, or load a quantized model (quant='int8' / 'int4')") from exc
+
+    def _validate(self, prompt, *, negative_prompt, width, height, steps, guidance, mu, seed, num_images, latents,
+                  max_sequence_length) -> "_Call":
+        """Every argument checked (bounds and messages in arguments.py) and defaults filled in."""
         prompts = self._prompt_list("prompt", prompt)
-        width = self.default_size[0] if width is None else width  # 1024 unless the folder says
-        height = self.default_size[1] if height is None else height
-        width, height = self._check_size("width", width), self._check_size("height", height)
-        steps = self.defaults.steps if steps is None else steps
-        guidance = self.defaults.guidance if guidance is None else guidance
-        # Bounds and messages in arguments.py; each names the argument and its range.
-        steps = arguments.check_steps(steps)
-        guidance = arguments.check_number("guidance", guidance, 0.0, arguments.MAX_GUIDANCE)
+        width = self._check_size("width", self.default_size[0] if width is None else width)
+        height = self._check_size("height", self.default_size[1] if height is None else height)
+        steps = arguments.check_steps(self.defaults.steps if steps is None else steps)
+        guidance = arguments.check_number("guidance", self.defaults.guidance if guidance is None else guidance,
+                                          0.0, arguments.MAX_GUIDANCE)
         num_images = arguments.check_int("num_images", num_images, 1, arguments.MAX_IMAGES)
         max_sequence_length = arguments.check_max_sequence_length(max_sequence_length, self.text_encoder)
         mu = arguments.check_mu(mu)
@@ -329,97 +349,120 @@ class Krea2Pipeline:
             if len(negatives) == 1 and len(prompts) > 1:
                 negatives = negatives * len(prompts)
             self._prompt_list("negative_prompt", negatives, expected=len(prompts))
-
         total = len(prompts) * num_images
-        user_latents = latents
-        channels = self.transformer.config.channels
-        lat_h, lat_w = height // 8, width // 8
         seed = arguments.check_seed(seed, total)
         if latents is None:
-            latents = self.noise(total, height, width, seed)
+            noise = self.noise(total, height, width, seed)
         else:
-            arguments.check_latents(latents, (total, channels, lat_h, lat_w))
-        call = dict(prompts=prompts, negatives=negatives, num_images=num_images, latents=latents, steps=steps,
-                    guidance=float(guidance), mu=mu, max_sequence_length=max_sequence_length, progress=progress)
+            noise = arguments.check_latents(latents, (total, self.transformer.config.channels, height // 8,
+                                                      width // 8))
         from .metadata import image_metadata
 
         # mu None here means "from the size" unless the variant pins it; seed None: the caller's own noise.
         described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
-                                   seed=seed if user_latents is None else None, steps=steps,
-                                   guidance=float(guidance), mu=mu if mu is not None else self.defaults.mu,
-                                   width=width, height=height)
-        self._fit_plan(width, height, negatives is not None, total, max_sequence_length)
-        try:
-            return dataclasses.replace(self._generate(**call), metadata=described)
-        except torch.cuda.OutOfMemoryError as exc:
-            # Keep only the message: the exception's traceback holds the failed step's activations.
-            first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
-        # One re-plan with a smaller budget, then a clear failure.
-        where = f"{total} image(s) at {width}×{height}{' with CFG' if negatives else ''}"
-        try:
-            plan = self._replan(width, height, negatives is not None, total, max_sequence_length)
-        except MemoryPlanError as exc:
-            raise DeviceMemoryError(f"out of GPU memory generating {where}: {first}; no smaller memory plan "
-                                    f"exists ({str(exc).splitlines()[0]}) — lower the resolution or num_images, "
-                                    "or load a quantized model (quant='int4')") from None
-        warnings.warn(f"out of GPU memory generating {where}; retrying once with a smaller memory plan:\n{plan}",
-                      RuntimeWarning, stacklevel=2)
-        try:
-            return dataclasses.replace(self._generate(**call), metadata=described)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise DeviceMemoryError(
-                f"out of GPU memory generating {where}, also after re-planning for "
-                f"{plan.budget_bytes / (1 << 30):.2f} GiB (offload '{plan.mode}', {len(plan.streamed_blocks)} blocks "
-                f"streamed): {str(exc).splitlines()[0]} — lower the resolution or num_images, pass a smaller "
-                "vram_gb, or load a quantized model (quant='int8' / 'int4')") from exc
+                                   seed=seed if latents is None else None, steps=steps, guidance=float(guidance),
+                                   mu=mu if mu is not None else self.defaults.mu, width=width, height=height)
+        return _Call(prompts, negatives, num_images, noise, steps, float(guidance), mu, max_sequence_length,
+                     width, height, described)
 
-    def _replan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int):
-        """After an out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied."""
-        last = self.memory_plan or self.plan(None, mode="none", width=width, height=height, cfg=cfg,
-                                             num_images=images, max_sequence_length=max_sequence_length)
+    def _replan_after_oom(self, call: "_Call", first: str):
+        """After a CUDA out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied
+        (with a RuntimeWarning printing it), or DeviceMemoryError when no smaller plan exists."""
+        cfg, images, length = call.cfg, call.total, call.max_sequence_length
+        last = self.memory_plan or self.plan(None, mode="none", width=call.width, height=call.height, cfg=cfg,
+                                             num_images=images, max_sequence_length=length)
         budget = REPLAN_FACTOR * last.peak_bytes / (1 << 30)
-        plan = self.plan(budget, width=width, height=height, cfg=cfg, num_images=images, prefetch=last.prefetch,
-                         max_sequence_length=max_sequence_length)
+        try:
+            plan = self.plan(budget, width=call.width, height=call.height, cfg=cfg, num_images=images,
+                             prefetch=last.prefetch, max_sequence_length=length)
+        except MemoryPlanError as exc:
+            raise DeviceMemoryError(f"out of GPU memory generating {call.describe()}: {first}; no smaller memory "
+                                    f"plan exists ({str(exc).splitlines()[0]}) — lower the resolution or "
+                                    "num_images, or load a quantized model (quant='int4')") from None
         self.apply_plan(plan, self.device)
+        warnings.warn(f"out of GPU memory generating {call.describe()}; retrying once with a smaller memory "
+                      f"plan:\n{plan}", RuntimeWarning, stacklevel=3)
         return plan
 
     @backend_scope()  # KREA2_LITE_KERNELS is read once per generation
-    def _generate(self, *, prompts, negatives, num_images, latents, steps, guidance, mu, max_sequence_length,
-                  progress) -> Krea2Output:
-        total = latents.shape[0]
-        lat_h, lat_w = latents.shape[-2:]
-        with self.offloader.encoding() if self.offloader is not None else contextlib.nullcontext():
-            hidden, mask = self.text_encoder.encode(prompts + (negatives or []), max_sequence_length)
-        release_workspaces(self.text_encoder)  # its dequantization scratch is not needed until the next call
-        hidden = hidden.to(self.device, self.dtype).repeat_interleave(num_images, dim=0)
-        mask = mask.to(self.device).repeat_interleave(num_images, dim=0)
-        cond = compact_text(hidden[:total], mask[:total])
-        uncond = compact_text(hidden[total:], mask[total:]) if negatives else None
+    def _generate(self, call: "_Call") -> Krea2Output:
+        """encode → denoise → decode for validated settings."""
+        cond, uncond = self._encode(call)
+        final = self._denoise(call, cond, uncond)
+        pixels = self._decode(final)
+        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata)
 
+    def _encode(self, call: "_Call"):
+        """(cond, uncond or None): compacted text conditioning, repeated per image."""
+        with self.offloader.encoding() if self.offloader is not None else contextlib.nullcontext():
+            hidden, mask = self.text_encoder.encode(call.prompts + (call.negatives or []), call.max_sequence_length)
+        release_workspaces(self.text_encoder)  # its dequantization scratch is not needed until the next call
+        hidden = hidden.to(self.device, self.dtype).repeat_interleave(call.num_images, dim=0)
+        mask = mask.to(self.device).repeat_interleave(call.num_images, dim=0)
+        total = call.total
+        cond = compact_text(hidden[:total], mask[:total])
+        return cond, (compact_text(hidden[total:], mask[total:]) if call.negatives else None)
+
+    def _denoise(self, call: "_Call", cond, uncond) -> torch.Tensor:
+        """The flow ODE from the call's noise: final latents, unpacked (N, channels, H/8, W/8)."""
+        lat_h, lat_w = call.latents.shape[-2:]
         rows, cols = lat_h // 2, lat_w // 2
+        mu = call.mu
         if mu is None:
             mu = self.defaults.mu if self.defaults.mu is not None else resolution_mu(rows * cols, **self.shift)
         try:
             with np.errstate(all="ignore"):  # a degenerate schedule is reported by check_schedule instead
-                schedule = sigmas(steps, mu)
+                schedule = sigmas(call.steps, mu)
         except (OverflowError, ZeroDivisionError):
-            schedule = torch.full((steps + 1,), float("nan"))
+            schedule = torch.full((call.steps + 1,), float("nan"))
         check_schedule(schedule, mu, self.shift)
-        packed = pack_latents(latents.to(self.device, self.dtype), self.transformer.config.patch)
+        packed = pack_latents(call.latents.to(self.device, self.dtype), self.transformer.config.patch)
 
         from tqdm.auto import tqdm
 
-        with tqdm(total=steps, desc="sampling", unit="step", disable=not progress) as bar:
-            out = denoise(self.transformer, packed, cond, schedule, guidance=guidance, uncond=uncond,
+        with tqdm(total=call.steps, desc="sampling", unit="step", disable=not call.progress) as bar:
+            out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
                           rows=rows, cols=cols, progress=lambda _: bar.update())
-        final = unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
         release_workspaces(self.transformer)  # the decode phase holds no kernel scratch (as planned)
+        return unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+
+    def _decode(self, final: torch.Tensor) -> torch.Tensor:
+        """Latents → [-1, 1] pixels, tiled as the plan says; NaN/inf stops with the cause named."""
         tile = self.vae_tile
         if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
             tile = self.memory_plan.vae_tile
         pixels = self.vae.decode(final, tile=tile)
         check_decoded(pixels, final, self.vae)  # never a silent black image
-        return Krea2Output(images=to_pil(pixels), latents=final)
+        return pixels
+
+
+@dataclass
+class _Call:
+    """One validated call's settings (what `_generate` runs)."""
+
+    prompts: list[str]
+    negatives: list[str] | None
+    num_images: int
+    latents: torch.Tensor  # the initial noise, unpacked
+    steps: int
+    guidance: float
+    mu: float | None
+    max_sequence_length: int
+    width: int
+    height: int
+    metadata: list
+    progress: bool = True
+
+    @property
+    def total(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def cfg(self) -> bool:
+        return self.negatives is not None
+
+    def describe(self) -> str:
+        return f"{self.total} image(s) at {self.width}×{self.height}{' with CFG' if self.cfg else ''}"
 
 
 def _placement(plan) -> tuple:
