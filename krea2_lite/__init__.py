@@ -6,7 +6,7 @@ from .metadata import read_png_metadata, save_png
 from .model import Krea2Transformer
 from .quantize import QuantSpec
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "read_png_metadata",
            "save_png", "__version__"]

@@ -119,7 +119,7 @@ def _transformer_weights(location: Path):
         location = location / "transformer"
     config = None
     if location.is_dir() and (location / "config.json").exists():
-        config = read_json(location / "config.json")
+        config = read_json(location / "config.json", what="transformer config")
     weights = find_weight_files(location, what="model")
     return weights, config
 

@@ -45,7 +45,7 @@ def quant_label(spec) -> str | dict | None:
 
 def pipeline_metadata(pipe) -> dict:
     """The settings a pipeline adds to every image: model, variant, quant, LoRAs, dtype, version."""
-    from . import __version__
+    from .version import __version__
     from .lora import loaded_loras
 
     quantization = getattr(pipe.transformer, "quantization", None)

@@ -48,46 +48,8 @@ def read_weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def locate_tensors(files: list[Path], *, index: Path | None = None, weight_map: dict[str, str] | None = None,
-                   where: str | os.PathLike | None = None) -> dict[str, tuple[Path, object]]:
-    """{key: (file, TensorInfo)} for a set of safetensors files, headers only.
-
-    With an index (or its weight_map), each tensor is taken from the shard the index names, which
-    must hold it; tensors in no entry of the map are ignored, as transformers does. Without one, a
-    key present in two files is refused instead of letting the last file win.
-    """
-    from .checkpoint import read_safetensors_header  # checkpoint imports this module
-
-    if index is not None and weight_map is None:
-        weight_map = read_weight_map(index)
-    headers = {file: read_safetensors_header(file) for file in files}
-    located: dict[str, tuple[Path, object]] = {}
-    if weight_map is not None:
-        folder = files[0].parent if files else Path(index).parent
-        for key, name in weight_map.items():
-            file = folder / name
-            if file not in headers:
-                if not file.is_file():
-                    raise CheckpointNotFoundError(f"{index or where}: names shard {name} for '{key}', which is missing")
-                headers[file] = read_safetensors_header(file)
-            if key not in headers[file]:
-                raise SafetensorsSetError(f"{index or where}: says '{key}' is in {name}, but that file has no such "
-                                          "tensor")
-            located[key] = (file, headers[file][key])
-        return located
-    for file, header in headers.items():
-        for key, info in header.items():
-            if key in located:
-                raise SafetensorsSetError(
-                    f"{where or file.parent}: tensor '{key}' is in both {located[key][0].name} and {file.name}; "
-                    "without a *.safetensors.index.json naming one, krea2_lite cannot tell which is meant "
-                    "(remove the stray file, or add an index)")
-            located[key] = (file, info)
-    return located
-
-
 def require_float(entries: dict[str, tuple[Path, object]], names=None) -> None:
-    """Refuse integer / bool tensors among `names` (default: all) of a `locate_tensors` result."""
+    """Refuse integer / bool tensors among `names` (default: all) of a {key: (file, ..., TensorInfo)} map (`loading.files.tensor_locations`)."""
     for key in (entries if names is None else names):
         file, info = entries[key][0], entries[key][-1]
         if info.dtype not in FLOAT_NAMES:

@@ -16,10 +16,10 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
+from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, SafetensorsSetError,
                       UnsafeCheckpointFormatError)
 from ..jsonfile import parse_json, read_json  # noqa: F401  (read_json re-exported: the one JSON reader)
-from ..safetensors_set import check_entry
+from ..safetensors_set import check_entry, read_weight_map
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -124,14 +124,9 @@ class WeightFiles:
 
 
 def _from_index(index: Path) -> WeightFiles:
-    weight_map = read_json(index, what="shard index").get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CorruptCheckpointError(f"{index}: no 'weight_map' object of key → shard file name")
+    weight_map = read_weight_map(index)  # a JSON object of key → plain shard file name, or a clear error
     folder = index.parent
     shards = {name: folder / name for name in weight_map.values()}
-    bad = sorted(name for name, p in shards.items() if Path(name).name != name)
-    if bad:
-        raise CorruptCheckpointError(f"{index}: shard names must be plain file names, found {bad[:3]}")
     missing = sorted(name for name, p in shards.items() if not p.is_file())
     if missing:
         raise CheckpointNotFoundError(f"{index}: lists shards that are missing: {missing[:3]}")
@@ -189,12 +184,12 @@ def tensor_locations(weights: WeightFiles) -> dict[str, tuple[Path, TensorInfo]]
                     found[key] = (file, info)
                 continue
             if key in found:
-                raise CheckpointKeysError(f"tensor '{key}' is in both {found[key][0]} and {file}; "
+                raise SafetensorsSetError(f"tensor '{key}' is in both {found[key][0]} and {file}; "
                                           "pass one file, or add an index saying which holds it")
             found[key] = (file, info)
     if weights.weight_map is not None:
         absent = sorted(k for k in weights.weight_map if k not in found)
         if absent:
-            raise CheckpointKeysError(f"{weights.index}: lists {len(absent)} tensor(s) their shard does not hold "
+            raise SafetensorsSetError(f"{weights.index}: lists {len(absent)} tensor(s) their shard does not hold "
                                       f"(first: {absent[:3]})")
     return found

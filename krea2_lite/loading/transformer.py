@@ -19,6 +19,7 @@ from ..quantize.format import MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_qu
 from ..quantize.qlinear import QuantizedLinear
 from ..quantize.recipe import QuantSpec
 from ..quantize.stream import build_quantized_skeleton
+from ..safetensors_set import check_float_dtype
 from .files import find_weight_files, tensor_locations
 from .paths import resolve_path
 from .stream import FloatPut, QuantizingPut, StoredPut, cast_meta_, placement, stream_groups, unloaded
@@ -88,6 +89,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     blocks placed on `device`; the others go to host memory, where a memory plan streams them from.
     """
     spec = QuantSpec.parse(quant)
+    check_float_dtype(dtype)  # int8 etc. are asked for with quant=, never dtype=
     device = torch.device(device)
     place = placement(device, device_blocks)
     location = resolve_path(path, TRANSFORMER_PATTERNS)

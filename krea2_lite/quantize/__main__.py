@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from ..cli_errors import run_cli
 from ..jsonfile import read_json
 from ..loading.paths import resolve_path

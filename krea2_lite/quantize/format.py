@@ -81,7 +81,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
-    manifest = read_json(path)
+    manifest = read_json(path, what="quantized-folder manifest")
     if manifest.get("format") != FORMAT:
         raise FormatVersionError(f"{path}: not a krea2_lite quantized folder (format={manifest.get('format')!r})")
     version = manifest.get("format_version")

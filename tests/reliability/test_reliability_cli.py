@@ -107,7 +107,9 @@ def test_output_that_is_a_folder_is_one_line_and_leaves_no_temp_file(tmp_path, c
     folder = tmp_path / "out.png"
     folder.mkdir()
     image = Image.new("RGB", (4, 4))
-    assert run_cli(lambda: generate_cli.save_atomically(image, folder)) == 2
+    from krea2_lite.metadata import save_png
+
+    assert run_cli(lambda: save_png(image, folder)) == 2
     _one_error_line(capsys, "out.png")
     assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 

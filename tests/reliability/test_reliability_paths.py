@@ -110,10 +110,11 @@ def test_force_replaces_an_empty_folder(parent, capsys):
 def test_signal_mid_write_removes_the_partial_folder(parent, capsys, monkeypatch, signum):
     real = quantize_cli.write_transformer
 
-    def interrupted(model, folder):
-        real(model, folder)  # the partial folder now holds data
+    def interrupted(*args, **kwargs):
+        result = real(*args, **kwargs)  # the partial folder now holds data
         assert list(parent.parent.glob(".q.partial-*"))
         signal.raise_signal(signum)
+        return result
 
     monkeypatch.setattr(quantize_cli, "write_transformer", interrupted)
     handler = signal.getsignal(signal.SIGTERM)
