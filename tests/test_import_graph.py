@@ -108,3 +108,15 @@ def test_old_import_paths_still_work():
     from krea2_lite.model.text_encoder import load_text_encoder as old
 
     assert old is new and load_transformer.__module__ == "krea2_lite.loading.transformer"
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    """Long functions doing many jobs are where newcomers trip (issue 18): split them instead."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not too_long, "functions over 80 lines: " + ", ".join(too_long)
