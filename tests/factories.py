@@ -146,3 +146,26 @@ def tiny_diffusers_pipeline(is_distilled: bool = False, seed: int = 0, transform
     return Krea2Pipeline(scheduler=official_scheduler(), vae=tiny_vae(seed), text_encoder=text_encoder,
                          tokenizer=tokenizer, transformer=diffusers_transformer(transformer_config or PIPELINE_CONFIG, seed=seed),
                          is_distilled=is_distilled)
+
+
+def qwen3vl_hub_folder(folder):
+    """A hub-layout Qwen3-VL folder (model.language_model.* plus model.visual.*, lm_head, the norm and
+    the last layer) with the tiny config and the test tokenizer; returns `folder`."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(tie_word_embeddings=False)).eval().save_pretrained(folder)
+    train_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def load_benchmark(name: str):
+    """Import `benchmarks/<name>.py` as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

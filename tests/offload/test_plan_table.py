@@ -1,16 +1,14 @@
 """The README's card × RAM table is what the planner says today (benchmarks/plan_table.py)."""
 
-import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _plan_table():
-    spec = importlib.util.spec_from_file_location("plan_table", ROOT / "benchmarks" / "plan_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from factories import load_benchmark
+
+    return load_benchmark("plan_table")
 
 
 def test_readme_table_matches_the_planner():

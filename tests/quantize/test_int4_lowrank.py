@@ -1,7 +1,6 @@
 """int4-lr{r}: int4 with a low-rank bf16 correction — names, refusal of bad ranks, folder round trip,
 coexistence with LoRA, the planner's byte count, and the error it removes on structured weights."""
 
-import importlib.util
 import json
 import math
 import re
@@ -28,13 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module", autouse=True)
 def _threads(single_thread):
     yield
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lr_src") / "krea2.safetensors"
-    save_file(official_state_dict(diffusers_transformer(CFG, seed=1)), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -174,10 +166,9 @@ def test_planner_counts_the_branch():
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("int4_lowrank_bench", ROOT / "benchmarks" / "int4_lowrank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from factories import load_benchmark
+
+    return load_benchmark("int4_lowrank")
 
 
 def test_alternation_never_worse_than_the_plain_svd():

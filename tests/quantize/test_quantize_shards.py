@@ -167,15 +167,9 @@ def test_blocks_go_where_the_placement_says():
 
 @pytest.fixture(scope="module")
 def qwen_source(tmp_path_factory):
-    from transformers import Qwen3VLForConditionalGeneration
+    from factories import qwen3vl_hub_folder
 
-    from factories import tiny_qwen3vl_config, train_tokenizer
-
-    folder = tmp_path_factory.mktemp("qwen_hub")
-    torch.manual_seed(0)
-    Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(tie_word_embeddings=False)).eval().save_pretrained(folder)
-    train_tokenizer().save_pretrained(folder)
-    return folder
+    return qwen3vl_hub_folder(tmp_path_factory.mktemp("qwen_hub"))
 
 
 @pytest.mark.parametrize("quant", ["int8", None])

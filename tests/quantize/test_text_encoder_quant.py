@@ -16,9 +16,8 @@ import torch
 from safetensors import safe_open as real_safe_open
 
 import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
-import krea2_lite.model.text_encoder as te
 import krea2_lite.quantize.text_encoder as qte
-from factories import tiny_qwen3vl_config, train_tokenizer
+from factories import tiny_qwen3vl_config
 from krea2_lite.loading.text_encoder import load_text_encoder
 from krea2_lite.quantize.qlinear import STORAGE_DTYPES, QuantizedLinear
 from krea2_lite.quantize.recipe import QuantSpec
@@ -45,13 +44,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A hub-layout folder: model.language_model.* plus model.visual.*, lm_head, the norm and layer 35."""
-    from transformers import Qwen3VLForConditionalGeneration
+    from factories import qwen3vl_hub_folder
 
-    folder = tmp_path_factory.mktemp("qwen3vl_hub")
-    torch.manual_seed(0)
-    Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(tie_word_embeddings=False)).eval().save_pretrained(folder)
-    train_tokenizer().save_pretrained(folder)
-    return folder
+    return qwen3vl_hub_folder(tmp_path_factory.mktemp("qwen3vl_hub"))
 
 
 @pytest.fixture(scope="module")
