@@ -117,13 +117,19 @@ def test_signal_mid_write_removes_the_partial_folder(parent, capsys, monkeypatch
         return result
 
     monkeypatch.setattr(quantize_cli, "write_transformer", interrupted)
-    handler = signal.getsignal(signal.SIGTERM)
-    before = snapshot(parent)
-    assert quantize("--model", parent / "src", "--out", parent.parent / "q") == 130
-    assert capsys.readouterr().err == "error: interrupted\n"
-    assert sorted(p.name for p in parent.parent.iterdir()) == ["parent"]
-    assert snapshot(parent) == before
-    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    # A shell starts background jobs (`pytest &`, nohup) with SIGINT ignored, and Python keeps that;
+    # give this test the interactive Ctrl-C behaviour it is about, and put back what was there.
+    saved_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        before = snapshot(parent)
+        assert quantize("--model", parent / "src", "--out", parent.parent / "q") == 130
+        assert capsys.readouterr().err == "error: interrupted\n"
+        assert sorted(p.name for p in parent.parent.iterdir()) == ["parent"]
+        assert snapshot(parent) == before
+        assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, saved_int)
 
 
 def test_sigterm_to_a_running_quantizer_leaves_nothing(tmp_path):
