@@ -30,7 +30,10 @@ FORMAT = "krea2_lite.quantized"
 #   2  W8A8 with a Hadamard rotation (`quant.rotate` > 0, weights stored as W·H), which an older
 #      reader would run without the rotation
 #   3  a sharded transformer/ (index + shards), which a version-2 reader would call incomplete
-FORMAT_VERSION = 3
+#   4  int4 with a low-rank correction (`quant.lowrank` > 0, `<layer>.lowrank.up/down` tensors),
+#      which a version-3 reader would build as plain int4 and then refuse for unexpected keys
+# (int4's `quant.rounding` needs no version: it changes how codes were chosen, not what they mean.)
+FORMAT_VERSION = 4
 MANIFEST = "krea2_lite.json"
 TRANSFORMER_DIR = "transformer"
 TRANSFORMER_NAME = "model.safetensors"
@@ -69,6 +72,8 @@ def write_quantization_map(model: torch.nn.Module, folder: Path) -> None:
 
 def required_version(manifest: dict) -> int:
     """The oldest format version that reads this manifest correctly."""
+    if manifest.get("quant", {}).get("lowrank"):
+        return 4
     if manifest.get("components", {}).get("transformer", {}).get("shards", 1) > 1:
         return 3
     return 2 if manifest.get("quant", {}).get("rotate") else 1

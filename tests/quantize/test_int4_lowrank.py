@@ -93,6 +93,8 @@ def test_folder_equals_on_the_fly(source, on_the_fly, inputs, tmp_path):
                  "--quiet"]) == 0
     manifest = json.loads((out / "krea2_lite.json").read_text())
     assert manifest["quant"]["lowrank"] == RANK and manifest["quant"]["dtype"] == "int4"
+    # a version-3 reader would build plain int4 and stop at the branch's keys: it is told to upgrade
+    assert manifest["format_version"] == 4
     stored = {}
     for file in (out / "transformer").glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:
