@@ -10,6 +10,10 @@
   python benchmarks/quantize.py --what memory --layers 2 6 --dtype int8 int4
   python benchmarks/quantize.py --what load --layers 4 --dtype int8
   python benchmarks/quantize.py --what memory --layers 28 --dtype int8   # ≈26 GB on disk, deleted after
+  python benchmarks/quantize.py --what memory --layers 2 --dtype int4-minmax int4 int4-lr32
+
+--dtype names: int8, fp8, int4 (the default mse-clip rounding), int4-minmax (`--rounding minmax`),
+int4-lrR (`--lowrank R`).
 """
 
 from __future__ import annotations
@@ -117,6 +121,21 @@ def baseline_rss() -> int:
                               text=True).stdout.split()[-1])
 
 
+def cli_quant_args(name: str) -> list[str]:
+    """The quantize CLI's flags for a --dtype name of this benchmark."""
+    if name == "int4-minmax":
+        return ["--dtype", "int4", "--rounding", "minmax"]
+    if name.startswith("int4-lr"):
+        return ["--dtype", "int4", "--lowrank", name.removeprefix("int4-lr")]
+    return ["--dtype", name]
+
+
+def quant_name(text: str) -> str:
+    if text in ("int8", "fp8", "int4", "int4-minmax") or (text.startswith("int4-lr") and text[7:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected int8, fp8, int4, int4-minmax or int4-lrR, got {text!r}")
+
+
 def memory(layers: int, dtype: str, shard: str) -> dict:
     cfg = Krea2Config.krea2().replace(layers=layers)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
@@ -126,7 +145,7 @@ def memory(layers: int, dtype: str, shard: str) -> dict:
         write_seconds = time.time() - started
         started = time.time()
         proc = subprocess.run([sys.executable, "-c", RUNNER, "krea2_lite.quantize", "--model", str(src),
-                               "--dtype", dtype, "--out", str(Path(tmp) / "out"), "--quiet",
+                               *cli_quant_args(dtype), "--out", str(Path(tmp) / "out"), "--quiet",
                                "--max-shard-size", shard], check=True, capture_output=True, text=True)
         seconds = time.time() - started
         peak = int(proc.stdout.split()[-1])
@@ -166,7 +185,7 @@ def main() -> int:
     ap.add_argument("--what", nargs="+", choices=["error", "memory", "load"], default=["error", "memory"])
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 6])
-    ap.add_argument("--dtype", nargs="+", default=["int8", "int4"], choices=["int8", "fp8", "int4"])
+    ap.add_argument("--dtype", nargs="+", default=["int8", "int4"], type=quant_name)
     ap.add_argument("--max-shard-size", default="2GB")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

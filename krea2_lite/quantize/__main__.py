@@ -1,5 +1,6 @@
 """`python -m krea2_lite.quantize --model SRC --dtype {int8,fp8,int4} --out DIR
-[--activations {int8,fp8} [--rotate [BLOCK]]] [--lowrank R] [--max-shard-size 2GB]`.
+[--activations {int8,fp8} [--rotate [BLOCK]]] [--lowrank R] [--rounding {mse-clip,minmax}]
+[--max-shard-size 2GB]`.
 
 Writes a self-contained quantized folder (see `format.py`), block by block into safetensors
 shards of at most --max-shard-size (`write.py`), so host memory holds about one block, not the
@@ -24,6 +25,7 @@ from ..loading.paths import resolve_path
 from ..loading.transformer import open_float_checkpoint
 from . import output_dir
 from .format import folder_size, is_quantized_folder, write_manifest
+from .int4_rounding import DEFAULT_ROUNDING, ROUNDINGS
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec, require_rank
 from .shards import DEFAULT_MAX_SHARD, parse_size
 from .write import write_text_encoder, write_transformer
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lowrank", type=int, default=None, metavar="R",
                    help="int4 only: give each quantized layer a bf16 rank-R correction U·V (int4 stores W − U·V); "
                         "R from 1 to the smallest layer's min(in, out), 32 is the usual choice")
+    p.add_argument("--rounding", choices=ROUNDINGS, default=None,
+                   help=f"int4 only: how each group's scale is chosen (default {DEFAULT_ROUNDING}: the clipped range "
+                        "of least squared error; minmax: optimum-quanto's full range, faster to compute)")
     p.add_argument("--text-encoder-dtype", choices=["int8", "int4", "none"], default="int8",
                    help="for a pipeline source: quantize the Qwen3-VL text path (none = keep bf16)")
     p.add_argument("--include", nargs="*", default=list(DEFAULT_INCLUDE), help="module-name globs to quantize")
@@ -88,12 +93,14 @@ def source_layout(src: Path) -> tuple[Path, Path | None]:
     return src, None
 
 
-def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool, max_shard_bytes: int) -> dict:
+def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool, max_shard_bytes: int,
+                            rounding: str = DEFAULT_ROUNDING) -> dict:
     """Copy or quantize the other components of a pipeline source into `tmp`."""
     components = {}
     if (root / "text_encoder").is_dir():
-        write_text_encoder(root / "text_encoder", tmp / "text_encoder", None if te_dtype == "none" else te_dtype,
-                           max_shard_bytes=max_shard_bytes)
+        te_spec = None if te_dtype == "none" else QuantSpec(te_dtype, rounding=rounding if te_dtype == "int4"
+                                                            else DEFAULT_ROUNDING)
+        write_text_encoder(root / "text_encoder", tmp / "text_encoder", te_spec, max_shard_bytes=max_shard_bytes)
         components["text_encoder"] = {"path": "text_encoder", "dtype": te_dtype if te_dtype != "none" else "bf16"}
     for name in ("vae", "scheduler"):
         if (root / name).is_dir():
@@ -108,9 +115,13 @@ def run(args: argparse.Namespace) -> Path:
     lowrank = 0 if args.lowrank is None else require_rank(args.lowrank, "--lowrank")
     if lowrank and args.dtype != "int4":
         raise ValueError(f"--lowrank needs --dtype int4, got --dtype {args.dtype}")
+    if args.rounding is not None and args.dtype != "int4" and args.text_encoder_dtype != "int4":
+        raise ValueError(f"--rounding applies to int4 only, got --dtype {args.dtype} and --text-encoder-dtype "
+                         f"{args.text_encoder_dtype}")
+    rounding = args.rounding or DEFAULT_ROUNDING
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate,
-                     lowrank=lowrank)
+                     lowrank=lowrank, rounding=rounding if args.dtype == "int4" else DEFAULT_ROUNDING)
     if is_quantized_folder(src):
         raise ValueError(f"--model {src} is already a quantized folder; quantize the float checkpoint it came from")
     transformer_path, root = source_layout(src)
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> Path:
         variant = args.variant
         if root is not None:
             components.update(quantize_pipeline_parts(root, tmp, args.text_encoder_dtype, not args.quiet,
-                                                      args.max_shard_size))
+                                                      args.max_shard_size, rounding))
             index = read_json(root / "model_index.json", what="model_index.json")
             if variant is None and isinstance(index.get("is_distilled"), bool):
                 variant = "turbo" if index["is_distilled"] else "raw"

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..kernels.qmatmul_torch import dequantize_weight
 from ..lora import adapters
+from .int4_rounding import DEFAULT_ROUNDING
 from .qlinear import QuantizedLinear, quantize_weight_tensors
 from .recipe import check_rank_fits
 
@@ -67,24 +68,25 @@ def _randomized_svd(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return q @ ub, s, vh
 
 
-def _int4_error(residual: torch.Tensor, group: int, scale_dtype: torch.dtype) -> torch.Tensor:
+def _int4_error(residual: torch.Tensor, group: int, scale_dtype: torch.dtype,
+                rounding: str = DEFAULT_ROUNDING) -> torch.Tensor:
     """dequant(int4(residual)) − residual, float32 (through the real quantizer)."""
     out, inp = residual.shape
-    qdata, scale, shift = quantize_weight_tensors(residual, "int4", group, scale_dtype)
+    qdata, scale, shift = quantize_weight_tensors(residual, "int4", group, scale_dtype, rounding=rounding)
     deq = dequantize_weight(qdata, scale, shift, "int4", out, inp, torch.float32)
     return deq.sub_(residual)
 
 
 def split_low_rank(weight: torch.Tensor, rank: int, group: int, scale_dtype: torch.dtype,
-                   iterations: int = ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up (out, r), down (r, in)) in BRANCH_DTYPE for `weight`, refined against int4 rounding."""
+                   iterations: int = ITERATIONS, rounding: str = DEFAULT_ROUNDING) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up (out, r), down (r, in)) in BRANCH_DTYPE for `weight`, refined against int4 `rounding`."""
     w = weight.detach().float()
     up, down = (t.to(BRANCH_DTYPE) for t in top_directions(w, rank))
     best, best_error = (up, down), None
     for step in range(iterations + 1):
         low = up.float() @ down.float()
         residual = w - low
-        error = _int4_error(residual, group, scale_dtype)  # dequant(Q) − (W − L)
+        error = _int4_error(residual, group, scale_dtype, rounding)  # dequant(Q) − (W − L)
         size = float(error.norm())  # = ‖W − dequant(Q) − L‖
         if best_error is None or size < best_error:
             best, best_error = (up, down), size
@@ -104,8 +106,8 @@ class LowRankQuantizedLinear(QuantizedLinear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: int, rank: int,
-                 compute_dtype: torch.dtype = torch.bfloat16, device=None):
-        super().__init__(in_features, out_features, bias, "int4", group, compute_dtype, device)
+                 compute_dtype: torch.dtype = torch.bfloat16, device=None, rounding: str = DEFAULT_ROUNDING):
+        super().__init__(in_features, out_features, bias, "int4", group, compute_dtype, device, rounding=rounding)
         check_rank_fits(rank, {"this layer": (out_features, in_features)})
         self.rank = rank
         self.lowrank = LowRankBranch(rank, in_features, out_features, compute_dtype, device)
@@ -115,7 +117,7 @@ class LowRankQuantizedLinear(QuantizedLinear):
         """Find the branch for `weight` (out, in), then quantize W − U·V into the int4 buffers."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
-        up, down = split_low_rank(weight, self.rank, self.group, self.scale.dtype)
+        up, down = split_low_rank(weight, self.rank, self.group, self.scale.dtype, rounding=self.rounding)
         residual = weight.detach().float() - up.float() @ down.float()
         super().set_weight(residual, bias)
         del residual
@@ -141,4 +143,5 @@ def add_lowrank_branches(model: nn.Module, names: list[str], rank: int) -> None:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, leaf, LowRankQuantizedLinear(old.in_features, old.out_features, old.bias is not None,
-                                                    old.group, rank, old.scale.dtype, device="meta"))
+                                                    old.group, rank, old.scale.dtype, device="meta",
+                                                    rounding=old.rounding))

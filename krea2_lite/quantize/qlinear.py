@@ -1,7 +1,8 @@
 """A linear layer whose weight is stored quantized, in optimum-quanto's serialized layout.
 
-optimum-quanto computes the quantization (its absmax / max optimizers and `quantize_weight`,
-always its kernel-agnostic tensors). The module keeps those tensors as plain buffers and does
+optimum-quanto computes the quantization (its absmax optimizer for 8-bit types; for int4 the
+scale/shift optimizer `rounding` names, see `int4_rounding`; then its `quantize_weight`, always
+its kernel-agnostic tensors). The module keeps those tensors as plain buffers and does
 its own matmul through `krea2_lite.kernels.qmatmul` (a Triton dequant-matmul, or the plain-torch
 reference: dequantize, then `F.linear`). quanto's own CUDA paths (Marlin, AWQ, TinyGemm) are
 avoided on purpose.
@@ -31,6 +32,7 @@ import torch.nn as nn
 from .. import kernels
 from ..kernels.act_quant_torch import rotate_blocks
 from ..kernels.qmatmul_torch import dequantize_weight
+from .int4_rounding import DEFAULT_ROUNDING, check_rounding, int4_optimizer
 from .w8a8_modules import attach_workspace
 
 QUANTO_QTYPE_NAMES = {"int8": "qint8", "fp8": "qfloat8_e4m3fn", "int4": "qint4"}
@@ -59,14 +61,14 @@ def _unpack_int4(packed) -> torch.Tensor:
     return torch.cat([data & 0xF, data >> 4])[: packed.shape[0]]
 
 
-def _quantize_rows(w: torch.Tensor, dtype: str, group: int | None, scale_dtype: torch.dtype):
+def _quantize_rows(w: torch.Tensor, dtype: str, group: int | None, scale_dtype: torch.dtype, rounding: str):
     """quanto on a slice of whole rows (float32) → (values, scale, shift); int4 values unpacked."""
-    from optimum.quanto.tensor.optimizers import AbsmaxOptimizer, MaxOptimizer
+    from optimum.quanto.tensor.optimizers import AbsmaxOptimizer
     from optimum.quanto.tensor.weights import quantize_weight
 
     qtype = _quanto_qtype(dtype)
     if dtype == "int4":
-        scale, shift = MaxOptimizer()(w, qtype=qtype, axis=0, group_size=group)
+        scale, shift = int4_optimizer(rounding, scale_dtype)(w, qtype=qtype, axis=0, group_size=group)
         scale = scale.to(scale_dtype).float()
         shift = shift.to(scale_dtype).float()
         q = quantize_weight(w, qtype=qtype, axis=0, scale=scale, shift=shift, group_size=group, optimized=False)
@@ -79,7 +81,7 @@ def _quantize_rows(w: torch.Tensor, dtype: str, group: int | None, scale_dtype: 
 
 
 def quantize_weight_tensors(weight: torch.Tensor, dtype: str, group: int | None,
-                            scale_dtype: torch.dtype, rotate: int = 0
+                            scale_dtype: torch.dtype, rotate: int = 0, rounding: str = DEFAULT_ROUNDING
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize an (out, in) weight with optimum-quanto → (qdata, scale, shift or None).
 
@@ -87,6 +89,7 @@ def quantize_weight_tensors(weight: torch.Tensor, dtype: str, group: int | None,
     is exactly the one the values were rounded against. Scales are per row (8-bit) or per
     group of whole rows' elements (int4), so slicing by rows gives quanto's exact result.
     `rotate` > 0 quantizes W·H instead (each row slice rotated in fp32 just before quantizing).
+    `rounding` picks int4's scale and shift (`int4_rounding`: "mse-clip" or "minmax").
     """
     from optimum.quanto.tensor.packed import PackedTensor
 
@@ -95,7 +98,7 @@ def quantize_weight_tensors(weight: torch.Tensor, dtype: str, group: int | None,
         return rotate_blocks(w, rotate) if rotate else w
 
     rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
-    parts = [_quantize_rows(rows_of(i, rows), dtype, group, scale_dtype)
+    parts = [_quantize_rows(rows_of(i, rows), dtype, group, scale_dtype, rounding)
              for i in range(0, weight.shape[0], rows)]
     values = torch.cat([p[0] for p in parts])
     scale = torch.cat([p[1] for p in parts])
@@ -110,7 +113,7 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: str, group: int | None,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None, activations: str | None = None,
-                 rotate: int = 0):
+                 rotate: int = 0, rounding: str = DEFAULT_ROUNDING):
         super().__init__()
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
@@ -121,6 +124,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.dtype, self.group = dtype, group
         self.activations, self.rotate = activations, int(rotate)
+        self.rounding = check_rounding(rounding)  # how set_weight picks int4 scales; not stored
         if dtype == "int4":
             if group is None or (in_features * out_features) % group:
                 raise ValueError(f"int4 needs a group size dividing the weight, got {group}")
@@ -141,10 +145,10 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str, group: int | None,
                     compute_dtype: torch.dtype | None = None, activations: str | None = None,
-                    rotate: int = 0) -> "QuantizedLinear":
+                    rotate: int = 0, rounding: str = DEFAULT_ROUNDING) -> "QuantizedLinear":
         compute_dtype = compute_dtype or linear.weight.dtype
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, group,
-                     compute_dtype, device="meta", activations=activations, rotate=rotate)
+                     compute_dtype, device="meta", activations=activations, rotate=rotate, rounding=rounding)
         module.set_weight(linear.weight, linear.bias)
         return module
 
@@ -153,7 +157,8 @@ class QuantizedLinear(nn.Module):
         when the layer rotates."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
-        qdata, scale, shift = quantize_weight_tensors(weight, self.dtype, self.group, self.scale.dtype, self.rotate)
+        qdata, scale, shift = quantize_weight_tensors(weight, self.dtype, self.group, self.scale.dtype, self.rotate,
+                                                      self.rounding)
         self.qdata, self.scale = qdata, scale
         if shift is not None:
             self.shift = shift
@@ -212,7 +217,7 @@ class QuantizedLinear(nn.Module):
 
 
 def swap_linears(model: nn.Module, names: list[str], dtype: str, group_for, compute_dtype: torch.dtype,
-                 activations: str | None = None, rotate_for=None) -> None:
+                 activations: str | None = None, rotate_for=None, rounding: str = DEFAULT_ROUNDING) -> None:
     """Replace the named nn.Linear modules by empty QuantizedLinear ones (meta device), sharing the
     model's KernelWorkspace (W8A8: with the sharing attention / MLP modules, see `w8a8_modules`).
     `rotate_for(in_features)` gives a W8A8 layer's Hadamard block (0 = none)."""
@@ -223,5 +228,5 @@ def swap_linears(model: nn.Module, names: list[str], dtype: str, group_for, comp
         rotate = rotate_for(linear.in_features) if rotate_for is not None else 0
         setattr(owner, leaf, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                              dtype, group_for(linear.in_features), compute_dtype, device="meta",
-                                             activations=activations, rotate=rotate))
+                                             activations=activations, rotate=rotate, rounding=rounding))
     attach_workspace(model, names)

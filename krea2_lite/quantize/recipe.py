@@ -15,6 +15,10 @@ them, which spreads outlier channels. String shortcuts: "int8-w8a8", "int8-w8a8-
 Low-rank corrected int4: `lowrank` = r > 0 (int4 weight-only) gives each quantized layer a bf16
 branch U·V of rank r that absorbs the weight's dominant directions, int4 storing W − U·V
 (`lowrank.py`). String form "int4-lr{r}", e.g. "int4-lr32".
+
+int4 rounding: `rounding` = "mse-clip" (default: per group, the clipped range of least squared
+error) or "minmax" (optimum-quanto's default, what folders written before it record); see
+`int4_rounding.py`. It changes how the int4 codes are chosen, not how they are stored or run.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+
+from .int4_rounding import DEFAULT_ROUNDING, ROUNDINGS
 
 logger = logging.getLogger("krea2_lite")
 
@@ -89,7 +95,8 @@ class QuantSpec:
     module is quantized when it is an nn.Linear, matches an include and no exclude.
     `activations` (None | "int8" | "fp8", equal to `dtype`) makes the layers W8A8; `rotate` is the
     Hadamard block size (0 = off; True means 128), only with `activations`. `lowrank` (int4 only)
-    is the rank of each layer's low-rank correction (0 = none).
+    is the rank of each layer's low-rank correction (0 = none). `rounding` (int4 only) is how int4
+    scales are chosen: "mse-clip" (default) or "minmax".
     """
 
     dtype: str
@@ -99,6 +106,7 @@ class QuantSpec:
     activations: str | None = None
     rotate: int = 0
     lowrank: int = 0
+    rounding: str = DEFAULT_ROUNDING
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -117,6 +125,10 @@ class QuantSpec:
             raise ValueError("rotate needs W8A8 (activations='int8' or 'fp8')")
         object.__setattr__(self, "rotate", rotate)
         object.__setattr__(self, "lowrank", check_lowrank(self.lowrank, self.dtype, self.activations))
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding != DEFAULT_ROUNDING and self.dtype != "int4":
+            raise ValueError(f"rounding={self.rounding!r} applies to int4 only; {self.dtype} uses per-channel absmax")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
@@ -150,6 +162,8 @@ class QuantSpec:
             data.update(activations=self.activations, rotate=self.rotate)
         if self.lowrank:  # absent = no low-rank branch (what folders before int4-lr say)
             data.update(lowrank=self.lowrank)
+        if self.dtype == "int4":  # absent = min-max (what int4 folders before the clip search say)
+            data.update(rounding=self.rounding)
         return data
 
     @classmethod
@@ -157,7 +171,8 @@ class QuantSpec:
         return cls(dtype=data["dtype"], group_size=int(data.get("group_size", 128)),
                    include=tuple(data.get("include", DEFAULT_INCLUDE)), exclude=tuple(data.get("exclude", ())),
                    activations=data.get("activations"), rotate=int(data.get("rotate", 0)),
-                   lowrank=int(data.get("lowrank", 0)))
+                   lowrank=int(data.get("lowrank", 0)),
+                   rounding=data.get("rounding", "minmax" if data["dtype"] == "int4" else DEFAULT_ROUNDING))
 
     def group_for(self, in_features: int) -> int | None:
         """int4 group length for a layer (None for 8-bit types): per row when the row is shorter."""

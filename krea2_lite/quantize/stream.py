@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import Krea2Config
-from ..errors import CheckpointKeysError, ShapeMismatchError
 from ..model import Krea2Transformer
 from .qlinear import swap_linears
 from .recipe import QuantSpec, select_linears
@@ -38,7 +37,7 @@ def build_quantized_skeleton(config: Krea2Config, spec: QuantSpec, dtype: torch.
     chosen, kept = select_linears(model, spec, log=log)
     if modules is not None:
         chosen = list(modules)
-    swap_linears(model, chosen, spec.dtype, spec.group_for, dtype, spec.activations, spec.rotate_for)
+    swap_linears(model, chosen, spec.dtype, spec.group_for, dtype, spec.activations, spec.rotate_for, spec.rounding)
     if spec.lowrank:  # int4-lr: the same int4 layers, each with its low-rank correction
         from .lowrank import add_lowrank_branches
 

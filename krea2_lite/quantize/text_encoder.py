@@ -69,7 +69,8 @@ def text_encoder_spec(quant: str | QuantSpec | None) -> QuantSpec | None:
 
 def quantize_into_(module: QuantizedLinear, weight: torch.Tensor) -> None:
     """Quantize a float (out, in) ``weight`` into ``module``'s buffers (the bias is loaded separately)."""
-    qdata, scale, shift = quantize_weight_tensors(weight, module.dtype, module.group, module.scale.dtype)
+    qdata, scale, shift = quantize_weight_tensors(weight, module.dtype, module.group, module.scale.dtype,
+                                                  rounding=module.rounding)
     module.qdata, module.scale = qdata, scale
     if shift is not None:
         module.shift = shift
@@ -107,7 +108,7 @@ def quantize_text_encoder_(encoder: Krea2TextEncoder, spec: str | QuantSpec) -> 
         owner = model.get_submodule(parent)
         linear = getattr(owner, leaf)
         setattr(owner, leaf, QuantizedLinear.from_linear(linear, spec.dtype, spec.group_for(linear.in_features),
-                                                         compute_dtype))
+                                                         compute_dtype, rounding=spec.rounding))
     attach_workspace(model, names)
     encoder.quant_spec, encoder.quantized_modules = spec, names
     return names
@@ -224,6 +225,6 @@ def swap_for_loading(encoder: Krea2TextEncoder, spec: QuantSpec, saved_modules: 
         not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)]
         if not_linear:
             raise CorruptCheckpointError(f"quantized modules that are not linear layers here: {not_linear[:4]}")
-    swap_linears(model, names, spec.dtype, spec.group_for, compute_dtype)
+    swap_linears(model, names, spec.dtype, spec.group_for, compute_dtype, rounding=spec.rounding)
     encoder.quant_spec, encoder.quantized_modules = spec, names
     return {name: model.get_submodule(name) for name in names}

@@ -330,7 +330,8 @@ def test_quant_spec_w8a8_fields_and_shortcuts():
     spec = QuantSpec("int8", activations="int8", rotate=128)
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     assert "activations" not in QuantSpec("int8").to_dict()  # weight-only manifests unchanged
-    assert QuantSpec.from_dict({"dtype": "int4", "group_size": 64}) == QuantSpec("int4", 64)  # old manifests
+    # old manifests: no W8A8 fields; int4 ones were written with min-max rounding
+    assert QuantSpec.from_dict({"dtype": "int4", "group_size": 64}) == QuantSpec("int4", 64, rounding="minmax")
     assert spec.rotate_for(6144) == 128 and spec.rotate_for(96) == 0
     for bad, match in ((dict(dtype="int4", activations="int8"), "one type"),
                        (dict(dtype="int8", activations="int4"), "activations must be"),

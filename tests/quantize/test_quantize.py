@@ -52,10 +52,15 @@ def fp32_output(source, inputs):
         return load_transformer(source, dtype=torch.float32)(*inputs)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
-def test_storage_equals_quanto(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,rounding", [("int8", "mse-clip"), ("fp8", "mse-clip"), ("int4", "minmax"),
+                                            ("int4", "mse-clip")])
+def test_storage_equals_quanto(dtype, rounding, monkeypatch):
+    """Our tensors are optimum-quanto's: its default optimizers for 8-bit and int4 min-max, and quanto's
+    own quantization driven by our clip-search optimizer for int4 mse-clip."""
     from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
     from optimum.quanto.tensor.packed import PackedTensor
+
+    from krea2_lite.quantize.int4_rounding import int4_optimizer
 
     # The bit unpacking of quanto's own Python op, without the C++ extension quanto would
     # compile on first use; everything else below is quanto's dequantization.
@@ -64,10 +69,11 @@ def test_storage_equals_quanto(dtype, monkeypatch):
 
     torch.manual_seed(0)
     linear = nn.Linear(384, 200, bias=True)
-    ours = QuantizedLinear.from_linear(linear, dtype, 128 if dtype == "int4" else None)
+    ours = QuantizedLinear.from_linear(linear, dtype, 128 if dtype == "int4" else None, rounding=rounding)
     reference = nn.Sequential(nn.Linear(384, 200, bias=True))
     reference[0].load_state_dict(linear.state_dict())
-    quantize(reference, weights={"int8": qint8, "fp8": qfloat8, "int4": qint4}[dtype])
+    optimizer = int4_optimizer(rounding) if dtype == "int4" and rounding != "minmax" else None
+    quantize(reference, weights={"int8": qint8, "fp8": qfloat8, "int4": qint4}[dtype], optimizer=optimizer)
     freeze(reference)
     assert torch.equal(ours.dequantize(), reference[0].weight.dequantize().float())
     x = torch.randn(5, 384)
