@@ -76,8 +76,8 @@ def float_block(config: Krea2Config, seed: int, **weight_kw) -> SingleStreamBloc
     return block.eval()
 
 
-def quantized_block(source: SingleStreamBlock, config: Krea2Config, rank: int, group: int = 128
-                    ) -> tuple[SingleStreamBlock, dict[str, float]]:
+def quantized_block(source: SingleStreamBlock, config: Krea2Config, rank: int, group: int = 128,
+                    rounding: str = "mse-clip") -> tuple[SingleStreamBlock, dict[str, float]]:
     """int4 (rank 0) or int4-lr{rank} copy of `source` → (block, {linear: seconds to quantize})."""
     with torch.device("meta"):
         block = SingleStreamBlock(config)
@@ -85,12 +85,12 @@ def quantized_block(source: SingleStreamBlock, config: Krea2Config, rank: int, g
     for name in linear_names(source):
         linear = source.get_submodule(name)
         args = (linear.in_features, linear.out_features, False)
-        q = LowRankQuantizedLinear(*args, group, rank, torch.float32, device="meta") if rank else \
-            QuantizedLinear(*args, "int4", group, torch.float32, device="meta")
+        q = LowRankQuantizedLinear(*args, group, rank, torch.float32, device="meta", rounding=rounding) if rank \
+            else QuantizedLinear(*args, "int4", group, torch.float32, device="meta", rounding=rounding)
         start = time.perf_counter()
         q.set_weight(linear.weight)
         seconds[name] = time.perf_counter() - start
-        log(f"rank {rank}: {name} {tuple(linear.weight.shape)} quantized in {seconds[name]:.1f} s")
+        log(f"rank {rank} {rounding}: {name} {tuple(linear.weight.shape)} quantized in {seconds[name]:.1f} s")
         parent, _, leaf = name.rpartition(".")
         setattr(block.get_submodule(parent), leaf, q)
     rest = {k: v for k, v in source.state_dict().items() if not k.endswith(".weight") or "norm" in k}
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="image tokens of the block forward (a square)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounding", nargs="+", default=["minmax", "mse-clip"], choices=["minmax", "mse-clip"],
+                        help="int4 roundings to compare (each gives an int4 and an int4-lr pair)")
     parser.add_argument("--energy", type=float, default=2.0, help="structured/noise energy of the generator")
     parser.add_argument("--decay", type=float, default=1.0, help="power-law exponent of the spectrum")
     args = parser.parse_args(argv)
@@ -135,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     probe = torch.randn(args.tokens, config.features, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = source(x, vec, rope)
-        modes = {"int4": quantized_block(source, config, 0), f"int4-lr{args.rank}": quantized_block(source, config,
-                                                                                                 args.rank)}
+        modes = {}
+        for rounding in args.rounding:  # pairs: (int4, int4-lr) with the same rounding
+            modes[f"int4 {rounding}"] = quantized_block(source, config, 0, rounding=rounding)
+            modes[f"int4-lr{args.rank} {rounding}"] = quantized_block(source, config, args.rank, rounding=rounding)
         layer_errors = {}
         for name in linear_names(source):
             dense = source.get_submodule(name)
@@ -161,27 +165,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args, config, modes, layer_errors, block_errors, times) -> None:
     names = list(modes)
+    pairs = [(names[i], names[i + 1]) for i in range(0, len(names), 2)]  # (int4, int4-lr) per rounding
     print(f"\nOne Krea 2 block (width {config.features}, MLP {config.mlpdim}), structured weights "
           f"(energy {args.energy}, decay {args.decay}, 4 outlier columns ×10), {args.tokens} tokens, CPU "
           f"({platform.processor() or platform.machine()}, {args.threads} thread(s)), torch {torch.__version__}\n")
-    print("| linear | " + " | ".join(f"{m} rel. error" for m in names) + " | ratio |")
-    print("|---|" + "---:|" * (len(names) + 1))
-    for name, errors in layer_errors.items():
-        ratio = errors[names[1]] / errors[names[0]]
-        print(f"| {name} | " + " | ".join(f"{errors[m]:.4f}" for m in names) + f" | {ratio:.2f} |")
-    print(f"| **block update** | " + " | ".join(f"{block_errors[m]:.4f}" for m in names)
-          + f" | {block_errors[names[1]] / block_errors[names[0]]:.2f} |")
-    base = quantized_bytes(modes[names[0]][0])
+    print("| linear | " + " | ".join(f"{m} rel. error" for m in names) + " | "
+          + " | ".join(f"ratio ({b.split()[-1]})" for _, b in pairs) + " |")
+    print("|---|" + "---:|" * (len(names) + len(pairs)))
+    for name, errors in list(layer_errors.items()) + [("**block update**", block_errors)]:
+        print(f"| {name} | " + " | ".join(f"{errors[m]:.4f}" for m in names) + " | "
+              + " | ".join(f"{errors[b] / errors[a]:.3f}" for a, b in pairs) + " |")
     print("\n| mode | bytes of the block's linears | vs int4 | quantize time (s) | forward (s, min) |")
     print("|---|---:|---:|---:|---:|")
-    for mode, (block, seconds) in modes.items():
-        size = quantized_bytes(block)
-        print(f"| {mode} | {size:,} | {size / base - 1:+.1%} | {sum(seconds.values()):.1f} | {times[mode]:.3f} |")
-    lr_seconds = sum(modes[names[1]][1].values())
+    for plain, corrected in pairs:
+        base = quantized_bytes(modes[plain][0])
+        for mode in (plain, corrected):
+            block, seconds = modes[mode]
+            size = quantized_bytes(block)
+            print(f"| {mode} | {size:,} | {size / base - 1:+.1%} | {sum(seconds.values()):.1f} | {times[mode]:.3f} |")
     blocks_equiv = config.layers + 1  # 28 blocks + the text fusion (< one block of weights), rounded up
-    print(f"\nfull model at {names[1]} ≈ {blocks_equiv} × {lr_seconds:.0f} s = "
-          f"{blocks_equiv * lr_seconds / 60:.0f} min "
-          f"of quantization work on this CPU at {args.threads} thread(s) (plus reading the checkpoint)")
+    for _, corrected in pairs:
+        lr_seconds = sum(modes[corrected][1].values())
+        print(f"\nfull model at {corrected} ≈ {blocks_equiv} × {lr_seconds:.0f} s = "
+              f"{blocks_equiv * lr_seconds / 60:.0f} min of quantization work on this CPU at {args.threads} "
+              "thread(s) (plus reading the checkpoint)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Finding L (per layer, while the checkpoint streams, one layer in memory at a tim
 U and V are rounded to bf16 before each residual is formed, so the stored int4 values are those
 of W minus exactly the stored branch. The SVD is exact for small layers and a seeded randomized
 one (range finder + power iterations) for large ones, so a layer quantizes to the same bits on
-the fly and in `python -m krea2_lite.quantize` (same machine).
+the fly and in `python -m krea2_lite.quantize` (same machine). Host memory: one float32 copy of
+the layer (the SVD's input, refilled each round) plus a row slice's temporaries.
 
 At run time the branch is one more unmerged low-rank term in `lora/adapters.py`'s hook (factor 1,
 fused with any loaded LoRA's). On disk it is two ordinary tensors of the layer's state dict,
@@ -27,7 +28,7 @@ import torch.nn as nn
 from ..kernels.qmatmul_torch import dequantize_weight
 from ..lora import adapters
 from .int4_rounding import DEFAULT_ROUNDING
-from .qlinear import QuantizedLinear, quantize_weight_tensors
+from .qlinear import CHUNK_ELEMENTS, QuantizedLinear, quantize_weight_tensors
 from .recipe import check_rank_fits
 
 ITERATIONS = 3  # alternations after the first SVD; see benchmarks/RESULTS.md "int4-lr" for the sweep
@@ -77,24 +78,39 @@ def _int4_error(residual: torch.Tensor, group: int, scale_dtype: torch.dtype,
     return deq.sub_(residual)
 
 
+def _refit_target(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, group: int,
+                  scale_dtype: torch.dtype, rounding: str, target: torch.Tensor) -> float:
+    """Fill `target` with W − dequant(int4(W − U·V)) and return ‖W − dequant(int4(W − U·V)) − U·V‖.
+
+    Done a slice of rows at a time (int4 groups never cross rows, so each slice quantizes exactly as
+    the whole would): host memory holds `target` and one slice's temporaries, not W, U·V, the
+    residual and its dequantization at full size each (1.6 GB for a 16384×6144 layer).
+    """
+    rows = max(1, CHUNK_ELEMENTS // weight.shape[1])
+    square, down = 0.0, down.float()
+    for i in range(0, weight.shape[0], rows):
+        w = weight[i:i + rows].to(torch.float32, copy=True)  # a copy: it is overwritten below
+        residual = w - up[i:i + rows].float() @ down
+        error = _int4_error(residual, group, scale_dtype, rounding)  # dequant(Q) − (W − L)
+        square += float(error.square().sum())
+        target[i:i + rows] = w.sub_(residual).sub_(error)  # L − error = W − dequant(Q)
+        del w, residual, error
+    return square ** 0.5
+
+
 def split_low_rank(weight: torch.Tensor, rank: int, group: int, scale_dtype: torch.dtype,
                    iterations: int = ITERATIONS, rounding: str = DEFAULT_ROUNDING) -> tuple[torch.Tensor, torch.Tensor]:
     """(up (out, r), down (r, in)) in BRANCH_DTYPE for `weight`, refined against int4 `rounding`."""
-    w = weight.detach().float()
-    up, down = (t.to(BRANCH_DTYPE) for t in top_directions(w, rank))
-    best, best_error = (up, down), None
-    for step in range(iterations + 1):
-        low = up.float() @ down.float()
-        residual = w - low
-        error = _int4_error(residual, group, scale_dtype, rounding)  # dequant(Q) − (W − L)
-        size = float(error.norm())  # = ‖W − dequant(Q) − L‖
+    weight = weight.detach()
+    # the first fit is of W itself, later ones of W − dequant(Q), in this one buffer (a copy: the
+    # caller's weight is never written)
+    target = weight.to(torch.float32, copy=True)
+    best, best_error = None, None
+    for _ in range(iterations + 1):
+        up, down = (t.to(BRANCH_DTYPE) for t in top_directions(target, rank))
+        size = _refit_target(weight, up, down, group, scale_dtype, rounding, target)
         if best_error is None or size < best_error:
             best, best_error = (up, down), size
-        if step == iterations:
-            break
-        # W − dequant(Q) = L − error: the best rank-r fit of it is the next L
-        up, down = (t.to(BRANCH_DTYPE) for t in top_directions(low.sub_(error), rank))
-        del residual, error
     return best
 
 
@@ -118,7 +134,8 @@ class LowRankQuantizedLinear(QuantizedLinear):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(weight.shape)} != {(self.out_features, self.in_features)}")
         up, down = split_low_rank(weight, self.rank, self.group, self.scale.dtype, rounding=self.rounding)
-        residual = weight.detach().float() - up.float() @ down.float()
+        residual = weight.detach().to(torch.float32, copy=True)
+        residual.addmm_(up.float(), down.float(), alpha=-1)  # W − U·V in place: no second full-size temporary
         super().set_weight(residual, bias)
         del residual
         # bf16-exact values, held in the activation dtype (the loader does the same with the file's)

@@ -181,7 +181,9 @@ def test_alternation_never_worse_than_the_plain_svd():
     w = _bench().structured_weight(256, 512, seed=3)
     errors = {}
     for iterations in (0, 3):
+        before = w.clone()
         up, down = split_low_rank(w, RANK, 128, torch.bfloat16, iterations=iterations)
+        assert torch.equal(w, before)  # works on its own copy, even of a float32 weight
         errors[iterations] = float(_int4_error(w - up.float() @ down.float(), 128, torch.bfloat16).norm())
     plain = float(_int4_error(w, 128, torch.bfloat16).norm())
     assert errors[3] <= errors[0] < 0.7 * plain, (errors, plain)
