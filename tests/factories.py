@@ -169,3 +169,28 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def assert_free_space_estimate(folder, spec, config) -> None:
+    """The quantize CLI's free-space estimate for `folder` (written with `spec` from a `config`
+    checkpoint): its exact part equals the tensor bytes written (up to quanto's two 4-byte activation
+    scales per quantized layer), and the whole estimate covers the transformer folder."""
+    import json
+    import struct
+
+    import torch
+
+    from krea2_lite.offload.sizes import transformer_weights
+    from krea2_lite.quantize.__main__ import estimate_bytes
+    from krea2_lite.quantize.format import folder_size, read_manifest
+
+    data = 0
+    for file in (folder / "transformer").glob("*.safetensors"):
+        with open(file, "rb") as handle:
+            header = struct.unpack("<Q", handle.read(8))[0]
+            json.loads(handle.read(header))
+        data += file.stat().st_size - 8 - header
+    exact = transformer_weights(config, spec, torch.bfloat16).total
+    layers = len(read_manifest(folder)["quant"]["modules"])
+    assert exact <= data <= exact + 8 * layers, (exact, data)
+    assert folder_size(folder / "transformer") <= estimate_bytes(config, spec)

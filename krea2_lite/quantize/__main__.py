@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from ..version import __version__
 from ..cli_errors import run_cli
 from ..jsonfile import read_json
@@ -31,7 +33,6 @@ from .shards import DEFAULT_MAX_SHARD, parse_size
 from .write import write_text_encoder, write_transformer
 
 PARTIAL_MARK = output_dir.PARTIAL_MARK
-BYTES_PER_WEIGHT = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +74,13 @@ def _shard_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--max-shard-size {text!r}: ")) from None
 
 
-def estimate_bytes(source_bytes: int, dtype: str) -> int:
-    """Upper estimate of the output: the block weights shrink to 1 (or 0.5) byte per weight
-    plus scales; the rest stays bf16. Half the bf16 source + 5% is safe for all three types."""
-    return int(source_bytes * (BYTES_PER_WEIGHT[dtype] / 2) * 1.05) + (64 << 20)
+def estimate_bytes(config, spec: QuantSpec) -> int:
+    """What the transformer folder will take: its exact weight bytes for this shape and recipe (the
+    planner's count: codes, scales, shifts, an int4-lr branch, the layers kept in bf16) + 1% and
+    64 MiB for headers, the index, the map and the manifest."""
+    from ..offload.sizes import transformer_weights
+
+    return int(transformer_weights(config, spec, torch.bfloat16).total * 1.01) + (64 << 20)
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> Path:
     source_bytes = sum(f.stat().st_size for f in source_files)
     out.parent.mkdir(parents=True, exist_ok=True)
     output_dir.remove_stale(out)
-    check_free_space(out, estimate_bytes(source_bytes, args.dtype) + (source_bytes // 3 if root else 0))
+    check_free_space(out, estimate_bytes(config, spec) + (source_bytes // 3 if root else 0))
 
     started = time.time()
     with output_dir.removed_on_failure(output_dir.temporary_folder(out)) as tmp:  # also on SIGINT / SIGTERM

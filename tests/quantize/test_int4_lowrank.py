@@ -17,7 +17,7 @@ from krea2_lite.lora.adapters import layer_loras
 from krea2_lite.quantize import QuantSpec
 from krea2_lite.quantize.lowrank import LowRankQuantizedLinear, split_low_rank
 from krea2_lite.quantize.recipe import select_linears
-from factories import diffusers_transformer, official_state_dict, random_inputs
+from factories import assert_free_space_estimate, diffusers_transformer, official_state_dict, random_inputs
 
 CFG = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
 RANK = 8
@@ -95,6 +95,7 @@ def test_folder_equals_on_the_fly(source, on_the_fly, inputs, tmp_path):
     assert manifest["quant"]["lowrank"] == RANK and manifest["quant"]["dtype"] == "int4"
     # a version-3 reader would build plain int4 and stop at the branch's keys: it is told to upgrade
     assert manifest["format_version"] == 4
+    assert_free_space_estimate(out, QuantSpec.parse(f"int4-lr{RANK}"), CFG)
     stored = {}
     for file in (out / "transformer").glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:

@@ -20,7 +20,7 @@ from krea2_lite.quantize import QuantizedLinear, QuantSpec
 from krea2_lite.quantize import qlinear as qlinear_mod
 from krea2_lite.quantize.format import FormatVersionError, read_manifest
 from krea2_lite.quantize.recipe import select_linears
-from factories import diffusers_transformer, official_state_dict, random_inputs
+from factories import assert_free_space_estimate, diffusers_transformer, official_state_dict, random_inputs
 
 CFG = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
 # Relative L2 error of the tiny model's output vs fp32 (random weights), measured 0.019 / 0.073
@@ -149,6 +149,7 @@ def test_cli_folder_reloads_to_the_on_the_fly_output(source, inputs, tmp_path, d
             dense += module.in_features * module.out_features * 2
     ratio = quantized / dense
     assert ratio == pytest.approx({"int8": 0.5, "int4": 0.28}[dtype], abs=0.02)
+    assert_free_space_estimate(out, QuantSpec(dtype), CFG)
 
 
 def test_quanto_requantize_reads_the_folder(source, tmp_path):
