@@ -20,7 +20,7 @@ from krea2_lite.quantize import QuantizedLinear, QuantSpec
 from krea2_lite.quantize import qlinear as qlinear_mod
 from krea2_lite.quantize.format import FormatVersionError, read_manifest
 from krea2_lite.quantize.recipe import select_linears
-from factories import assert_free_space_estimate, diffusers_transformer, official_state_dict, random_inputs
+from factories import assert_free_space_estimate, random_inputs
 
 CFG = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
 # Relative L2 error of the tiny model's output vs fp32 (random weights), measured 0.019 / 0.073
