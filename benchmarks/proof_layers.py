@@ -5,7 +5,9 @@ Layer: the MLP up projection (16384×6144 at the full shape). Choices timed, per
   qmatmul int8 / fp8 / int4: "torch" (dequantize + cuBLAS, today's default), "triton" (dequant-matmul);
   w8a8 int8 / fp8: "torch" (torch quantizer + `_int_mm` / `_scaled_mm`), "triton" (Triton quantizer +
   GEMM), "dequant" (fake-quantized activation × dequantized weight, one cuBLAS GEMM);
-and cuBLAS bf16 `F.linear` as the baseline. Each choice is forced through `krea2_lite.kernels` the way a
+and cuBLAS bf16 `F.linear` as the baseline; also the int4 layer with a rank-32 low-rank correction
+(`int4-lr32`: the same int4 matmul plus the branch through the LoRA hook, under `auto`), against
+the "qmatmul int4" rows for the branch's overhead (issue 19). Each choice is forced through `krea2_lite.kernels` the way a
 user's model runs it: KREA2_LITE_KERNELS=triton, or `auto` under a temporary one-GPU tuning table
 (KREA2_LITE_TUNING) that names the choice.
 """
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 
 from proof_kernel_checks import kernels_backend
 
-CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant")}
+CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant"), "int4-lr": ("auto",)}
+LOWRANK = 32
 QTYPES = {"qmatmul": ("int8", "fp8", "int4"), "w8a8": ("int8", "fp8")}
 MARGIN = 0.97  # a non-default choice must be at least 3% faster to replace the default
 
@@ -89,7 +92,22 @@ def _layer_fns(ctx, N: int, K: int):
     for qtype in QTYPES["w8a8"]:
         q, s, _ = (None if t is None else t.to(ctx.device) for t in quantize_weight_tensors(w, qtype, None, ctx.dtype))
         fns[("w8a8", qtype)] = (lambda x, a=(q, s, None, qtype): kernels.w8a8_linear(x, *a))
+    fns[("int4-lr", f"int4-lr{LOWRANK}")] = _lowrank_layer(ctx, w, N, K)
     return fns
+
+
+def _lowrank_layer(ctx, w: torch.Tensor, N: int, K: int):
+    """An int4-lr layer as a model holds it: int4 codes of `w` and a random rank-32 branch (its cost does
+    not depend on its values), called as a module so the branch runs through the LoRA hook."""
+    from krea2_lite.quantize.lowrank import LowRankQuantizedLinear
+    from krea2_lite.quantize.qlinear import quantize_weight_tensors
+
+    layer = LowRankQuantizedLinear(K, N, False, 128, LOWRANK, ctx.dtype, device="meta")
+    layer.qdata, layer.scale, layer.shift = (t.to(ctx.device) for t in quantize_weight_tensors(w, "int4", 128, ctx.dtype))
+    g = torch.Generator().manual_seed(6)
+    layer.lowrank.up = (torch.randn(N, LOWRANK, generator=g) * 0.02).to(ctx.device, ctx.dtype)
+    layer.lowrank.down = (torch.randn(LOWRANK, K, generator=g) * 0.02).to(ctx.device, ctx.dtype)
+    return lambda x: layer(x)
 
 
 def layer_rows(ctx, rec, section) -> None:
@@ -114,8 +132,9 @@ def layer_rows(ctx, rec, section) -> None:
                     rec.timing(ms=None, ok=False, detail=section.why_not(0.1), **base)
                     continue
                 try:
-                    if kernel == "bf16":
-                        ms = _time(ctx, lambda: fn(x))
+                    if kernel in ("bf16", "int4-lr"):  # no choice to force: cuBLAS / the user's default
+                        with torch.no_grad():
+                            ms = _time(ctx, lambda: fn(x))
                     else:
                         with forced_choice(ctx, kernel, qtype, choice), torch.no_grad():
                             ms = _time(ctx, lambda: fn(x))

@@ -87,7 +87,9 @@ def test_every_timing_row_is_measured(result):
     assert all(r["ok"] and r["ratio_to_resident"] > 0 and "bit-identical" in r["detail"] for r in stream)
     layers = [r for r in rows if r.get("kind") == "layer"]
     assert {(r["kernel"], r["quant"], r["choice"]) for r in layers} >= {
-        ("qmatmul", "int4", "triton"), ("w8a8", "int8", "dequant"), ("w8a8", "fp8", "triton"), ("bf16", "bf16", "cublas")}
+        ("qmatmul", "int4", "triton"), ("w8a8", "int8", "dequant"), ("w8a8", "fp8", "triton"), ("bf16", "bf16", "cublas"),
+        ("int4-lr", "int4-lr32", "auto")}
+    assert all(r["ms"] is not None for r in layers if r["kernel"] == "int4-lr")
 
 
 def test_goals_markdown_and_sections(result):
