@@ -172,3 +172,19 @@ def test_a_setting_the_pipeline_refuses_names_its_line(tmp_path, loads, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "wide.jsonl:2: width must be in 1..4096" in err, err
     assert not list(tmp_path.glob("x_*.png"))
+    assert loads == []  # refused before the model loaded
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "5000"], "steps must be in 1..1000, got 5000"),
+    (["--cfg", "1e9"], "guidance must be a finite number in [0.0, 100.0]"),
+    (["--seed", "-1"], "seed must be in 0.."),
+    (["--num-images", "65"], "num_images must be in 1..64"),
+    (["--mu", "50"], "mu must be a finite number in [-20.0, 20.0]"),
+    (["--width", "8192"], "width must be in 1..4096"),
+])
+def test_out_of_range_flags_fail_before_the_model_loads(tmp_path, loads, capsys, flags, message):
+    assert main(["generate", "a red circle", *FAST, *flags, "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert loads == [] and not (tmp_path / "x.png").exists()
