@@ -8,6 +8,7 @@ overrides. The model is loaded once for the whole list.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -131,12 +132,15 @@ def quant_argument(text: str) -> str:
 
 
 def _png_quant(value, path: str):
-    """A stored quant: one of the library's strings, or a QuantSpec dict (a custom recipe)."""
+    """A stored quant: one of the library's strings, or a QuantSpec dict (a custom recipe; int4 always).
+    A bare int4 string was written before PNGs recorded int4's rounding, when it was min-max: it comes
+    back as min-max, so the image regenerates exactly."""
     from .quantize import QuantSpec
 
-    if isinstance(value, str) and (value in QUANTS or LOWRANK_NAME.fullmatch(value)):
-        return value
     try:
+        if isinstance(value, str) and (value in QUANTS or LOWRANK_NAME.fullmatch(value)):
+            spec = QuantSpec.parse(value)
+            return dataclasses.replace(spec, rounding="minmax") if spec.dtype == "int4" else value
         if isinstance(value, dict):
             return QuantSpec.from_dict(value)
     except (KeyError, TypeError, ValueError) as exc:

@@ -31,9 +31,13 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 def quant_label(spec) -> str | dict | None:
     """A QuantSpec as the library's own string for it (int8, int8-w8a8-rot, …) when one names it
-    exactly, else its full dict (custom include/exclude, group size): either form parses back."""
+    exactly, else its full dict (custom include/exclude, group size): either form parses back.
+    int4 is always the dict, which records its `rounding`: the bare string "int4" in an older PNG
+    means min-max rounding, the default before the clip search (see `png_quant`)."""
     if spec is None:
         return None
+    if spec.dtype == "int4":
+        return spec.to_dict()
     from .quantize import QuantSpec
     from .quantize.recipe import DTYPES, SHORTCUTS
 

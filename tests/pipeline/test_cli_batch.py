@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from krea2_lite import QuantSpec, read_png_metadata
+from krea2_lite.errors import MetadataError
 from krea2_lite.__main__ import QUANTS, build_parser, main
 from krea2_lite.pipeline import Krea2Pipeline
 from krea2_lite.quantize.recipe import DTYPES, SHORTCUTS
@@ -154,6 +155,28 @@ def test_quant_choices_are_the_librarys():
     for name in QUANTS:
         QuantSpec.parse(name)
         assert build_parser().parse_args(["generate", "p", "--model", "m", "--quant", name]).quant == name
+
+
+def test_int4_png_records_its_rounding_and_older_pngs_read_as_min_max(tmp_path, loads):
+    from krea2_lite import save_png
+    from krea2_lite.__main__ import png_settings
+
+    first, again = tmp_path / "int4.png", tmp_path / "again.png"
+    assert main(["generate", "a red circle on a blue background", *FAST, "--quant", "int4",
+                 "--output", str(first)]) == 0
+    meta = read_png_metadata(first)
+    assert meta["quant"]["dtype"] == "int4" and meta["quant"]["rounding"] == "mse-clip"
+    assert main(["generate", "--from-png", str(first), "--device", "cpu", "--quiet", "--output", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(first))
+    assert loads[1][1]["quant"] == QuantSpec("int4")
+
+    older = tmp_path / "older.png"  # as krea2_lite wrote int4 images before the clip search
+    with Image.open(first) as im:
+        save_png(im.convert("RGB"), older, {**meta, "quant": "int4"})
+    assert png_settings(str(older))[1]["quant"] == QuantSpec("int4", rounding="minmax")
+    save_png(Image.new("RGB", (8, 8)), older, {**meta, "quant": "int4-lr0"})
+    with pytest.raises(MetadataError, match=r"older\.png: the quant recipe .* not valid"):
+        png_settings(str(older))
 
 
 def test_quant_int8_w8a8_rot_runs(tmp_path, loads):

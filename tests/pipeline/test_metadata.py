@@ -98,8 +98,11 @@ def test_unreadable_metadata_names_the_file(tmp_path):
 
 
 def test_quant_label_parses_back():
-    for name in ("int8", "fp8", "int4", "int8-w8a8", "int8-w8a8-rot", "fp8-w8a8", "fp8-w8a8-rot"):
+    for name in ("int8", "fp8", "int8-w8a8", "int8-w8a8-rot", "fp8-w8a8", "fp8-w8a8-rot"):
         assert quant_label(QuantSpec.parse(name)) == name
+    for name in ("int4", "int4-lr16"):  # int4 records its rounding: a dict
+        label = quant_label(QuantSpec.parse(name))
+        assert label["rounding"] == "mse-clip" and QuantSpec.from_dict(label) == QuantSpec.parse(name)
     custom = QuantSpec("int4", group_size=64, exclude=("blocks.0.*",))
     assert QuantSpec.from_dict(quant_label(custom)) == custom
     assert quant_label(None) is None
