@@ -119,9 +119,6 @@ def run(args: argparse.Namespace) -> Path:
     lowrank = 0 if args.lowrank is None else require_rank(args.lowrank, "--lowrank")
     if lowrank and args.dtype != "int4":
         raise ValueError(f"--lowrank needs --dtype int4, got --dtype {args.dtype}")
-    if args.rounding is not None and args.dtype != "int4" and args.text_encoder_dtype != "int4":
-        raise ValueError(f"--rounding applies to int4 only, got --dtype {args.dtype} and --text-encoder-dtype "
-                         f"{args.text_encoder_dtype}")
     rounding = args.rounding or DEFAULT_ROUNDING
     spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate,
@@ -129,6 +126,9 @@ def run(args: argparse.Namespace) -> Path:
     if is_quantized_folder(src):
         raise ValueError(f"--model {src} is already a quantized folder; quantize the float checkpoint it came from")
     transformer_path, root = source_layout(src)
+    if args.rounding is not None and args.dtype != "int4" and (root is None or args.text_encoder_dtype != "int4"):
+        raise ValueError(f"--rounding applies to int4 only, got --dtype {args.dtype}"
+                         + (f" and --text-encoder-dtype {args.text_encoder_dtype}" if root is not None else ""))
     source, config = open_float_checkpoint(resolve_path(transformer_path))
     source_files = sorted({file for file, _, _ in source.entries.values()})
     source_bytes = sum(f.stat().st_size for f in source_files)
