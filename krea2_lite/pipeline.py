@@ -82,7 +82,8 @@ def _first_plan(spec: PipelineSpec, budget: float | None, offload: str, encoder,
     sizes = dict(dtype=dtype, cfg=VARIANTS[spec.variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
                  vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
                  text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch, host_ram_gb=host_ram_gb,
-                 text_encoder_reloadable=True, text_encoder_pinned_bytes=module_pinned_bytes(encoder))
+                 text_encoder_reloadable=True, text_encoder_pinned_bytes=module_pinned_bytes(encoder),
+                 text_encoder_quantized=encoder.quant_spec is not None)
     try:
         plan = plan_memory(spec.config, spec.quant, budget, *spec.default_size, mode=offload, **sizes)
     except MemoryPlanError as exc:
@@ -224,7 +225,8 @@ class Krea2Pipeline:
                            extra_device_bytes=lora_bytes(self.transformer), host_ram_gb=host_ram_gb,
                            text_encoder_place=text_encoder_place,
                            text_encoder_reloadable=self.text_encoder_loader is not None,
-                           text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder))
+                           text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder),
+                           text_encoder_quantized=self.text_encoder.quant_spec is not None)
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""

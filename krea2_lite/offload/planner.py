@@ -170,7 +170,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                 prefetch: int = 1, host_ram_gb: float | None = None, reserve_bytes: int | None = None,
                 host_reserve_bytes: int = HOST_RESERVE_BYTES, extra_device_bytes: int = 0,
                 text_encoder_place: str | None = None, text_encoder_reloadable: bool = True,
-                text_encoder_read_bytes: int | None = None, text_encoder_pinned_bytes: int | None = None) -> MemoryPlan:
+                text_encoder_read_bytes: int | None = None, text_encoder_pinned_bytes: int | None = None,
+                text_encoder_quantized: bool = False) -> MemoryPlan:
     """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory
     and `host_ram_gb` GiB of host RAM (default: what the OS reports available, MemAvailable).
 
@@ -179,7 +180,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     encoder's size (default: Qwen3-VL-4B's text path at `dtype`); `vae_weight_bytes` likewise
     (default: the Qwen-Image decoder at `dtype`); `text_encoder_shape` the encoder's sizes for its
     activations (keys as `sizes.QWEN3VL_4B_TEXT`; default Qwen3-VL-4B), `text_encoder_pinned_bytes` the
-    host bytes of its pinned copy (default: from the shape, see `sizes.pinned_size`).
+    host bytes of its pinned copy (default: from the shape, see `sizes.pinned_size`);
+    `text_encoder_quantized` adds its dequantization scratch to its activations.
     `extra_device_bytes`: what else stays on the device through sampling and decoding (LoRA branches).
     `host_reserve_bytes`: host RAM kept for the process itself.
 
@@ -221,7 +223,7 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                                                max_sequence_length, dtype, quant),
         te=te_bytes, te_pinned=text_encoder_pinned_bytes,
         te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
-                                                   shape=text_encoder_shape),
+                                                   shape=text_encoder_shape, quantized=text_encoder_quantized),
         te_largest=min(te_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
         te_read=te_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
         vae=sizes.vae_weight_bytes(dtype) if vae_weight_bytes is None else vae_weight_bytes,

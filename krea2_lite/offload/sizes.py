@@ -181,13 +181,16 @@ def text_encoder_largest_tensor_bytes(dtype: torch.dtype, shape: dict | None = N
 
 
 def text_encoder_activation_bytes(batch: int, tokens: int, dtype: torch.dtype, taps: int = 12,
-                                  shape: dict | None = None) -> int:
-    """Encoding `batch` prompts of `tokens` tokens: layer activations, the attention matrix, the taps."""
+                                  shape: dict | None = None, quantized: bool = False) -> int:
+    """Encoding `batch` prompts of `tokens` tokens: layer activations, the attention matrix, the taps;
+    for a `quantized` encoder also the dequantization scratch of its largest weight (an MLP matrix,
+    the KernelWorkspace buffer every quantized layer reuses)."""
     c = shape or QWEN3VL_4B_TEXT
     s = _itemsize(dtype)
     layer = batch * tokens * s * (4 * c["hidden"] + 3 * c["intermediate"])
     attention = batch * c["heads"] * tokens * tokens * 4
-    return layer + attention + taps * batch * tokens * c["hidden"] * s
+    scratch = c["hidden"] * c["intermediate"] * s if quantized else 0
+    return layer + attention + taps * batch * tokens * c["hidden"] * s + scratch
 
 
 def vae_activation_bytes(base_dim: int, height: int, width: int, batch: int, dtype: torch.dtype,

@@ -96,6 +96,30 @@ def test_reload_costs_the_same_device_bytes_as_a_swap():
     assert "read per call" in str(reload) and "host" in str(reload)
 
 
+def test_a_quantized_text_encoder_adds_its_dequantization_scratch_to_encoding():
+    common = dict(mode="sequential", text_encoder_place="swap", host_ram_gb=512)
+    plain = plan_memory(FULL, "int8", 40, **common)
+    quantized = plan_memory(FULL, "int8", 40, text_encoder_quantized=True, **common)
+    scratch = 2560 * 9728 * 2  # Qwen3-VL-4B's MLP matrix dequantized to bf16
+    assert quantized.phases["encode"] - plain.phases["encode"] == scratch
+    assert quantized.phases["sample"] == plain.phases["sample"]
+
+
+def test_the_pipeline_tells_the_planner_its_encoder_is_quantized(monkeypatch, single_thread):
+    import krea2_lite.pipeline as pipeline_module
+    from krea2_lite.quantize.text_encoder import quantize_text_encoder_
+
+    calls = []
+    real = pipeline_module.plan_memory
+    monkeypatch.setattr(pipeline_module, "plan_memory", lambda *a, **k: calls.append(k) or real(*a, **k))
+    pipe = pipeline_module.Krea2Pipeline.from_pretrained("demo", device="cpu", dtype=torch.float32, progress=False)
+    pipe.plan(None, mode="model", host_ram_gb=512)
+    assert calls[-1]["text_encoder_quantized"] is False
+    quantize_text_encoder_(pipe.text_encoder, "int8")
+    pipe.plan(None, mode="model", host_ram_gb=512)
+    assert calls[-1]["text_encoder_quantized"] is True
+
+
 # ---- nothing fits: which limit binds -----------------------------------------------------------
 
 def test_device_binds():
