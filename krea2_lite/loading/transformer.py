@@ -15,7 +15,8 @@ from ..checkpoint import CheckpointSource, check_keys_and_shapes, check_diffuser
 from ..config import Krea2Config
 from ..errors import CheckpointKeysError, CorruptCheckpointError, ShapeMismatchError
 from ..model import Krea2Transformer
-from ..quantize.format import MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_quantized_folder, read_manifest
+from ..quantize.format import (MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_quantized_folder, manifest_spec,
+                               read_manifest)
 from ..quantize.qlinear import QuantizedLinear
 from ..quantize.recipe import QuantSpec
 from ..quantize.stream import build_quantized_skeleton
@@ -47,7 +48,7 @@ def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
     location = resolve_path(path, TRANSFORMER_PATTERNS)
     if is_quantized_folder(location):
         manifest = read_manifest(location)
-        return Krea2Config.from_dict(manifest["config"]), QuantSpec.from_dict(manifest["quant"])
+        return Krea2Config.from_dict(manifest["config"]), manifest_spec(location, manifest)
     source = open_checkpoint(location)
     theta = float((source.diffusers_config or {}).get("rope_theta", Krea2Config.theta))
     return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
@@ -94,7 +95,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     place = placement(device, device_blocks)
     location = resolve_path(path, TRANSFORMER_PATTERNS)
     if is_quantized_folder(location):
-        stored = QuantSpec.from_dict(read_manifest(location)["quant"]).name
+        stored = manifest_spec(location, read_manifest(location)).name
         if spec is not None and spec.name != stored:
             raise ValueError(f"{location} is already quantized to {stored}; quant={spec.name!r} cannot apply "
                              "(quantize the float checkpoint instead, or pass quant=None)")
@@ -141,7 +142,7 @@ def load_quantized_folder(folder: Path, *, place, dtype: torch.dtype, progress: 
     manifest = read_manifest(folder)
     config = Krea2Config.from_dict(manifest["config"])
     quant = manifest["quant"]
-    model = transformer_skeleton(config, QuantSpec.from_dict(quant), dtype, modules=quant["modules"], log=False)
+    model = transformer_skeleton(config, manifest_spec(folder, manifest), dtype, modules=quant["modules"], log=False)
     weights_dir = folder / TRANSFORMER_DIR
     if not weights_dir.is_dir():
         raise CorruptCheckpointError(f"{weights_dir}: missing (the folder is incomplete)")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Krea2LiteError
+from ..errors import CorruptCheckpointError, Krea2LiteError
 from ..loading.files import read_json
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear
+from .recipe import QuantSpec
 
 FORMAT = "krea2_lite.quantized"
 # Each folder records the oldest version that reads it correctly (`required_version`), so older
@@ -94,6 +95,15 @@ def read_manifest(folder: Path) -> dict:
         raise FormatVersionError(f"{path}: format version {version!r} is newer than this krea2_lite reads "
                                  f"({FORMAT_VERSION}); upgrade krea2_lite")
     return manifest
+
+
+def manifest_spec(folder: Path, manifest: dict) -> QuantSpec:
+    """The manifest's `quant` recipe; a missing or invalid one (a hand-edited dtype, rounding, rank)
+    is a CorruptCheckpointError naming the manifest."""
+    try:
+        return QuantSpec.from_dict(manifest["quant"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'quant' recipe ({exc})") from None
 
 
 def folder_size(folder: Path) -> int:

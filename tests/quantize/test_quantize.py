@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from krea2_lite import Krea2Config, load_transformer
-from krea2_lite.errors import CheckpointKeysError
+from krea2_lite.errors import CheckpointKeysError, CorruptCheckpointError
 from krea2_lite.quantize import QuantizedLinear, QuantSpec
 from krea2_lite.quantize import qlinear as qlinear_mod
 from krea2_lite.quantize.format import FormatVersionError, read_manifest
@@ -238,6 +238,10 @@ def test_manifest_checks(source, tmp_path):
     (out / "krea2_lite.json").write_text(json.dumps(wrong))
     with pytest.raises(CheckpointKeysError, match="disagree with"):
         load_transformer(out)
+    for bad in (dict(manifest["quant"], dtype="int3"), dict(manifest["quant"], dtype="int4", rounding="bogus")):
+        (out / "krea2_lite.json").write_text(json.dumps(dict(manifest, quant=bad)))
+        with pytest.raises(CorruptCheckpointError, match=r"krea2_lite\.json: invalid 'quant' recipe"):
+            load_transformer(out)
     (out / "krea2_lite.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="already quantized to int8"):
         load_transformer(out, quant="int4")
