@@ -80,7 +80,7 @@ def demo_weights() -> list[torch.Tensor]:
     from krea2_lite.quantize.recipe import DEFAULT_INCLUDE
 
     state = load_file(Path(demo_init).parent / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
-    from krea2_lite.checkpoint import diffusers_to_official_key
+    from krea2_lite.files.checkpoint import diffusers_to_official_key
 
     import fnmatch
 

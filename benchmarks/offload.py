@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from krea2_lite import Krea2Config, QuantSpec  # noqa: E402
 from krea2_lite.offload import plan_memory  # noqa: E402
-from krea2_lite.offload.streaming import BlockStreamer  # noqa: E402
+from krea2_lite.offload.block_streamer import BlockStreamer  # noqa: E402
 from krea2_lite.offload.swap import move_module  # noqa: E402
 from krea2_lite.sampling import positions  # noqa: E402
 

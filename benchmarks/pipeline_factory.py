@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/factories.py: test code, reused
 import torch  # noqa: E402
 
 from krea2_lite import Krea2Config  # noqa: E402
-from krea2_lite.checkpoint import diffusers_transformer_kwargs  # noqa: E402
+from krea2_lite.files.checkpoint import diffusers_transformer_kwargs  # noqa: E402
 
 PRESETS = ("tiny", "medium", "full")
 FACTORY_VERSION = 1

@@ -85,7 +85,7 @@ def quanto_peer(cfg, quant: str, device, dtype):
     from diffusers import Krea2Transformer2DModel
     from optimum import quanto
 
-    from krea2_lite.checkpoint import diffusers_transformer_kwargs
+    from krea2_lite.files.checkpoint import diffusers_transformer_kwargs
 
     with torch.device("meta"):
         model = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))

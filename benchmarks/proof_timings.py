@@ -229,7 +229,7 @@ def stream_rows(ctx, rec, section) -> None:
 def _stream_cap(ctx, rec, model, inputs, quant: str, cap: float, resident: dict, reference) -> None:
     from krea2_lite.errors import MemoryPlanError
     from krea2_lite.offload import plan_memory
-    from krea2_lite.offload.streaming import BlockStreamer
+    from krea2_lite.offload.block_streamer import BlockStreamer
     from krea2_lite.offload.swap import move_module
     from proof_record import describe
 

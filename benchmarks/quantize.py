@@ -82,7 +82,7 @@ def write_synthetic(cfg: Krea2Config, path: Path) -> None:
 import torch
 from pathlib import Path
 from krea2_lite import Krea2Config, Krea2Transformer
-from krea2_lite.quantize.shards import ShardedWriter
+from krea2_lite.files.shard_writer import ShardedWriter
 cfg = Krea2Config.from_dict({cfg.to_dict()!r})
 with torch.device("meta"):
     model = Krea2Transformer(cfg)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from krea2_lite import Krea2Config, QuantSpec  # noqa: E402
-from krea2_lite.quantize.stream import build_quantized_skeleton  # noqa: E402
+from krea2_lite.quantize.skeleton import build_quantized_skeleton  # noqa: E402
 from krea2_lite.quantize import QuantizedLinear  # noqa: E402
 from krea2_lite.sampling import positions  # noqa: E402
 

@@ -49,7 +49,7 @@ def build_models(cfg: Krea2Config, device: torch.device, dtype: torch.dtype, wit
         from diffusers import Krea2Transformer2DModel
         from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
-        from krea2_lite.checkpoint import diffusers_transformer_kwargs
+        from krea2_lite.files.checkpoint import diffusers_transformer_kwargs
 
         with torch.device("meta"):
             peer = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))

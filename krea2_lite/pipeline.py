@@ -21,19 +21,19 @@ import torch
 
 from . import arguments
 from .errors import DeviceMemoryError, MemoryPlanError
-from .finite import check_decoded, check_schedule
+from .finite_checks import check_decoded, check_schedule
 from .kernels import backend_scope
 from .kernels.workspace import release_workspaces
 from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
 from .loading.text_encoder import load_text_encoder
 from .loading.transformer import load_transformer
-from .model.vae import load_vae_decoder
+from .loading.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.planner import available_host_bytes
 from .offload.sizes import module_pinned_bytes
-from .offload.manager import Offloader
-from .safetensors_set import check_float_dtype
+from .offload.apply_plan import Offloader
+from .files.dtypes import check_float_dtype
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 from .variants import VARIANTS, VariantDefaults
 

@@ -7,7 +7,7 @@ import torch
 from krea2_lite.model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX
 
 from krea2_lite import Krea2Config
-from krea2_lite.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
+from krea2_lite.files.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
 
 
 diffusers_kwargs = diffusers_transformer_kwargs  # Krea2Transformer2DModel's arguments for a shape
@@ -182,7 +182,7 @@ def assert_free_space_estimate(folder, spec, config) -> None:
 
     from krea2_lite.offload.sizes import transformer_weights
     from krea2_lite.quantize.__main__ import estimate_bytes
-    from krea2_lite.quantize.format import folder_size, read_manifest
+    from krea2_lite.files.quantized_folder import folder_size, read_manifest
 
     data = 0
     for file in (folder / "transformer").glob("*.safetensors"):

@@ -20,8 +20,8 @@ from ..model.text_encoder import DEFAULT_SELECT_LAYERS
 from ..quantize.recipe import QuantSpec
 from ..sampling import DEFAULT_SHIFT
 from ..variants import VARIANTS, VariantDefaults
-from .files import read_json
-from .paths import resolve_path
+from ..files.jsonfile import read_json
+from ..files.paths import resolve_path
 from .transformer import TRANSFORMER_PATTERNS, describe_transformer
 
 logger = logging.getLogger("krea2_lite")

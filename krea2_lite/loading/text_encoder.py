@@ -22,9 +22,11 @@ from ..model.text_encoder import (DEFAULT_PREFIX_TOKENS, DEFAULT_SELECT_LAYERS, 
                                   PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX, Krea2TextEncoder,
                                   validate_select_layers)
 from ..quantize.recipe import QuantSpec
-from ..safetensors_set import check_float_dtype, require_float
-from .files import TensorInfo, find_weight_files, read_json, refuse_pickle, tensor_locations
-from .stream import set_tensor, stream_groups, unloaded
+from ..files.dtypes import check_float_dtype
+from ..files.jsonfile import read_json
+from ..files.safetensors_headers import TensorInfo, require_float
+from ..files.weight_files import find_weight_files, refuse_pickle, tensor_locations
+from .fill import fill_groups, set_tensor, unloaded
 
 _ACCEPTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_text")
 # Where the language model sits in the checkpoints we read, most specific first:
@@ -73,7 +75,7 @@ def resolve_folders(path: Path, tokenizer_path: str | Path | None = None) -> tup
     return path, None
 
 
-class TextPut:
+class TextEncoderSetter:
     """Puts the text encoder's tensors: "copy" (floats cast to dtype; stored quantized values kept
     exactly, their scales in the module's dtype) or "quantize" (a float weight quantized as read)."""
 
@@ -201,7 +203,7 @@ def load_text_encoder(
     encoder, entries, put = prepare_text_encoder(Path(path), device=device, dtype=dtype, select_layers=select_layers,
                                                  prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
                                                  tokenizer_path=tokenizer_path, quant=quant)
-    for _ in stream_groups(encoder.text_model, entries, put, place=lambda group: device, mmap=True,
+    for _ in fill_groups(encoder.text_model, entries, put, place=lambda group: device, mmap=True,
                            progress=False, desc="loading text encoder"):
         pass
     left = unloaded(encoder)
@@ -212,9 +214,9 @@ def load_text_encoder(
 
 def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype, select_layers=DEFAULT_SELECT_LAYERS,
                          prefix_tokens=DEFAULT_PREFIX_TOKENS, suffix_tokens=DEFAULT_SUFFIX_TOKENS,
-                         tokenizer_path=None, quant=None) -> tuple[Krea2TextEncoder, dict, TextPut]:
+                         tokenizer_path=None, quant=None) -> tuple[Krea2TextEncoder, dict, TextEncoderSetter]:
     """A meta-built encoder (quantized modules swapped in, tokenizer attached), the tensors to stream
-    into its text model {name: (file, key, info)}, and how to put them: `stream_groups`' arguments."""
+    into its text model {name: (file, key, info)}, and how to put them: `fill_groups`' arguments."""
     from ..quantize.text_encoder import QUANT_INFO_FILE, resolve_load_spec, swap_for_loading
 
     check_float_dtype(dtype)
@@ -246,4 +248,4 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
     require_float(found, [key for name, key in keys.items() if how[name] == "quantize" or not name.endswith(".qdata")])
     _check_shapes(encoder.text_model, entries, how)
     _attach_tokenizer(encoder, tokenizer_folder, prefix_tokens, suffix_tokens)
-    return encoder, entries, TextPut(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})
+    return encoder, entries, TextEncoderSetter(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})

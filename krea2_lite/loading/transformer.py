@@ -11,19 +11,19 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointSource, check_keys_and_shapes, check_diffusers_config, infer_config, open_checkpoint
 from ..config import Krea2Config
 from ..errors import CheckpointKeysError, CorruptCheckpointError, ShapeMismatchError
+from ..files.checkpoint import CheckpointSource, open_checkpoint
+from ..files.dtypes import check_float_dtype
+from ..files.paths import resolve_path
+from ..files.quantized_folder import MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_quantized_folder, read_manifest
+from ..files.weight_files import find_weight_files, tensor_locations
 from ..model import Krea2Transformer
-from ..quantize.format import (MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_quantized_folder, manifest_spec,
-                               read_manifest)
 from ..quantize.qlinear import QuantizedLinear
 from ..quantize.recipe import QuantSpec
-from ..quantize.stream import build_quantized_skeleton
-from ..safetensors_set import check_float_dtype
-from .files import find_weight_files, tensor_locations
-from .paths import resolve_path
-from .stream import FloatPut, QuantizingPut, StoredPut, cast_meta_, placement, stream_groups, unloaded
+from ..quantize.skeleton import build_quantized_skeleton
+from .fill import FloatSetter, QuantizingSetter, StoredSetter, cast_meta_, fill_groups, placement, unloaded
+from .transformer_config import check_diffusers_config, check_keys_and_shapes, infer_config
 
 logger = logging.getLogger("krea2_lite")
 
@@ -41,6 +41,15 @@ def open_float_checkpoint(location: Path, config: Krea2Config | None = None) -> 
     check_diffusers_config(diffusers_config, config, source.location)
     check_keys_and_shapes(source, config, explicit)
     return source, config
+
+
+def manifest_spec(folder: Path, manifest: dict) -> QuantSpec:
+    """The manifest's `quant` recipe; a missing or invalid one (a hand-edited dtype, rounding, rank)
+    is a CorruptCheckpointError naming the manifest."""
+    try:
+        return QuantSpec.from_dict(manifest["quant"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'quant' recipe ({exc})") from None
 
 
 def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
@@ -75,7 +84,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      quant=None, progress: bool | None = None,
                      device_blocks: Collection[int] | None = None) -> Krea2Transformer:
-    """Load a Krea 2 transformer from any supported layout (see `krea2_lite.checkpoint`).
+    """Load a Krea 2 transformer from any supported layout (see `krea2_lite.files.checkpoint`).
 
     The model is built on the meta device and each tensor is streamed from its file straight
     into place, a block at a time, cast on its own: norm scales and modulation tables stay float32,
@@ -102,9 +111,9 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
         return load_quantized_folder(location, place=place, dtype=dtype, progress=progress)
     source, config = open_float_checkpoint(location, config)
     model = transformer_skeleton(config, spec, dtype)
-    put = FloatPut(dtype) if spec is None else QuantizingPut(dtype, quantized_modules(model))
+    put = FloatSetter(dtype) if spec is None else QuantizingSetter(dtype, quantized_modules(model))
     desc = "loading transformer" if spec is None else f"quantizing to {spec.name}"
-    for _ in stream_groups(model, source.entries, put, place=place, mmap=spec is None, progress=progress, desc=desc):
+    for _ in fill_groups(model, source.entries, put, place=place, mmap=spec is None, progress=progress, desc=desc):
         pass
     _check_complete(model, source.location)
     logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
@@ -161,8 +170,8 @@ def load_quantized_folder(folder: Path, *, place, dtype: torch.dtype, progress: 
         if tuple(info.shape) != expected:
             raise ShapeMismatchError(f"{file}: '{key}' has shape {tuple(info.shape)}, the manifest's "
                                      f"config expects {expected}")
-    put = StoredPut(dtype, targets, exact)
-    for _ in stream_groups(model, entries, put, place=place, mmap=True, progress=progress,
+    put = StoredSetter(dtype, targets, exact)
+    for _ in fill_groups(model, entries, put, place=place, mmap=True, progress=progress,
                            desc="loading quantized transformer"):
         pass
     _check_complete(model, folder)

@@ -152,15 +152,15 @@ class _Costs:
     prefetch: int
     reserve: int
     host_reserve: int
-    act: int
-    te: int
-    te_pinned: int
-    te_act: int
-    te_largest: int
-    te_read: int
+    act: int                      # the transformer's activations
+    text_encoder: int             # the text encoder's weights
+    text_encoder_pinned: int      # its pinned host copy
+    text_encoder_act: int         # its activations
+    text_encoder_largest: int     # its largest tensor (in flight while a reload plan re-reads it)
+    text_encoder_read: int        # what a reload plan reads from its files per call
     vae: int
-    vae_act: dict
-    extra: int
+    vae_act: dict                 # VAE activations by tile (None: untiled)
+    extra: int                    # what else stays on the device (LoRA branches)
 
 
 def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, height: int = 1024, *,
@@ -210,22 +210,22 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     if reserve_bytes is None:  # capped at a tenth so that tiny test budgets stay plannable
         reserve_bytes = min(RESERVE_BYTES + int(RESERVE_FRACTION * budget), budget // 10)
     image_tokens = math.ceil(height / 16) * math.ceil(width / 16)
-    te_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
+    text_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
     if text_encoder_pinned_bytes is None:  # the shape's tensors, scaled to the encoder's actual bytes
         shape_bytes = sizes.text_encoder_weight_bytes(dtype, text_encoder_shape)
         text_encoder_pinned_bytes = math.ceil(sizes.text_encoder_pinned_bytes(dtype, text_encoder_shape)
-                                              * te_bytes / shape_bytes)
+                                              * text_bytes / shape_bytes)
     costs = _Costs(
         config=config, weights=sizes.transformer_weights(config, quant, dtype), budget=budget,
         host_limit=int(host_ram_gb * GiB) if host_ram_gb is not None else available_host_bytes(),
         prefetch=prefetch, reserve=reserve_bytes, host_reserve=host_reserve_bytes,
         act=sizes.transformer_activation_bytes(config, num_images * (2 if cfg else 1), image_tokens,
                                                max_sequence_length, dtype, quant),
-        te=te_bytes, te_pinned=text_encoder_pinned_bytes,
-        te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+        text_encoder=text_bytes, text_encoder_pinned=text_encoder_pinned_bytes,
+        text_encoder_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
                                                    shape=text_encoder_shape, quantized=text_encoder_quantized),
-        te_largest=min(te_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
-        te_read=te_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
+        text_encoder_largest=min(text_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
+        text_encoder_read=text_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
         vae=sizes.vae_weight_bytes(dtype) if vae_weight_bytes is None else vae_weight_bytes,
         vae_act={tile: sizes.vae_activation_bytes(vae_base_dim, height, width, num_images, dtype,
                                                   None if tile is None else tile * 8)
@@ -251,28 +251,29 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
     slots = min(c.prefetch + 1, len(streamed_ids))
     resident = c.weights.fixed + sum(blocks[i] for i in resident_ids) + c.extra
     slot_bytes = slots * max((blocks[i] for i in streamed_ids), default=0)
-    te_stays = c.te if text == "device" else 0
-    encode = (0 if text == "cpu" else c.te + c.te_act) + (0 if leaves else resident) + c.vae
-    sample = resident + slot_bytes + c.act + c.vae + te_stays
-    decode = resident + slot_bytes + c.vae + c.vae_act[tile] + te_stays
+    text_stays = c.text_encoder if text == "device" else 0
+    encode = (0 if text == "cpu" else c.text_encoder + c.text_encoder_act) + (0 if leaves else resident) + c.vae
+    sample = resident + slot_bytes + c.act + c.vae + text_stays
+    decode = resident + slot_bytes + c.vae + c.vae_act[tile] + text_stays
     phases = {"encode": encode + c.reserve, "sample": sample + c.reserve, "decode": decode + c.reserve}
     w = c.weights
-    held = (sum(w.pinned_streamed[i] for i in streamed_ids) + {"swap": c.te_pinned, "cpu": c.te}.get(text, 0)
+    held = (sum(w.pinned_streamed[i] for i in streamed_ids) + {"swap": c.text_encoder_pinned, "cpu": c.text_encoder}.get(text, 0)
             + c.host_reserve)
     if leaves:  # the resident part's tensors, each pinned on its own (LoRA branches included)
         held += w.pinned_fixed + sum(w.pinned_swapped[i] for i in resident_ids) + c.extra
-    in_flight = {"cpu": c.te_act, "reload": c.te_largest}.get(text, 0)
+    in_flight = {"cpu": c.text_encoder_act, "reload": c.text_encoder_largest}.get(text, 0)
     host_phases = {"encode": held + in_flight, "sample": held, "decode": held}
     return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
                       prefetch=c.prefetch, text_encoder=text, transformer_leaves_for_encoding=leaves, vae_tile=tile,
                       peak_bytes=max(phases.values()), host_bytes=max(host_phases.values()), phases=phases,
                       parts=dict(transformer_fixed=c.weights.fixed, block=max(blocks),
-                                 transformer_total=c.weights.total, activations=c.act, text_encoder=c.te, text_encoder_activations=c.te_act,
+                                 transformer_total=c.weights.total, activations=c.act, text_encoder=c.text_encoder,
+                                 text_encoder_activations=c.text_encoder_act,
                                  vae_weights=c.vae, vae_activations=c.vae_act[tile], reserve=c.reserve,
                                  extra=c.extra, slots=slot_bytes, host_reserve=c.host_reserve,
-                                 text_encoder_pinned=c.te_pinned),
+                                 text_encoder_pinned=c.text_encoder_pinned),
                       host_budget_bytes=c.host_limit, host_phases=host_phases,
-                      text_reload_bytes=c.te_read if text == "reload" else 0)
+                      text_reload_bytes=c.text_encoder_read if text == "reload" else 0)
 
 
 def _candidates(c: _Costs, kinds: tuple[str, ...], places: list[str]):

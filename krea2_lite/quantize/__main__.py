@@ -22,15 +22,15 @@ import torch
 
 from ..version import __version__
 from ..cli_errors import run_cli
-from ..jsonfile import read_json
-from ..loading.paths import resolve_path
+from ..files.jsonfile import read_json
+from ..files.paths import resolve_path
 from ..loading.transformer import open_float_checkpoint
 from . import output_dir
-from .format import folder_size, is_quantized_folder, write_manifest
+from ..files.quantized_folder import folder_size, is_quantized_folder, write_manifest
 from .int4_rounding import DEFAULT_ROUNDING, ROUNDINGS
 from .recipe import DEFAULT_INCLUDE, DEFAULT_ROTATE, GROUP_SIZES, ROTATE_SIZES, QuantSpec, require_rank
-from .shards import DEFAULT_MAX_SHARD, parse_size
-from .write import write_text_encoder, write_transformer
+from ..files.shard_writer import DEFAULT_MAX_SHARD, parse_size
+from ..loading.quantized_writer import write_text_encoder, write_transformer
 
 PARTIAL_MARK = output_dir.PARTIAL_MARK
 

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..jsonfile import read_json
+from ..files.jsonfile import read_json
 from ..errors import CorruptCheckpointError
 from ..model.text_encoder import Krea2TextEncoder
 from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear, quantize_weight_tensors, swap_linears
 from .recipe import DEFAULT_INCLUDE, QuantSpec, select_linears
-from .shards import ShardedWriter
+from ..files.shard_writer import ShardedWriter
 from .w8a8_modules import attach_workspace
 
 __all__ = ["TEXT_INCLUDE", "quantize_text_encoder_", "save_text_encoder", "text_encoder_spec"]
@@ -143,7 +143,7 @@ def save_text_encoder(encoder: Krea2TextEncoder, folder: str | Path, *, max_shar
     norm unless it is tapped), in the encoder's dtype: one ``model.safetensors``, or shards of at most
     ``max_shard_bytes`` with a ``model.safetensors.index.json``. Writing atomically (a temporary folder,
     then a rename) is the caller's job. (``python -m krea2_lite.quantize`` writes the same folder while
-    the encoder streams in, never holding it whole: ``krea2_lite.quantize.write``.)
+    the encoder streams in, never holding it whole: ``krea2_lite.loading.quantized_writer``.)
     """
     modules = check_saveable(encoder)
     folder = Path(folder)

@@ -30,7 +30,7 @@ from krea2_lite.kernels.w8a8_torch import (dequant_matmul, int8_mm_exact, scaled
                                            w8a8_matmul_torch)
 from krea2_lite.kernels.w8a8_triton import w8a8_matmul_triton, w8a8_supports
 from krea2_lite.quantize import QuantizedLinear, QuantSpec
-from krea2_lite.quantize.format import read_manifest, required_version
+from krea2_lite.files.quantized_folder import read_manifest, required_version
 from factories import diffusers_transformer, official_state_dict, random_inputs
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open as real_safe_open
 from safetensors.torch import save_file
 
-import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
+import krea2_lite.files.safetensors_headers as files_mod  # where every safetensors file is opened
 import krea2_lite.model.text_encoder as te
 from factories import CAPTIONS, NUM_LAYERS, VOCAB, tiny_qwen3vl_config, train_tokenizer
 from krea2_lite.errors import (CheckpointKeysError, CheckpointNotFoundError, NotKrea2CheckpointError,

@@ -11,7 +11,7 @@ import torch
 from krea2_lite import Krea2Config, load_transformer
 from krea2_lite.kernels.qmatmul_torch import dequantize_weight
 from krea2_lite.quantize import QuantSpec
-from krea2_lite.quantize.format import read_manifest
+from krea2_lite.files.quantized_folder import read_manifest
 from krea2_lite.quantize.int4_rounding import CLIP_RATIOS, mse_clip_scale_shift
 from krea2_lite.quantize.qlinear import quantize_weight_tensors
 from factories import load_benchmark, random_inputs

@@ -18,7 +18,8 @@ from krea2_lite import Krea2Config, load_transformer
 from krea2_lite.errors import CheckpointKeysError, CorruptCheckpointError
 from krea2_lite.quantize import QuantizedLinear, QuantSpec
 from krea2_lite.quantize import qlinear as qlinear_mod
-from krea2_lite.quantize.format import FormatVersionError, read_manifest
+from krea2_lite.errors import FormatVersionError
+from krea2_lite.files.quantized_folder import read_manifest
 from krea2_lite.quantize.recipe import select_linears
 from factories import assert_free_space_estimate, random_inputs
 

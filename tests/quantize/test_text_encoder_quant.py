@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open as real_safe_open
 
-import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
+import krea2_lite.files.safetensors_headers as files_mod  # where every safetensors file is opened
 import krea2_lite.quantize.text_encoder as qte
 from factories import tiny_qwen3vl_config
 from krea2_lite.loading.text_encoder import load_text_encoder

@@ -113,7 +113,7 @@ def test_memory_budgets_are_finite(kwargs, match):
 def test_loaders_take_float_dtypes_only(loader):
     from krea2_lite.loading.transformer import load_transformer
     from krea2_lite.loading.text_encoder import load_text_encoder
-    from krea2_lite.model.vae import load_vae_decoder
+    from krea2_lite.loading.vae import load_vae_decoder
 
     load = {"transformer": load_transformer, "vae": load_vae_decoder, "text_encoder": load_text_encoder}[loader]
     with pytest.raises(ArgumentError, match="dtype must be one of torch.float32, torch.bfloat16"):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from krea2_lite.errors import CheckpointNotFoundError, SafetensorsSetError, UnsafeCheckpointFormatError
-from krea2_lite.loading.files import find_weight_files, tensor_locations
+from krea2_lite.files.weight_files import find_weight_files, tensor_locations
 
 
 def test_an_index_says_which_file_holds_each_key(tmp_path):

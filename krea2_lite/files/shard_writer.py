@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading.files import DTYPE_NAMES
+from .dtypes import DTYPE_NAMES
 
 DEFAULT_MAX_SHARD = "2GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

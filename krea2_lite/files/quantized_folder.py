@@ -8,6 +8,9 @@
                                        shards + model.safetensors.index.json (diffusers-style)
   DIR/transformer/quantization_map.json   optimum-quanto's map {module: {"weights": qtype}}
   DIR/text_encoder/, DIR/vae/, DIR/scheduler/   present when the source was a pipeline
+
+This module knows the names and the manifest (plain JSON); the recipe inside it is read by
+`loading.transformer.manifest_spec`, the tensors written by `loading.quantized_writer`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from ..errors import CorruptCheckpointError, Krea2LiteError
-from ..loading.files import read_json
-from .qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear
-from .recipe import QuantSpec
+from ..errors import FormatVersionError
+from .jsonfile import read_json
 
 FORMAT = "krea2_lite.quantized"
 # Each folder records the oldest version that reads it correctly (`required_version`), so older
@@ -41,34 +40,6 @@ TRANSFORMER_NAME = "model.safetensors"
 TRANSFORMER_FILE = f"{TRANSFORMER_DIR}/{TRANSFORMER_NAME}"
 TRANSFORMER_INDEX = f"{TRANSFORMER_DIR}/{TRANSFORMER_NAME}.index.json"
 QUANTIZATION_MAP = "transformer/quantization_map.json"
-
-
-class FormatVersionError(Krea2LiteError, ValueError):
-    """A quantized folder written by a newer krea2_lite (or not a krea2_lite folder at all)."""
-
-
-def group_state(model: torch.nn.Module, group: str) -> dict[str, torch.Tensor]:
-    """Every tensor of one group of a (partly) quantized model (`blocks.3`, `txtfusion`, ...) under its
-    on-disk name: quantized linears in optimum-quanto's keys, the rest under their own."""
-    module = model.get_submodule(group)
-    quantized = {f"{group}.{n}" if n else group: m for n, m in module.named_modules()
-                 if isinstance(m, QuantizedLinear)}
-    state = {}
-    for name, sub in quantized.items():
-        state.update(sub.quanto_state(name + "."))
-    for name, tensor in module.state_dict(prefix=group + ".").items():
-        if name.rpartition(".")[0] not in quantized:
-            state[name] = tensor
-    return {k: v.detach() for k, v in state.items()}
-
-
-def write_quantization_map(model: torch.nn.Module, folder: Path) -> None:
-    """transformer/quantization_map.json: optimum-quanto's {module: {"weights": qtype}}."""
-    # quanto's "activations" would mean static calibrated scales; ours are dynamic per token, so the
-    # map describes the weights only (for rotated folders: the weights W·H).
-    info = model.quantization
-    qmap = {name: {"weights": QUANTO_QTYPE_NAMES[info.spec.dtype], "activations": "none"} for name in info.modules}
-    (folder / QUANTIZATION_MAP).write_text(json.dumps(qmap, indent=1))
 
 
 def required_version(manifest: dict) -> int:
@@ -95,15 +66,6 @@ def read_manifest(folder: Path) -> dict:
         raise FormatVersionError(f"{path}: format version {version!r} is newer than this krea2_lite reads "
                                  f"({FORMAT_VERSION}); upgrade krea2_lite")
     return manifest
-
-
-def manifest_spec(folder: Path, manifest: dict) -> QuantSpec:
-    """The manifest's `quant` recipe; a missing or invalid one (a hand-edited dtype, rounding, rank)
-    is a CorruptCheckpointError naming the manifest."""
-    try:
-        return QuantSpec.from_dict(manifest["quant"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'quant' recipe ({exc})") from None
 
 
 def folder_size(folder: Path) -> int:

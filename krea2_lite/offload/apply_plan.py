@@ -1,6 +1,6 @@
 """Applies a MemoryPlan to a pipeline's transformer, text encoder and VAE, and undoes it.
 
-The only place (with streaming.py, swap.py and reload.py) where krea2_lite moves weights between
+The only place (with block_streamer.py, swap.py and reload.py) where krea2_lite moves weights between
 host and device after loading.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from .planner import MemoryPlan
 from .reload import Reloader, is_dropped
-from .streaming import BlockStreamer
+from .block_streamer import BlockStreamer
 from .swap import ModuleSwap, move_module
 
 

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError, JsonFileError
+from ..errors import CheckpointNotFoundError, JsonFileError
 
 _TYPE_NAMES = {dict: "a JSON object", list: "a JSON array", str: "a string", int: "an integer",
                float: "a number", bool: "true/false"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .binding import FlatLayout, tensor_slots
+from .tensor_slots import FlatLayout, tensor_slots
 
 
 class BlockStreamer:

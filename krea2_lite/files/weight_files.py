@@ -1,42 +1,24 @@
-"""Find and read safetensors weights: the one place that decides which files hold a model.
+"""Which safetensors files hold a model: the one place that decides it, and reads their headers.
 
 `find_weight_files` is the only routine that looks for weights in a folder (an index, single or
 several files, refused pickles) and `tensor_locations` the only one that reads their headers into
 {key: (file, TensorInfo)}; every loader (transformer, text encoder, VAE, quantized folder) goes
-through both. Pickle-based files are refused by name and never opened.
+through both. Pickle-based files are refused by name and never opened. What this guards against:
+the same tensor in two files (whichever was read last won), an index whose `weight_map` was
+ignored. Every error names the file (or both files).
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import torch
-from safetensors import safe_open
-
-from ..errors import (CheckpointNotFoundError, CorruptCheckpointError, SafetensorsSetError,
-                      UnsafeCheckpointFormatError)
-from ..jsonfile import parse_json, read_json  # noqa: F401  (read_json re-exported: the one JSON reader)
-from ..safetensors_set import check_entry, read_weight_map
+from ..errors import CheckpointNotFoundError, SafetensorsSetError, UnsafeCheckpointFormatError
+from .jsonfile import get_typed, read_json
+from .safetensors_headers import TensorInfo, read_safetensors_header
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 INDEX_SUFFIX = ".safetensors.index.json"
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class TensorInfo(NamedTuple):
-    dtype: str                 # safetensors dtype name, e.g. "BF16"
-    shape: tuple[int, ...]
-    start: int                 # absolute byte offsets in the file
-    end: int
 
 
 def refuse_pickle(path: Path) -> None:
@@ -44,73 +26,6 @@ def refuse_pickle(path: Path) -> None:
         raise UnsafeCheckpointFormatError(
             f"{path}: '{path.suffix}' files are pickle-based and are never opened by krea2_lite "
             "(unpickling can run arbitrary code). Convert the checkpoint to .safetensors first.")
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Validate a safetensors file without reading its tensors; returns {key: TensorInfo}.
-
-    Catches the failures safetensors reports vaguely: empty files, a header longer than the
-    file, unparsable JSON, and data offsets past the end of the file (a truncated download).
-    """
-    size = path.stat().st_size
-    if size == 0:
-        raise CorruptCheckpointError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
-    if size < 8:
-        raise CorruptCheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
-    with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        if header_len > size - 8 or header_len > 100_000_000:
-            raise CorruptCheckpointError(
-                f"{path}: the header claims {header_len} bytes but the file has {size}; "
-                "this is not a safetensors file, or it is truncated")
-        raw = fh.read(header_len)
-    try:
-        header = parse_json(raw.decode("utf-8"), where=str(path), what="safetensors header")
-    except UnicodeDecodeError as exc:
-        raise CorruptCheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
-    data_len = size - 8 - header_len
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            tensors[key] = TensorInfo(info["dtype"], tuple(info["shape"]), 8 + header_len + start,
-                                      8 + header_len + end)
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{path}: malformed header entry for tensor '{key}'") from None
-        if end > data_len or start > end:
-            raise CorruptCheckpointError(
-                f"{path}: tensor '{key}' ends at byte {end} of the data but only {data_len} bytes are "
-                "present; the file is truncated (an interrupted download?)")
-        check_entry(path, key, *tensors[key][:2], start, end)  # bytes = prod(shape) × dtype size
-    return tensors
-
-
-def open_safetensors(file: Path, device: str = "cpu"):
-    """`safe_open` with one clear error for files safetensors cannot read."""
-    try:
-        return safe_open(str(file), framework="pt", device=device)
-    except Exception as exc:  # safetensors raises its own error type (and OSError)
-        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-
-
-def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor with a plain file read into fresh memory (no memory map).
-
-    For streaming work (quantizing while loading): the bytes are released when the tensor is,
-    instead of staying mapped — and counted in the process's resident memory — until the file
-    is closed.
-    """
-    dtype = SAFETENSORS_DTYPES.get(info.dtype)
-    if dtype is None:
-        raise CorruptCheckpointError(f"{path}: unsupported tensor dtype {info.dtype}")
-    buffer = torch.empty(info.end - info.start, dtype=torch.uint8)
-    with open(path, "rb") as fh:
-        fh.seek(info.start)
-        if fh.readinto(buffer.numpy()) != len(buffer):
-            raise CorruptCheckpointError(f"{path}: short read; the file changed or is truncated")
-    return buffer.view(dtype).reshape(info.shape)
 
 
 @dataclass
@@ -121,6 +36,17 @@ class WeightFiles:
     files: list[Path]
     weight_map: dict[str, Path] | None = None
     index: Path | None = None
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """{tensor key: shard file name} from a `*.safetensors.index.json`, every entry checked."""
+    data = read_json(index, required=("weight_map",), what="shard index")
+    weight_map = get_typed(data, "weight_map", dict, where=str(index), default={})
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise SafetensorsSetError(f"{index}: weight_map['{key}'] must be a file name in the same folder, "
+                                      f"got {name!r}")
+    return weight_map
 
 
 def _from_index(index: Path) -> WeightFiles:

@@ -2,9 +2,12 @@
 top-level module), each tensor read from its file and put where the placement says.
 
 What differs between a float checkpoint, quantizing on the fly and a quantized folder is only
-how a read tensor is *put* (`FloatPut`, `QuantizingPut`, `StoredPut`); the order, the reading
-and the placement are shared. A caller iterating `stream_groups` sees each group complete, so it
-can write the group out and drop it (the quantize CLI) before the next is read.
+how a read tensor is set into the model (`FloatSetter`, `QuantizingSetter`, `StoredSetter`, and the
+text encoder's `TextEncoderSetter`); the order, the reading and the placement are shared. A
+caller iterating `fill_groups` sees each group complete, so it can write the group out and drop
+it (the quantized-folder writer) before the next is read. This is the only code that reads
+weight tensors into a model (`tests/test_import_graph.py` checks that nothing else calls
+`safe_open`, `get_tensor` or `load_state_dict`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import keeps_fp32
-from .files import TensorInfo, open_safetensors, read_tensor
+from ..files.checkpoint import keeps_fp32
+from ..files.safetensors_headers import TensorInfo, open_safetensors, read_tensor
 
 Entry = tuple[Path, str, TensorInfo]  # (file, stored key, header info)
 
@@ -78,7 +81,7 @@ def cast_meta_(model: nn.Module, dtype: torch.dtype, skip: Collection[str] = ())
     return model
 
 
-class FloatPut:
+class FloatSetter:
     """Official-layout float tensors, cast by the dtype policy (diffusers' (6, d) tables flattened)."""
 
     def __init__(self, dtype: torch.dtype):
@@ -93,8 +96,8 @@ class FloatPut:
         pass
 
 
-class QuantizingPut(FloatPut):
-    """Float tensors as FloatPut; the weight (and bias) of each QuantizedLinear quantized on `device`
+class QuantizingSetter(FloatSetter):
+    """Float tensors as FloatSetter; the weight (and bias) of each QuantizedLinear quantized on `device`
     once both are read."""
 
     def __init__(self, dtype: torch.dtype, quantized: dict[str, nn.Module]):
@@ -117,7 +120,7 @@ class QuantizingPut(FloatPut):
             raise RuntimeError(f"{group}: incomplete quantized layers {sorted(self.pending)[:3]}")
 
 
-class StoredPut:
+class StoredSetter:
     """A krea2_lite quantized folder's tensors: stored values (int8 / fp8 / int4 codes) kept exactly,
     float tensors cast by the dtype policy. `targets` maps each on-disk key to the model's name."""
 
@@ -152,7 +155,7 @@ class TensorReader:
         self.handles.clear()
 
 
-def stream_groups(model: nn.Module, entries: dict[str, Entry], put, *, place: Callable[[str], torch.device],
+def fill_groups(model: nn.Module, entries: dict[str, Entry], put, *, place: Callable[[str], torch.device],
                   mmap: bool, progress: bool | None = None, desc: str = "loading") -> Iterator[str]:
     """Fill `model` (built on the meta device) from `entries` {model name: (file, key, info)}, one
     group at a time in module order; yields each group's name once all its tensors are in place.

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from krea2_lite import Krea2Config, load_transformer
-from krea2_lite.checkpoint import open_checkpoint
+from krea2_lite.files.checkpoint import open_checkpoint
 from krea2_lite.errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError,
                                NotKrea2CheckpointError, ShapeMismatchError, UnsafeCheckpointFormatError)
 from factories import diffusers_transformer, official_state_dict, random_inputs

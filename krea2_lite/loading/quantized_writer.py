@@ -1,25 +1,54 @@
-"""Quantize a checkpoint straight into shards: read a block (a decoder layer for the text encoder),
-quantize it, append its tensors to the current shard, drop it. Host memory holds one block (float
+"""The quantized-folder writer, a loader run backwards: quantize a checkpoint straight into shards.
+
+Read a block (a decoder layer for the text encoder), quantize it, append its tensors to the
+current shard, drop it. Host memory holds one block (float
 tensors as they are read, plus its quantized form) and never the model, whatever its size or the
 shard size.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointSource
 from ..config import Krea2Config
-from ..loading.stream import QuantizingPut, model_groups, stream_groups
-from ..loading.transformer import quantized_modules, transformer_skeleton
-from .format import TRANSFORMER_DIR, group_state, write_quantization_map
-from .qlinear import QuantizedLinear
-from .recipe import QuantSpec
-from .shards import ShardedWriter
+from ..files.checkpoint import CheckpointSource
+from ..files.quantized_folder import QUANTIZATION_MAP, TRANSFORMER_DIR
+from ..files.shard_writer import ShardedWriter
+from ..quantize.qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear
+from ..quantize.recipe import QuantSpec
+from ..quantize.text_encoder import check_saveable, text_state, write_text_encoder_files
+from .fill import QuantizingSetter, fill_groups, model_groups
+from .text_encoder import prepare_text_encoder
+from .transformer import quantized_modules, transformer_skeleton
 
 CPU = torch.device("cpu")
+
+
+def group_state(model: torch.nn.Module, group: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one group of a (partly) quantized model (`blocks.3`, `txtfusion`, ...) under its
+    on-disk name: quantized linears in optimum-quanto's keys, the rest under their own."""
+    module = model.get_submodule(group)
+    quantized = {f"{group}.{n}" if n else group: m for n, m in module.named_modules()
+                 if isinstance(m, QuantizedLinear)}
+    state = {}
+    for name, sub in quantized.items():
+        state.update(sub.quanto_state(name + "."))
+    for name, tensor in module.state_dict(prefix=group + ".").items():
+        if name.rpartition(".")[0] not in quantized:
+            state[name] = tensor
+    return {k: v.detach() for k, v in state.items()}
+
+
+def write_quantization_map(model: torch.nn.Module, folder: Path) -> None:
+    """transformer/quantization_map.json: optimum-quanto's {module: {"weights": qtype}}."""
+    # quanto's "activations" would mean static calibrated scales; ours are dynamic per token, so the
+    # map describes the weights only (for rotated folders: the weights W·H).
+    info = model.quantization
+    qmap = {name: {"weights": QUANTO_QTYPE_NAMES[info.spec.dtype], "activations": "none"} for name in info.modules}
+    (folder / QUANTIZATION_MAP).write_text(json.dumps(qmap, indent=1))
 
 
 def write_transformer(source: CheckpointSource, config: Krea2Config, spec: QuantSpec, folder: Path, *,
@@ -35,9 +64,9 @@ def write_transformer(source: CheckpointSource, config: Krea2Config, spec: Quant
     layout = [(key, t.dtype, tuple(t.shape)) for group in model_groups(model)
               for key, t in group_state(model, group).items()]
     writer = ShardedWriter(folder / TRANSFORMER_DIR, "model", layout, max_shard_bytes)
-    put = QuantizingPut(dtype, quantized_modules(model))
+    put = QuantizingSetter(dtype, quantized_modules(model))
     try:
-        for group in stream_groups(model, source.entries, put, place=lambda g: CPU, mmap=False,
+        for group in fill_groups(model, source.entries, put, place=lambda g: CPU, mmap=False,
                                    progress=progress, desc=f"quantizing to {spec.name}"):
             for key, tensor in group_state(model, group).items():
                 writer.write(key, tensor)
@@ -54,9 +83,6 @@ def write_text_encoder(source: Path, folder: Path, quant, *, max_shard_bytes: in
     """Write a saved text-encoder folder (as `save_text_encoder` does) from a Qwen3-VL checkpoint,
     quantizing to `quant` (None: keep `dtype`) a decoder layer at a time, each written and dropped
     before the next is read."""
-    from ..loading.text_encoder import prepare_text_encoder
-    from .text_encoder import check_saveable, text_state, write_text_encoder_files
-
     encoder, entries, put = prepare_text_encoder(source, device=CPU, dtype=dtype, quant=quant)
     model = encoder.text_model
     for module in model.modules():  # float parameters are built float32 on meta and loaded as `dtype`
@@ -68,7 +94,7 @@ def write_text_encoder(source: Path, folder: Path, quant, *, max_shard_bytes: in
     layout = [(k, t.dtype, tuple(t.shape)) for g in groups for k, t in text_state(model, g).items()]
     writer = ShardedWriter(folder, "model", layout, max_shard_bytes)
     try:
-        for group in stream_groups(model, entries, put, place=lambda g: CPU, mmap=False, progress=False,
+        for group in fill_groups(model, entries, put, place=lambda g: CPU, mmap=False, progress=False,
                                    desc="text encoder"):
             for key, tensor in text_state(model, group).items():
                 writer.write(key, tensor)

@@ -7,30 +7,21 @@ Layouts read (always safetensors; pickle files are refused, never opened):
                          `Krea2Transformer2DModel` names are mapped back to the official ones
   Hugging Face hub id    resolved with huggingface_hub to one of the above
 
-Finding the files is `loading.files`; loading them into a model is `loading.transformer`.
+Finding the files is `weight_files`; the model config inferred from the shapes, and the check of
+keys and shapes against it, are `loading.transformer_config`; filling a model is `loading.fill`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .config import Krea2Config, swiglu_width
-from .errors import (CheckpointKeysError, Krea2LiteError, NotKrea2CheckpointError, SafetensorsSetError,
-                     ShapeMismatchError)
-from .loading.files import (PICKLE_SUFFIXES, SAFETENSORS_DTYPES, TensorInfo, find_weight_files,  # noqa: F401
-                            open_safetensors, read_json, read_safetensors_header, read_tensor, refuse_pickle,
-                            tensor_locations)
-from .loading.paths import looks_like_hub_id, resolve_path  # noqa: F401  (re-exported)
-from .model import Krea2Transformer
-from .safetensors_set import require_float
-
-logger = logging.getLogger("krea2_lite")
+from ..errors import NotKrea2CheckpointError, SafetensorsSetError
+from .jsonfile import read_json
+from .paths import resolve_path
+from .safetensors_headers import TensorInfo, require_float
+from .weight_files import find_weight_files, tensor_locations
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # Present in every Krea 2 transformer checkpoint, in official names.
@@ -67,8 +58,8 @@ _DIFFUSERS_INFIXES = (
 )
 
 
-def diffusers_transformer_kwargs(cfg: Krea2Config) -> dict:
-    """diffusers `Krea2Transformer2DModel`'s constructor arguments for the shape `cfg` (for writing
+def diffusers_transformer_kwargs(cfg) -> dict:
+    """diffusers `Krea2Transformer2DModel`'s constructor arguments for the shape `cfg` (a Krea2Config; for writing
     diffusers-layout folders and reference models; krea2_lite itself never imports diffusers)."""
     return dict(in_channels=cfg.in_channels, num_layers=cfg.layers, attention_head_dim=cfg.headdim,
                 num_attention_heads=cfg.heads, num_key_value_heads=cfg.kvheads, intermediate_size=cfg.mlpdim,
@@ -170,89 +161,3 @@ def _guess_family(keys: list[str]) -> str:
     if not keys:
         return "it holds no tensors"
     return f"none of {list(SIGNATURE_KEYS)} is present; first keys: {keys[:3]}"
-
-
-# ---- config --------------------------------------------------------------------------------
-
-def infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float = 1000.0, patch: int = 2,
-                 where: str = "checkpoint") -> Krea2Config:
-    """Recover a Krea2Config from official-layout tensor shapes (patch 2 unless given)."""
-    try:
-        return _infer_config(shapes, theta=theta, patch=patch, where=where)
-    except Krea2LiteError:
-        raise
-    except (ValueError, IndexError, ZeroDivisionError, TypeError) as exc:
-        # Degenerate shapes (a 0-length norm scale, a 1-D weight) reach arithmetic before any check.
-        raise ShapeMismatchError(f"{where}: tensor shapes that fit no Krea 2 transformer ({exc})") from None
-
-
-def _infer_config(shapes: dict[str, tuple[int, ...]], *, theta: float, patch: int, where: str) -> Krea2Config:
-    def shape(name: str) -> tuple[int, ...]:
-        if name not in shapes:
-            raise CheckpointKeysError(f"{where}: missing tensor '{name}', needed to infer the model shape")
-        return shapes[name]
-
-    features, in_channels = shape("first.weight")
-    layers = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    if layers == 0:
-        raise CheckpointKeysError(f"{where}: no transformer blocks ('blocks.N.*') found")
-    headdim = shape("blocks.0.attn.qknorm.qnorm.scale")[0]
-    kv_rows = shape("blocks.0.attn.wk.weight")[0]
-    txtdim = shape("txtmlp.1.weight")[1]
-    txt_headdim = shape("txtfusion.layerwise_blocks.0.attn.qknorm.qnorm.scale")[0]
-    txt_kv_rows = shape("txtfusion.layerwise_blocks.0.attn.wk.weight")[0]
-    mlp = shape("blocks.0.mlp.gate.weight")[0]
-    txt_mlp = shape("txtfusion.layerwise_blocks.0.mlp.gate.weight")[0]
-    # Rounding to 128 can make several multipliers give the same widths (same model); prefer
-    # the released value 4 then.
-    fits = [m for m in range(1, 33) if swiglu_width(features, m) == mlp and swiglu_width(txtdim, m) == txt_mlp]
-    if not fits:
-        raise ShapeMismatchError(f"{where}: MLP widths {mlp} / {txt_mlp} match no multiplier for "
-                                 f"features={features}, txtdim={txtdim}")
-    multiplier = 4 if 4 in fits else fits[0]
-    if in_channels % (patch * patch):
-        raise ShapeMismatchError(f"{where}: input width {in_channels} is not channels·{patch}²")
-    return Krea2Config(
-        features=features, tdim=shape("tmlp.0.weight")[1], txtdim=txtdim,
-        heads=features // headdim, kvheads=kv_rows // headdim, multiplier=multiplier, layers=layers,
-        patch=patch, channels=in_channels // (patch * patch), txtheads=txtdim // txt_headdim,
-        txtkvheads=txt_kv_rows // txt_headdim, txtlayers=shape("txtfusion.projector.weight")[1],
-        theta=float(theta))
-
-
-def check_diffusers_config(cfg: dict, config: Krea2Config, where: Path) -> None:
-    """A diffusers config may say things the tensor shapes cannot; they must agree with `config`."""
-    axes = cfg.get("axes_dims_rope")
-    if axes is not None and tuple(axes) != config.axes:
-        raise ShapeMismatchError(f"{where}/config.json: axes_dims_rope={list(axes)} differs from the "
-                                 f"Krea 2 split {list(config.axes)} for head dim {config.headdim}")
-    theta = cfg.get("rope_theta")
-    if theta is not None and float(theta) != config.theta:
-        raise ShapeMismatchError(f"{where}/config.json: rope_theta={theta} but the config says {config.theta}")
-
-
-def expected_shapes(config: Krea2Config) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = Krea2Transformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_keys_and_shapes(source: CheckpointSource, config: Krea2Config, explicit: bool) -> None:
-    expected = expected_shapes(config)
-    found = source.shapes()
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[:4]})")
-        raise CheckpointKeysError(f"{source.location}: tensors do not match a Krea 2 transformer with "
-                                  f"{config.layers} blocks: " + "; ".join(parts))
-    wrong = [(k, found[k], expected[k]) for k in expected if found[k] != expected[k]]
-    if wrong:
-        k, got, want = wrong[0]
-        origin = "the given config" if explicit else "the config inferred from the file"
-        raise ShapeMismatchError(f"{source.location}: tensor '{k}' has shape {got} but {origin} expects "
-                                 f"{want} ({len(wrong)} tensor(s) disagree)")
