@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CorruptCheckpointError
 from ..files.checkpoint import keeps_fp32
 from ..files.safetensors_headers import TensorInfo, open_safetensors, read_tensor
 
@@ -149,7 +150,10 @@ class TensorReader:
             return read_tensor(file, info)
         if file not in self.handles:
             self.handles[file] = open_safetensors(file)
-        return self.handles[file].get_tensor(key)
+        try:
+            return self.handles[file].get_tensor(key)
+        except Exception as exc:  # safetensors' own error type, which does not name the file
+            raise CorruptCheckpointError(f"{file}: cannot read tensor {key!r} ({exc})") from None
 
     def close(self) -> None:
         self.handles.clear()

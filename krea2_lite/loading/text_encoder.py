@@ -48,11 +48,15 @@ def read_text_config(folder: Path) -> tuple[Qwen3VLTextConfig, dict]:
         raise NotKrea2CheckpointError(
             f"{config_file}: model_type {model_type!r} (architectures {raw.get('architectures')}) is not a Qwen3-VL "
             f"text encoder; Krea 2 uses Qwen3-VL-4B-Instruct (model_type one of {_ACCEPTED_MODEL_TYPES})")
-    if model_type == "qwen3_vl":
-        if not isinstance(raw.get("text_config"), dict):
-            raise NotKrea2CheckpointError(f"{config_file}: qwen3_vl config without a text_config")
-        return Qwen3VLConfig.from_dict(raw).text_config, raw
-    return Qwen3VLTextConfig.from_dict(raw), raw
+    if model_type == "qwen3_vl" and not isinstance(raw.get("text_config"), dict):
+        raise NotKrea2CheckpointError(f"{config_file}: qwen3_vl config without a text_config")
+    try:
+        if model_type == "qwen3_vl":
+            return Qwen3VLConfig.from_dict(raw).text_config, raw
+        return Qwen3VLTextConfig.from_dict(raw), raw
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # transformers does not name the file
+        raise CorruptCheckpointError(f"{config_file}: not a valid Qwen3-VL config ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
 
 
 def resolve_folders(path: Path, tokenizer_path: str | Path | None = None) -> tuple[Path, Path]:
@@ -237,7 +241,8 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
                                    suffix_tokens=DEFAULT_SUFFIX_TOKENS if suffix_tokens is None else suffix_tokens)
     encoder.source_config = raw_config
     needed = {name: prefix + name for name in encoder.state_dict_keys()}  # float names, before any swap
-    quantized = swap_for_loading(encoder, spec, saved_modules, dtype) if spec is not None else {}
+    quantized = (swap_for_loading(encoder, spec, saved_modules, dtype, where=str(model_folder / QUANT_INFO_FILE))
+                 if spec is not None else {})
     keys, how = plan_reads(encoder, needed, quantized, saved_modules is not None)
     missing = sorted(key for key in keys.values() if key not in found)
     if missing:

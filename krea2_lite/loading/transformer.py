@@ -52,12 +52,29 @@ def manifest_spec(folder: Path, manifest: dict) -> QuantSpec:
         raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'quant' recipe ({exc})") from None
 
 
+def manifest_config(folder: Path, manifest: dict) -> Krea2Config:
+    """The manifest's model `config`; a missing or invalid one is a CorruptCheckpointError naming the manifest."""
+    try:
+        return Krea2Config.from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'config' ({type(exc).__name__}: {exc})") from None
+
+
+def manifest_modules(folder: Path, manifest: dict) -> list[str]:
+    """The quantized module names the manifest lists (`quant.modules`), checked to be names."""
+    modules = manifest.get("quant", {}).get("modules") if isinstance(manifest.get("quant"), dict) else None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: 'quant.modules' must be a list of module names, "
+                                     f"got {modules!r:.80}")
+    return modules
+
+
 def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
     """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
     location = resolve_path(path, TRANSFORMER_PATTERNS)
     if is_quantized_folder(location):
         manifest = read_manifest(location)
-        return Krea2Config.from_dict(manifest["config"]), manifest_spec(location, manifest)
+        return manifest_config(location, manifest), manifest_spec(location, manifest)
     source = open_checkpoint(location)
     theta = float((source.diffusers_config or {}).get("rope_theta", Krea2Config.theta))
     return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
@@ -149,9 +166,8 @@ def load_quantized_folder(folder: Path, *, place, dtype: torch.dtype, progress: 
     """Rebuild the quantized transformer of a folder written by `python -m krea2_lite.quantize`
     (a single `model.safetensors`, or shards with their index)."""
     manifest = read_manifest(folder)
-    config = Krea2Config.from_dict(manifest["config"])
-    quant = manifest["quant"]
-    model = transformer_skeleton(config, manifest_spec(folder, manifest), dtype, modules=quant["modules"], log=False)
+    config, spec = manifest_config(folder, manifest), manifest_spec(folder, manifest)
+    model = transformer_skeleton(config, spec, dtype, modules=manifest_modules(folder, manifest), log=False)
     weights_dir = folder / TRANSFORMER_DIR
     if not weights_dir.is_dir():
         raise CorruptCheckpointError(f"{weights_dir}: missing (the folder is incomplete)")

@@ -34,7 +34,6 @@ import copy
 import logging
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn

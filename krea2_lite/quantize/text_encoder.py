@@ -210,11 +210,12 @@ def resolve_load_spec(folder: Path, quant: str | QuantSpec | None) -> tuple[Quan
 
 
 def swap_for_loading(encoder: Krea2TextEncoder, spec: QuantSpec, saved_modules: list[str] | None,
-                     compute_dtype: torch.dtype) -> dict[str, QuantizedLinear]:
+                     compute_dtype: torch.dtype, where: str = "saved text encoder") -> dict[str, QuantizedLinear]:
     """Swap the modules to quantize for empty meta QuantizedLinear ones; ``{name: module}``.
 
     With ``saved_modules`` (a quantized folder) exactly those are swapped, less the ones in layers this
-    encoder does not build; otherwise the spec chooses, as in :func:`quantize_text_encoder_`.
+    encoder does not build; otherwise the spec chooses, as in :func:`quantize_text_encoder_`. ``where``
+    names the file the saved names came from, for the messages.
     """
     model = encoder.text_model
     if saved_modules is None:
@@ -224,7 +225,7 @@ def swap_for_loading(encoder: Krea2TextEncoder, spec: QuantSpec, saved_modules: 
         names = [name for name in saved_modules if name in built]
         not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)]
         if not_linear:
-            raise CorruptCheckpointError(f"quantized modules that are not linear layers here: {not_linear[:4]}")
+            raise CorruptCheckpointError(f"{where}: quantized modules that are not linear layers here: {not_linear[:4]}")
     swap_linears(model, names, spec.dtype, spec.group_for, compute_dtype, rounding=spec.rounding)
     encoder.quant_spec, encoder.quantized_modules = spec, names
     return {name: model.get_submodule(name) for name in names}

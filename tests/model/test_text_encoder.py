@@ -22,8 +22,9 @@ import krea2_lite.model.text_encoder as te
 from factories import CAPTIONS, NUM_LAYERS, VOCAB, tiny_qwen3vl_config, train_tokenizer
 from krea2_lite.errors import (CheckpointKeysError, CheckpointNotFoundError, NotKrea2CheckpointError,
                                ShapeMismatchError, UnsafeCheckpointFormatError)
+from krea2_lite.loading.text_encoder import load_text_encoder
 from krea2_lite.model.text_encoder import (DEFAULT_SELECT_LAYERS, PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX,
-                                           Krea2TextEncoder, load_text_encoder)
+                                           Krea2TextEncoder)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
