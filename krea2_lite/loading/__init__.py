@@ -7,6 +7,7 @@
   text_encoder.py       `load_text_encoder` (Qwen3-VL text path, float or quantized)
   vae.py                `load_vae_decoder` (the Qwen-Image VAE decoder)
   quantized_writer.py   the quantized-folder writer (a loader run backwards)
+  text_encoder_folder.py a text encoder saved as a folder; its quantization info read back
   pipeline.py           `resolve_pipeline` (what the user gave → one `PipelineSpec`)
 
 It sits above `model/` and `quantize/`; finding files and reading headers is `krea2_lite.files`.

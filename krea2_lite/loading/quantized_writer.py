@@ -19,9 +19,9 @@ from ..files.quantized_folder import QUANTIZATION_MAP, TRANSFORMER_DIR
 from ..files.shard_writer import ShardedWriter
 from ..quantize.qlinear import QUANTO_QTYPE_NAMES, QuantizedLinear
 from ..quantize.recipe import QuantSpec
-from ..quantize.text_encoder import check_saveable, text_state, write_text_encoder_files
 from .fill import QuantizingSetter, fill_groups, model_groups
 from .text_encoder import prepare_text_encoder
+from .text_encoder_folder import check_saveable, text_state, write_text_encoder_files
 from .transformer import quantized_modules, transformer_skeleton
 
 CPU = torch.device("cpu")

@@ -27,6 +27,7 @@ from ..files.jsonfile import read_json
 from ..files.safetensors_headers import TensorInfo, require_float
 from ..files.weight_files import find_weight_files, refuse_pickle, tensor_locations
 from .fill import fill_groups, set_tensor, unloaded
+from .text_encoder_folder import QUANT_INFO_FILE, resolve_load_spec
 
 _ACCEPTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_text")
 # Where the language model sits in the checkpoints we read, most specific first:
@@ -190,7 +191,7 @@ def load_text_encoder(
     ``path`` is a diffusers pipeline ``text_encoder/`` folder (a saved ``Qwen3VLModel``; its tokenizer
     is the sibling ``tokenizer/``), a pipeline root holding both, a Qwen3-VL hub folder (a
     ``Qwen3VLForConditionalGeneration`` checkpoint with its tokenizer files alongside), or a folder
-    written by ``krea2_lite.quantize.text_encoder.save_text_encoder``. Sharded checkpoints
+    written by ``krea2_lite.loading.text_encoder_folder.save_text_encoder``. Sharded checkpoints
     (``model.safetensors.index.json``) are supported; pickle weights are refused.
 
     ``prefix_tokens`` / ``suffix_tokens`` default to the reference constants 34 / 5; pass ``None`` to
@@ -221,7 +222,7 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
                          tokenizer_path=None, quant=None) -> tuple[Krea2TextEncoder, dict, TextEncoderSetter]:
     """A meta-built encoder (quantized modules swapped in, tokenizer attached), the tensors to stream
     into its text model {name: (file, key, info)}, and how to put them: `fill_groups`' arguments."""
-    from ..quantize.text_encoder import QUANT_INFO_FILE, resolve_load_spec, swap_for_loading
+    from ..quantize.text_encoder import swap_for_loading
 
     check_float_dtype(dtype)
     model_folder, tokenizer_folder = resolve_folders(path, tokenizer_path)

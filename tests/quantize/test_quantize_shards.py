@@ -176,7 +176,7 @@ def qwen_source(tmp_path_factory):
 def test_text_encoder_written_layer_by_layer_equals_the_saved_one(qwen_source, tmp_path, quant):
     """The CLI's streaming text-encoder writer gives the tensors `save_text_encoder` writes, in shards."""
     from krea2_lite.loading import load_text_encoder
-    from krea2_lite.quantize.text_encoder import save_text_encoder
+    from krea2_lite.loading.text_encoder_folder import save_text_encoder
     from krea2_lite.loading.quantized_writer import write_text_encoder
 
     whole = load_text_encoder(qwen_source, dtype=torch.bfloat16, quant=quant)
