@@ -8,6 +8,7 @@ one in docs/ARCHITECTURE.md (a test compares them), so the doc cannot drift from
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -100,8 +101,14 @@ def imports_of(module: str, path: Path, known: dict[str, Path], by_basename: dic
     return found
 
 
+@functools.cache
+def _whole_graph() -> dict[str, frozenset[str]]:
+    return {m: frozenset(ts) for m, ts in graph(all_modules()).items()}
+
+
 def graph(known: dict[str, Path] | None = None) -> dict[str, set[str]]:
-    known = all_modules() if known is None else known
+    if known is None:  # the whole tree, parsed once per test run
+        return {m: set(ts) for m, ts in _whole_graph().items()}
     by_basename: dict[str, list[str]] = {}
     for name in known:
         if not name.startswith("krea2_lite"):
