@@ -2,7 +2,7 @@
 message names the cause, and leaves nothing half-written.
 
 The rest of the battery lives with the feature it guards:
-  loading        tests/loading/test_checkpoint.py (missing path, empty folder, .ckpt/.pt/.pth/.bin refused
+  loading        tests/files/test_checkpoint.py (missing path, empty folder, .ckpt/.pt/.pth/.bin refused
                  unopened, zero-byte, truncated, corrupt header, FLUX, missing/unexpected tensors,
                  explicit-config shape), tests/model/test_text_encoder.py (another text-encoder family,
                  .bin), tests/model/test_vae.py (VAE config and key mismatches)
@@ -14,17 +14,17 @@ The rest of the battery lives with the feature it guards:
                  is a DeviceMemoryError; no plan fits / not enough host RAM → MemoryPlanError)
 
 Round two (issue 20), one file per class of fault:
-  JSON           tests/reliability/test_reliability_json.py (krea2_lite/jsonfile.py: not JSON, wrong JSON type,
+  JSON           tests/reliability/test_reliability_json.py (krea2_lite/files/jsonfile.py: not JSON, wrong JSON type,
                  missing keys, not UTF-8 in model_index.json, scheduler, transformer / text encoder /
                  VAE config.json, tokenizer files, shard index, manifest, PEFT adapter_config.json)
-  safetensors    tests/reliability/test_reliability_safetensors.py (krea2_lite/safetensors_set.py: a tensor in two
+  safetensors    tests/reliability/test_reliability_safetensors.py (krea2_lite/files/: a tensor in two
                  unindexed files, weight_map obeyed, index naming a tensor its shard lacks, byte length vs
                  shape × dtype on the float and the quantizing path, int / bool tensors where floats
                  belong in transformer, text encoder and VAE, ComfyUI double names, dtype= arguments)
   arguments      tests/reliability/test_reliability_arguments.py (krea2_lite/arguments.py: steps, seeds, mu,
                  max_sequence_length, guidance, num_images, latents type / device, vram_gb, device,
                  a folder's own defaults, scheduler shift settings)
-  finite         tests/reliability/test_reliability_finite.py (krea2_lite/finite.py: NaN/inf VAE statistics and
+  finite         tests/reliability/test_reliability_finite.py (krea2_lite/finite_checks.py: NaN/inf VAE statistics and
                  weights, a degenerate schedule, decoder overflow, the transformer's NaN step)
   paths          tests/reliability/test_reliability_paths.py (krea2_lite/quantize/output_dir.py: --out equal to,
                  containing, inside the source, through symlinks, `.`, `~`, "", `/`; --force on foreign
