@@ -18,7 +18,7 @@ import signal
 from pathlib import Path
 
 from ..errors import UnsafeOutputError
-from .format import FORMAT, MANIFEST
+from ..quantize.format import FORMAT, MANIFEST
 
 PARTIAL_MARK = ".partial-"
 OLD_MARK = ".old-"
