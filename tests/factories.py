@@ -181,7 +181,7 @@ def assert_free_space_estimate(folder, spec, config) -> None:
     import torch
 
     from krea2_lite.offload.sizes import transformer_weights
-    from krea2_lite.quantize.__main__ import estimate_bytes
+    from krea2_lite.cli.quantize import estimate_bytes
     from krea2_lite.files.quantized_folder import folder_size, read_manifest
 
     data = 0

@@ -40,13 +40,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Krea2Config
-from ..arguments import check_gib
-from ..errors import MemoryPlanError
+from ..checks import TEMPLATE_PREFIX_TOKENS, TEXT_ENCODER_PLACES, check_plan_request
+from ..errors import ArgumentError, MemoryPlanError
 from . import sizes
 
 GiB = 1 << 30
-MODES = ("none", "model", "sequential", "auto")
-TEXT_PLACES = ("device", "swap", "reload", "cpu")
 # Outside PyTorch's allocator the card also holds the CUDA context and cuBLAS/Triton workspaces
 # (~0.3–0.6 GiB), and the caching allocator fragments: keep this much of the budget free.
 RESERVE_BYTES = GiB // 2
@@ -194,18 +192,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     fits, with `.limit` "device", "host" or "both" and the closest plan for each budget (also as
     `.closest_on_device` / `.closest_on_host`).
     """
-    if mode not in MODES:
-        raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
-    if vram_gb is None and mode == "auto":
-        raise ValueError("vram_gb=None needs a named mode ('none', 'model', 'sequential'): 'auto' plans to a budget")
-    # finite, positive, ≤ 1 PiB (arguments.py): inf overflowed int(vram_gb * GiB)
-    vram_gb, host_ram_gb = check_gib("vram_gb", vram_gb), check_gib("host_ram_gb", host_ram_gb)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-        raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
-    if text_encoder_place is not None and text_encoder_place not in TEXT_PLACES:
-        raise ValueError(f"text_encoder_place must be one of {TEXT_PLACES} or None, got {text_encoder_place!r}")
-    if text_encoder_place == "reload" and not text_encoder_reloadable:
-        raise ValueError("text_encoder_place='reload' needs a text encoder that can be re-read from its files")
+    vram_gb, host_ram_gb = check_plan_request(mode, vram_gb, host_ram_gb, prefetch, text_encoder_place,
+                                              text_encoder_reloadable)  # checks.py
     budget = int(vram_gb * GiB) if vram_gb is not None else 0
     if reserve_bytes is None:  # capped at a tenth so that tiny test budgets stay plannable
         reserve_bytes = min(RESERVE_BYTES + int(RESERVE_FRACTION * budget), budget // 10)
@@ -222,7 +210,7 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         act=sizes.transformer_activation_bytes(config, num_images * (2 if cfg else 1), image_tokens,
                                                max_sequence_length, dtype, quant),
         text_encoder=text_bytes, text_encoder_pinned=text_encoder_pinned_bytes,
-        text_encoder_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+        text_encoder_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + TEMPLATE_PREFIX_TOKENS, dtype,
                                                    shape=text_encoder_shape, quantized=text_encoder_quantized),
         text_encoder_largest=min(text_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
         text_encoder_read=text_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
@@ -231,12 +219,12 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                                                   None if tile is None else tile * 8)
                  for tile in (None, VAE_TILE_PIXELS // 8)},
         extra=extra_device_bytes)
-    places = [p for p in TEXT_PLACES
+    places = [p for p in TEXT_ENCODER_PLACES
               if text_encoder_place in (None, p) and (p != "reload" or text_encoder_reloadable)]
     kinds = ("none", "model", "sequential") if mode == "auto" else (mode,)
     candidates = list(_full(costs, mode, places) if vram_gb is None else _candidates(costs, kinds, places))
     if not candidates:
-        raise ValueError(f"text_encoder_place={text_encoder_place!r} is not a placement of mode {mode!r}")
+        raise ArgumentError(f"text_encoder_place={text_encoder_place!r} is not a placement of mode {mode!r}")
     for plan in candidates:
         if (vram_gb is None or plan.peak_bytes <= budget) and plan.host_bytes <= costs.host_limit:
             return plan

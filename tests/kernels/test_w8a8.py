@@ -382,7 +382,7 @@ def test_w8a8_model_triton_equals_torch(source, inputs, quant, monkeypatch):
 
 
 def test_rotated_w8a8_folder_round_trip(source, inputs, tmp_path, monkeypatch):
-    from krea2_lite.quantize.__main__ import main as quantize_cli
+    from krea2_lite.cli.quantize import main as quantize_cli
 
     monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
     out = tmp_path / "q8rot"

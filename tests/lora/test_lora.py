@@ -473,7 +473,8 @@ def test_corrupt_file_and_folder_with_several_files(source, tmp_path):
 # ---- pipeline and CLI --------------------------------------------------------------------------
 
 def test_cli_lora_argument_parsing(tmp_path):
-    from krea2_lite.__main__ import build_parser, lora_argument
+    from krea2_lite.cli.generate_settings import lora_argument
+    from krea2_lite.cli.subcommands import build_parser
 
     assert lora_argument("style.safetensors") == ("style.safetensors", 1.0)
     assert lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
@@ -511,7 +512,7 @@ def pipeline_lora(folder):
 def test_pipeline_verbs_and_cli_apply_the_lora(pipeline_folder, tmp_path):
     from PIL import Image
 
-    from krea2_lite.__main__ import main
+    from krea2_lite.cli.subcommands import main
     from krea2_lite.pipeline import Krea2Pipeline
 
     path = pipeline_lora(tmp_path)

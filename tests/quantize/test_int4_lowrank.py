@@ -74,7 +74,7 @@ def test_rank_larger_than_a_layer_refused(source):
 
 @pytest.mark.parametrize("rank,match", [("0", "--lowrank: .*at least 1"), ("100000", "lowrank=100000 is larger")])
 def test_cli_refuses_bad_rank_in_one_line(source, tmp_path, capsys, rank, match):
-    from krea2_lite.quantize.__main__ import main
+    from krea2_lite.cli.quantize import main
 
     assert main(["--model", str(source), "--dtype", "int4", "--lowrank", rank, "--out", str(tmp_path / "q"),
                  "--quiet"]) == 2
@@ -86,7 +86,7 @@ def test_cli_refuses_bad_rank_in_one_line(source, tmp_path, capsys, rank, match)
 def test_folder_equals_on_the_fly(source, on_the_fly, inputs, tmp_path):
     """`--dtype int4 --lowrank R` writes the branch as bf16 tensors of the layer's state dict, records the
     rank in the manifest, and the folder gives exactly the on-the-fly output."""
-    from krea2_lite.quantize.__main__ import main
+    from krea2_lite.cli.quantize import main
 
     out = tmp_path / "q"
     assert main(["--model", str(source), "--dtype", "int4", "--lowrank", str(RANK), "--out", str(out),

@@ -217,7 +217,7 @@ def test_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(tmp_path):
 def test_not_enough_disk_space(source, tmp_path, monkeypatch):
     import shutil
 
-    from krea2_lite.quantize import __main__ as cli
+    from krea2_lite.cli import quantize as cli
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
     assert cli.main(["--model", str(source), "--dtype", "int8", "--out", str(tmp_path / "o"), "--quiet"]) == 2

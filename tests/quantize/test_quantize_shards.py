@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from factories import diffusers_transformer, official_state_dict, random_inputs
 from krea2_lite import Krea2Config, load_transformer
-from krea2_lite.quantize import __main__ as cli
+from krea2_lite.cli import quantize as cli
 from krea2_lite.files.quantized_folder import read_manifest
 from krea2_lite.files.shard_writer import ShardedWriter, parse_size, plan_shards
 

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import PromptFileError
+from ..errors import PromptFileError
 
 # key: (kind, what the message says is expected)
 OVERRIDES = {

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable
 
-from .errors import Krea2LiteError
+from ..errors import Krea2LiteError
 
 # Exceptions a user's input or machine causes (argument values, files, disks, memory, numerics).
 USER_ERRORS = (Krea2LiteError, ValueError, TypeError, OSError, NotImplementedError, FloatingPointError,

@@ -10,7 +10,8 @@ from PIL import Image
 
 from krea2_lite import QuantSpec, read_png_metadata
 from krea2_lite.errors import MetadataError
-from krea2_lite.__main__ import QUANTS, build_parser, main
+from krea2_lite.cli.generate_settings import QUANTS
+from krea2_lite.cli.subcommands import build_parser, main
 from krea2_lite.pipeline import Krea2Pipeline
 from krea2_lite.quantize.recipe import DTYPES, SHORTCUTS
 
@@ -159,7 +160,7 @@ def test_quant_choices_are_the_librarys():
 
 def test_int4_png_records_its_rounding_and_older_pngs_read_as_min_max(tmp_path, loads):
     from krea2_lite import save_png
-    from krea2_lite.__main__ import png_settings
+    from krea2_lite.cli.generate_settings import png_settings
 
     first, again = tmp_path / "int4.png", tmp_path / "again.png"
     assert main(["generate", "a red circle on a blue background", *FAST, "--quant", "int4",

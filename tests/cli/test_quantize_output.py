@@ -15,7 +15,7 @@ import torch
 from krea2_lite.loading.transformer import load_transformer
 from krea2_lite.pipeline import Krea2Pipeline
 from krea2_lite.quantize import QuantizedLinear
-from krea2_lite.quantize import __main__ as quantize_cli
+from krea2_lite.cli import quantize as quantize_cli
 from reliability_fixtures import copy_of, pipeline_folder, snapshot
 
 

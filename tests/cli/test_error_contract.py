@@ -1,5 +1,5 @@
 """Reliability battery, command lines and the order of checks: every user-caused error is one
-`error: …` line with exit status 2 (krea2_lite/cli_errors.py), tracebacks only with
+`error: …` line with exit status 2 (krea2_lite/cli/error_contract.py), tracebacks only with
 KREA2_LITE_DEBUG=1; what the user named is checked before defaults are resolved or downloaded."""
 
 import os
@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from krea2_lite import __main__ as generate_cli
-from krea2_lite.cli_errors import run_cli
+from krea2_lite.cli import subcommands as generate_cli
+from krea2_lite.cli.error_contract import run_cli
 from krea2_lite.errors import CheckpointNotFoundError, UnsafeCheckpointFormatError
 from krea2_lite.pipeline import Krea2Pipeline
-from krea2_lite.quantize import __main__ as quantize_cli
+from krea2_lite.cli import quantize as quantize_cli
 from reliability_fixtures import copy_of, official_file, pipeline_folder, snapshot
 
 
