@@ -1,6 +1,6 @@
 """int4 with a low-rank correction (int4-lr{r}) against plain int4 on one full-width block.
 
-`python benchmarks/int4_lowrank.py [--rank 32] [--tokens 128] [--repeats 5]` builds one Krea 2
+`python -m benchmarks.int4_lowrank [--rank 32] [--tokens 128] [--repeats 5]` builds one Krea 2
 transformer block at the released width (6144, MLP 16384) in float32 with *structured* weights
 (see `structured_weight`), quantizes its eight linears to int4 and to int4-lr{rank}, and prints:
   - the relative output error of each linear (random inputs, vs its float32 output) and of the

@@ -1,6 +1,6 @@
 """Data-free int4 rounding: min-max vs optimum-quanto's HQQ vs the MSE clip search (the default).
 
-`python benchmarks/int4_rounding.py [--demo-images]` quantizes weights to int4 (groups of 128, bf16
+`python -m benchmarks.int4_rounding [--demo-images]` quantizes weights to int4 (groups of 128, bf16
 scales, krea2_lite's `quantize_weight_tensors`) and prints each method's relative weight error
 ‖dequant(Q) − W‖/‖W‖ — which is also the expected relative output error for isotropic inputs —
 and its quantization time, on:

@@ -11,9 +11,9 @@ Each case runs in a fresh subprocess so its peak is its own:
 
 Usage::
 
-    python benchmarks/vae_memory.py                       # 1024x1024, fp32 + bf16, untiled + tiled
-    python benchmarks/vae_memory.py --devices cpu --dtypes fp32 --json vae_cpu.json
-    python benchmarks/vae_memory.py --size 2048 --tile 64 --overlap 16
+    python -m benchmarks.vae_memory                       # 1024x1024, fp32 + bf16, untiled + tiled
+    python -m benchmarks.vae_memory --devices cpu --dtypes fp32 --json vae_cpu.json
+    python -m benchmarks.vae_memory --size 2048 --tile 64 --overlap 16
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ def worker(case: dict) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from krea2_lite.model.vae import QwenImageVAEConfig, QwenImageVAEDecoder
 
     dtype = getattr(torch, DTYPES[case["dtype"]])
@@ -168,8 +167,10 @@ def main() -> None:
                         "repeats": args.repeats, "channels_last": args.channels_last}
                 t0 = time.perf_counter()
                 try:
-                    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                                          capture_output=True, text=True, timeout=args.timeout)
+                    proc = subprocess.run([sys.executable, "-m", "benchmarks.vae_memory", "--worker", json.dumps(case)],
+                                          capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
+                                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                              [str(ROOT), os.environ.get("PYTHONPATH", "")])})
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     if proc.returncode or not lines:
                         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]

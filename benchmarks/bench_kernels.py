@@ -1,8 +1,8 @@
 """Kernel benchmarks on a CUDA GPU: Triton attention / fused Krea 2 attention / quantized matmuls vs torch.
 
-    python benchmarks/kernels.py                      # Krea 2 shape: B=1, L=4608, H=48, Hkv=12, D=128, bf16
-    python benchmarks/kernels.py --json out.json --repeats 50
-    python benchmarks/kernels.py --only matmul,act-quant --tokens 4608 1024 256
+    python -m benchmarks.bench_kernels                      # Krea 2 shape: B=1, L=4608, H=48, Hkv=12, D=128, bf16
+    python -m benchmarks.bench_kernels --json out.json --repeats 50
+    python -m benchmarks.bench_kernels --only matmul,act-quant --tokens 4608 1024 256
 
 Matmul groups (one per layer shape N×K: 6144×6144 attention, 1536×6144 k/v, 16384×6144 MLP
 gate/up, 6144×16384 MLP down; M = --tokens): the baseline is cuBLAS bf16 `F.linear`; rows are the
@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 
 @dataclass
