@@ -90,8 +90,9 @@ def markdown_table(header: list[str], rows: list[list[object]], align: str | Non
     """A Markdown table; `align` is one character per column, "l" or "r" (default: first left, rest right)."""
     align = align or "l" + "r" * (len(header) - 1)
     rule = ["---" if a == "l" else "---:" for a in align]
-    lines = [header, rule, *[[str(c) for c in row] for row in rows]]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+    body = [header, *[[str(c) for c in row] for row in rows]]
+    lines = ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join([lines[0], "|" + "|".join(rule) + "|", *lines[1:]])
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -74,7 +74,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, model_dtype, write_json
+from benchmarks.common import device_name, markdown_table, model_dtype, write_json
 from benchmarks.pipeline_factory import ensure_preset, usable_device
 from benchmarks.systems import (SEED, STAGES, Ours, System, add_common_args, check_common_args, load_system,
                                 max_pixel_diff, peer_classes, peer_note, prewarm_quant, quiet_libraries)
@@ -82,27 +82,26 @@ from benchmarks.systems import (SEED, STAGES, Ours, System, add_common_args, che
 
 # ---- output ----------------------------------------------------------------------------------
 def print_table(rows: list[dict], header: str) -> None:
+    def ratio(v):
+        return f"{v:.2f}×" if v is not None else "–"
+
     print(f"\n{header}\n")
-    print("| system | weights | load s | encode ms | step ms | decode ms | other ms | end-to-end ms "
-          "| min step ms | min end-to-end ms | step vs diffusers | end-to-end vs diffusers "
-          "| min step vs diffusers | min end-to-end vs diffusers | max Δpixel |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ratio = lambda v: f"{v:.2f}×" if v is not None else "–"  # noqa: E731
-        print(f"| {r['system']} | {r['weights']} | {r['load_s']:.2f} | {r['encode_ms']:.1f} | {r['step_ms']:.1f} | "
-              f"{r['decode_ms']:.1f} | {r['other_ms']:.1f} | {r['end_to_end_ms']:.1f} | {r['min_step_ms']:.1f} | "
-              f"{r['min_end_to_end_ms']:.1f} | {ratio(r['step_vs_diffusers'])} | "
-              f"{ratio(r['end_to_end_vs_diffusers'])} | {ratio(r['min_step_vs_peer'])} | "
-              f"{ratio(r['min_end_to_end_vs_peer'])} | "
-              f"{r['max_pixel_diff'] if r['max_pixel_diff'] is not None else '–'} |")
+    print(markdown_table(
+        ["system", "weights", "load s", "encode ms", "step ms", "decode ms", "other ms", "end-to-end ms",
+         "min step ms", "min end-to-end ms", "step vs diffusers", "end-to-end vs diffusers",
+         "min step vs diffusers", "min end-to-end vs diffusers", "max Δpixel"],
+        [[r["system"], r["weights"], f"{r['load_s']:.2f}", f"{r['encode_ms']:.1f}", f"{r['step_ms']:.1f}",
+          f"{r['decode_ms']:.1f}", f"{r['other_ms']:.1f}", f"{r['end_to_end_ms']:.1f}", f"{r['min_step_ms']:.1f}",
+          f"{r['min_end_to_end_ms']:.1f}", ratio(r["step_vs_diffusers"]), ratio(r["end_to_end_vs_diffusers"]),
+          ratio(r["min_step_vs_peer"]), ratio(r["min_end_to_end_vs_peer"]),
+          r["max_pixel_diff"] if r["max_pixel_diff"] is not None else "–"] for r in rows],
+        align="ll" + "r" * 13))
     if any("peak_alloc_gb" in r for r in rows):
-        print("\n| system | resident GB | peak GB encode | peak GB denoise | peak GB decode "
-              "| reserved GB after decode |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for r in rows:
-            p = r["peak_alloc_gb"]
-            print(f"| {r['system']} | {r['resident_gb']:.2f} | {p['encode']:.2f} | {p['denoise']:.2f} | "
-                  f"{p['decode']:.2f} | {r['reserved_gb']['decode']:.2f} |")
+        print()
+        print(markdown_table(
+            ["system", "resident GB", "peak GB encode", "peak GB denoise", "peak GB decode", "reserved GB after decode"],
+            [[r["system"], f"{r['resident_gb']:.2f}", *(f"{r['peak_alloc_gb'][k]:.2f}" for k in STAGES),
+              f"{r['reserved_gb']['decode']:.2f}"] for r in rows]))
 
 
 def write_chart(rows: list[dict], path: Path, title: str) -> None:

@@ -15,7 +15,6 @@ naming the device; --json writes the rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PRESETS, alternate, device_name
+from benchmarks.common import PRESETS, alternate, device_name, markdown_table, write_json
 from krea2_lite import Krea2Config, Krea2Transformer
 from krea2_lite.sampling import positions
 
@@ -140,14 +139,13 @@ def main() -> int:
                              peak_gb=round(peaks[name], 2) if name in peaks else None))
     print(f"\n{device_name(device)} · preset {args.preset} ({weights_gb:.1f} GB weights) · {dtype} · "
           f"{args.resolution}² · medians of {args.repeats}\n")
-    print("| batch | case | system | text tokens | median ms | vs diffusers | peak GB |")
-    print("|---:|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['case']} | {r['backend']} | {r['text_tokens']} | {r['median_ms']} | "
-              f"{r['vs_diffusers'] if r['vs_diffusers'] is not None else '–'} | "
-              f"{r['peak_gb'] if r['peak_gb'] is not None else '–'} |")
+    print(markdown_table(["batch", "case", "system", "text tokens", "median ms", "vs diffusers", "peak GB"],
+                         [[r["batch"], r["case"], r["backend"], r["text_tokens"], r["median_ms"],
+                           r["vs_diffusers"] if r["vs_diffusers"] is not None else "–",
+                           r["peak_gb"] if r["peak_gb"] is not None else "–"] for r in rows],
+                         align="rllrrrr"))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
 
 
