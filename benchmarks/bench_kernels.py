@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
 import torch
 import torch.nn.functional as F
+
+from benchmarks.common import time_ms
 
 
 @dataclass
@@ -46,22 +47,6 @@ class Case:
     dtype: torch.dtype
     baseline: bool = False
     result: dict = field(default_factory=dict)
-
-
-def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls, each timed with its own pair of CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _sdpa_with(backend, *args, **kwargs):
@@ -235,7 +220,7 @@ def run_cases(cases: list[Case], warmup: int, repeats: int) -> None:
     for c in cases:
         if "error" in c.result:
             continue
-        ms = time_cuda(c.fn, warmup, repeats)
+        ms = statistics.median(time_ms(c.fn, "cuda", repeats, warmup))  # median of event-timed calls
         c.result.update(ms=ms, tflops=c.flops / ms / 1e9)
     base = {c.group: c.result.get("ms") for c in cases if c.baseline}
     for c in cases:

@@ -53,6 +53,7 @@ def worker(case: dict) -> dict:
 
     import torch
 
+    from benchmarks.common import time_ms
     from krea2_lite.model.vae import QwenImageVAEConfig, QwenImageVAEDecoder
 
     dtype = getattr(torch, DTYPES[case["dtype"]])
@@ -83,14 +84,7 @@ def worker(case: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(case["repeats"]):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            img = model.decode(latents, **kw)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            del img
+        times = [ms / 1e3 for ms in time_ms(lambda: model.decode(latents, **kw), device, case["repeats"])]
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["decode_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         out["reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
