@@ -11,7 +11,6 @@ import torch
 
 from krea2_lite import Krea2Config
 from krea2_lite.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
-from krea2_lite.model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX
 
 
 diffusers_kwargs = diffusers_transformer_kwargs  # Krea2Transformer2DModel's arguments for a shape
@@ -76,6 +75,7 @@ def train_tokenizer():
     """A byte-level BPE with Qwen's split rule and special tokens; the Krea 2 template prefix
     and suffix come to exactly 34 and 5 tokens, as with the real Qwen tokenizer."""
     from krea2_lite.demo.tokenizer import qwen_style_bpe, strip_chat_markers
+    from krea2_lite.model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX  # imports transformers
 
     template = [strip_chat_markers(PROMPT_TEMPLATE_PREFIX), strip_chat_markers(PROMPT_TEMPLATE_SUFFIX)]
     tokenizer = qwen_style_bpe([*template, *CAPTIONS] * 3, VOCAB)
