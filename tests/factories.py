@@ -159,18 +159,6 @@ def qwen3vl_hub_folder(folder):
     return folder
 
 
-def load_benchmark(name: str):
-    """Import `benchmarks/<name>.py` as a module (the benchmarks folder is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_free_space_estimate(folder, spec, config) -> None:
     """The quantize CLI's free-space estimate for `folder` (written with `spec` from a `config`
     checkpoint): its exact part equals the tensor bytes written (up to quanto's two 4-byte activation

@@ -26,7 +26,7 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 LAYERS = [
     ("errors", ("krea2_lite.errors", "krea2_lite.version")),
     ("files", ("krea2_lite.files",)),
-    ("config", ("krea2_lite.config", "krea2_lite.variants", "krea2_lite.checks", "krea2_lite.arguments",
+    ("config", ("krea2_lite.config", "krea2_lite.variants", "krea2_lite.checks",
                 "krea2_lite.demo")),
     ("kernels", ("krea2_lite.kernels",)),
     ("model", ("krea2_lite.model", "krea2_lite.sampling")),
@@ -35,8 +35,8 @@ LAYERS = [
     ("offload", ("krea2_lite.offload",)),
     ("loading", ("krea2_lite.loading",)),
     ("generation", ("krea2_lite.finite_checks", "krea2_lite.metadata", "krea2_lite.pipeline")),
-    ("cli", ("krea2_lite.cli", "krea2_lite.cli_errors", "krea2_lite.prompts", "krea2_lite.__main__",
-             "krea2_lite.quantize.__main__", "krea2_lite.quantize.output_dir", "krea2_lite.demo.train")),
+    ("cli", ("krea2_lite.cli", "krea2_lite.__main__",
+             "krea2_lite.quantize.__main__", "krea2_lite.demo.train")),
     ("package", ("krea2_lite",)),
 ]
 

@@ -409,41 +409,6 @@ def test_rotated_w8a8_folder_round_trip(source, inputs, tmp_path, monkeypatch):
     assert required_version({"quant": QuantSpec("int8").to_dict()}) == 1
 
 
-# ---------------------------------------------------------------- benchmark scripts import on CPU
-def _run_script(*args):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / args[0]), *map(str, args[1:])],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def test_kernel_benchmark_skips_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("has CUDA: the benchmark would run")
-    assert "skipped: needs CUDA" in _run_script("kernels.py", "--only", "matmul", "--tokens", "16")
-
-
-@pytest.mark.slow
-def test_error_script_runs_small():
-    out = _run_script("w8a8_error.py", "--what", "linears", "--width", "256", "--hidden", "512", "--tokens", "16",
-                      "--threads", "1")
-    assert "| mlp down 256×512 | 16 | int8 W8A8 + rotation |" in out
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_gpu_targets():
-    """Every quantized-matmul kernel compiles to a cubin for sm_80 and sm_90 (no GPU needed)."""
-    out = _run_script("compile_kernels.py", "--quick")
-    assert "0 failure(s)" in out and out.count("| ok,") >= 20
-
-
 # ---------------------------------------------------------------- GPU only
 def test_gpu_kernels_match_reference(cuda_device):
     if aqt.INTERPRETED:

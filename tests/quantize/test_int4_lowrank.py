@@ -17,6 +17,7 @@ from krea2_lite.lora.adapters import layer_loras
 from krea2_lite.quantize import QuantSpec
 from krea2_lite.quantize.lowrank import LowRankQuantizedLinear, split_low_rank
 from krea2_lite.quantize.recipe import select_linears
+from krea2_lite.quantize.synthetic import structured_weight
 from factories import assert_free_space_estimate, diffusers_transformer, official_state_dict, random_inputs
 
 CFG = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
@@ -168,18 +169,12 @@ def test_planner_counts_the_branch():
     assert lr.total - int4.total == branch
 
 
-def _bench():
-    from factories import load_benchmark
-
-    return load_benchmark("int4_lowrank")
-
-
 def test_alternation_never_worse_than_the_plain_svd():
     """The alternation keeps its best iterate, so refining never loses to the plain SVD's branch; and
     either branch leaves much less int4 error than none."""
     from krea2_lite.quantize.lowrank import _int4_error
 
-    w = _bench().structured_weight(256, 512, seed=3)
+    w = structured_weight(256, 512, seed=3)
     errors = {}
     for iterations in (0, 3):
         before = w.clone()
@@ -192,9 +187,8 @@ def test_alternation_never_worse_than_the_plain_svd():
 
 def test_error_ratio_on_structured_weights(tmp_path, inputs):
     """A tiny model whose quantized linears have structured weights (decaying spectrum + outlier
-    input columns, benchmarks/int4_lowrank.py's generator): int4-lr16's output error vs fp32 is at most
+    input columns, krea2_lite.quantize.synthetic, as benchmarks/int4_lowrank.py): int4-lr16's output error vs fp32 is at most
     0.6× plain int4's (measured: see the assertion message)."""
-    bench = _bench()
     state = official_state_dict(diffusers_transformer(CFG, seed=2))
     with torch.device("meta"):
         from krea2_lite import Krea2Transformer
@@ -203,7 +197,7 @@ def test_error_ratio_on_structured_weights(tmp_path, inputs):
     chosen, _ = select_linears(model, QuantSpec("int4"), log=False)
     for i, name in enumerate(chosen):
         out, inp = state[f"{name}.weight"].shape
-        state[f"{name}.weight"] = bench.structured_weight(out, inp, seed=i, sigma=1 / math.sqrt(inp))
+        state[f"{name}.weight"] = structured_weight(out, inp, seed=i, sigma=1 / math.sqrt(inp))
     path = tmp_path / "structured.safetensors"
     save_file(state, path)
     with torch.no_grad():

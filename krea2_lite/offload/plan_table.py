@@ -1,12 +1,12 @@
-"""The README's "which machine runs what" table, from `krea2_lite.offload.plan_memory` (pure arithmetic).
+"""The "which machine runs what" table of docs/memory-and-offload.md, from `plan_memory` (pure arithmetic).
 
 Cards of 8 / 12 / 16 / 24 GiB × 16 / 32 GiB of host RAM (`host_ram_gb`) × transformer weights in
 bf16 / fp8 / int8 / int4, for the released shape at 1024² with CFG (Raw), one image, Qwen3-VL-4B in
 bf16, prefetch 1. Each cell is the plan in a few words, or which limit refuses it and by how much.
-tests/offload/test_plan_table.py checks that the README holds exactly what this prints today.
+tests/docs/test_plan_table.py checks that the doc holds exactly what this prints today.
 
-  python benchmarks/plan_table.py                # print the table
-  python benchmarks/plan_table.py --write README.md   # replace the table between its markers
+  python -m krea2_lite.offload.plan_table                                    # print the table
+  python -m krea2_lite.offload.plan_table --write docs/memory-and-offload.md  # replace it between its markers
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from krea2_lite import Krea2Config  # noqa: E402
-from krea2_lite.errors import MemoryPlanError  # noqa: E402
-from krea2_lite.offload import plan_memory  # noqa: E402
-from krea2_lite.offload.planner import GiB  # noqa: E402
+from krea2_lite.config import Krea2Config
+from krea2_lite.errors import MemoryPlanError
+from krea2_lite.offload.planner import GiB, plan_memory
 
 CARDS = (8, 12, 16, 24)
 RAMS = (16, 32)
 WEIGHTS = (None, "fp8", "int8", "int4")
-START, END = "<!-- plan_table: start (benchmarks/plan_table.py) -->", "<!-- plan_table: end -->"
+START, END = "<!-- plan_table: start (python -m krea2_lite.offload.plan_table) -->", "<!-- plan_table: end -->"
 
 
 def _gib(n: int) -> str:

@@ -1,5 +1,5 @@
 """One quantized layer per token count, through the dispatch with each choice `auto` can make — the data
-from which benchmarks/gpu_proof.py fills krea2_lite/kernels/tuning.json for the GPU it ran on.
+from which the GPU proof (benchmarks/gpu_proof/) fills krea2_lite/kernels/tuning.json for the GPU it ran on.
 
 Layer: the MLP up projection (16384×6144 at the full shape). Choices timed, per token count M:
   qmatmul int8 / fp8 / int4: "torch" (dequantize + cuBLAS, today's default), "triton" (dequant-matmul);
@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
+import statistics
 
 import torch
 import torch.nn.functional as F
 
-from proof_kernel_checks import kernels_backend
+from benchmarks.common import time_ms
+from benchmarks.gpu_proof.kernel_checks import kernels_backend
 
 CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant"), "int4-lr": ("auto",)}
 LOWRANK = 32
@@ -64,17 +65,10 @@ def forced_choice(ctx, kernel: str, qtype: str, choice: str):
 
 
 def _time(ctx, fn) -> float:
+    """CUDA: the median of many event-timed calls after 3 warm-ups; CPU (a dry run): the minimum."""
     if ctx.device.type == "cuda":
-        from kernels import time_cuda
-
-        return time_cuda(fn, 3, max(10, ctx.repeats * 5))
-    fn()
-    times = []
-    for _ in range(max(1, ctx.repeats)):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+        return statistics.median(time_ms(fn, ctx.device, max(10, ctx.repeats * 5), warmup=3))
+    return min(time_ms(fn, ctx.device, max(1, ctx.repeats), warmup=1))
 
 
 def _layer_fns(ctx, N: int, K: int):
@@ -112,8 +106,8 @@ def _lowrank_layer(ctx, w: torch.Tensor, N: int, K: int):
 
 def layer_rows(ctx, rec, section) -> None:
     """Every (kernel, type, choice) at every token count, while the section's time lasts."""
-    from proof_record import describe
-    from proof_timings import free
+    from benchmarks.gpu_proof.record import describe
+    from benchmarks.gpu_proof.timings import free
 
     N, K, tokens = layer_shape(ctx)
     try:
@@ -154,7 +148,7 @@ def derive_entry(result: dict) -> dict:
     checks = {c["name"]: c["ok"] for c in result.get("checks", [])}
     rows = [r for r in result.get("timings", []) if r.get("kind") == "layer" and r.get("ms") is not None]
     entry = {"capability": result.get("capability"), "measured": {
-        "by": "benchmarks/gpu_proof.py", "date": result.get("date"), "torch": result.get("torch"),
+        "by": "python -m benchmarks.gpu_proof", "date": result.get("date"), "torch": result.get("torch"),
         "triton": result.get("triton"), "layer": rows[0]["case"].rsplit(" M=", 1)[0] if rows else None}}
     for kernel, qtypes in QTYPES.items():
         for qtype in qtypes:

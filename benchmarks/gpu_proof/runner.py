@@ -1,34 +1,5 @@
-"""One command that proves the GPU path: every CUDA code path checked, then timed, within a time budget.
-
-    python benchmarks/gpu_proof.py --device cuda --json OUT.json [--budget-s 420] [--write-table]
-    python benchmarks/gpu_proof.py --device cpu --preset tiny --json /tmp/proof.json      # dry run (~1 min)
-    python benchmarks/gpu_proof.py --table-from OUT.json [--write-table PATH]             # fill the auto table
-
-Writes OUT.json — {"device", "torch", "checks": [{"name", "ok", "detail"}...], "timings": [{"case",
-"system", "quant", "ms", ...}...], "goals", "sections", ...} — and OUT.md beside it, both rewritten
-atomically after every row, so a run killed from outside still leaves everything measured so far.
-
-Sections, in order, each with a deadline from --budget-s (weights below; time a section leaves unused
-rolls over to the later ones). Whatever would not fit is recorded as skipped with the reason; an
-exception (out of memory, a compile error) fails that one check or row and the run carries on.
-  checks   correctness on the device vs the CPU/torch reference: pipeline streaming (prefetch 1, 2),
-           model swapping, LoRA beside streaming, the OOM re-plan under a real memory cap, quantized
-           folders written on the CPU loaded on the device; qmatmul int8/fp8/int4 (triton, auto);
-           W8A8 int8/fp8 ± rotation (quantizer, _int_mm, _scaled_mm, Triton GEMM, whole layers);
-           attention and fused attention (proof_pipeline_checks.py, proof_kernel_checks.py)
-  layers   one MLP-sized layer per token count and per choice `auto` can make (proof_layers.py)
-  steps    full-shape transformer step (12.9B, random weights, 1024², batch 1 and 2 = CFG) for bf16,
-           int8, fp8, int4, int8-w8a8, int8-w8a8-rot, fp8-w8a8 × KREA2_LITE_KERNELS auto / triton, and
-           diffusers' bf16 Krea2Transformer2DModel on the same weights (proof_timings.py)
-  stream   streamed vs resident CFG steps under simulated 8 / 12 / 16 GB cards
-           (torch.cuda.set_per_process_memory_fraction, reset afterwards) for int8, int4, bf16
-  quanto   diffusers + optimum-quanto int8 / int4 / fp8, last, in a time-boxed child process; quanto's
-           CUDA extension is built in the background from the start (proof_quanto.py)
-Every timing row carries its ratio to the bf16 step of the same run; `goals` holds the issue's targets.
-
-`--write-table [PATH]` (default: krea2_lite/kernels/tuning.json) puts this GPU's measured `auto` choices
-into the table; on a lent machine whose files do not come back, run `--table-from OUT.json` afterwards
-where the repository lives. GPUs the table does not name keep the safe defaults.
+"""The GPU proof's runner: arguments, the result header, the time budget over the sections (sections.py),
+the watchdog. The package docstring (benchmarks/gpu_proof/__init__.py) says what the proof measures.
 """
 
 from __future__ import annotations
@@ -44,11 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for path in (HERE.parent / "tests", HERE.parent, HERE):  # tests/factories.py is reused on purpose
-    sys.path.insert(0, str(path))
+from benchmarks.gpu_proof.context import preset_config
+from benchmarks.gpu_proof.sections import SECTIONS
 
-SECTIONS = {"checks": 0.24, "layers": 0.08, "steps": 0.38, "stream": 0.15, "quanto": 0.15}
 WATCHDOG_GRACE_S = 90.0  # past the budget a stuck run writes what it has and exits
 
 
@@ -65,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "tiny 0)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; tiny on the CPU: 1)")
     ap.add_argument("--repeats", type=int, help="timed calls per row (default 3; tiny 1)")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset to run")
+    ap.add_argument("--sections", default=",".join(s.name for s in SECTIONS), help="comma-separated subset to run")
     ap.add_argument("--no-peer", action="store_true", help="skip the diffusers and quanto peers")
     ap.add_argument("--isolate", choices=["auto", "on", "off"], default="auto",
                     help="run the checks in a child process restarted past a check that kills it (auto: on CUDA)")
@@ -78,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.table_from is None and args.json is None:
         ap.error("--json OUT is required (unless --table-from)")
-    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    names = [s.name for s in SECTIONS]
+    unknown = set(args.sections.split(",")) - set(names)
     if unknown:
-        ap.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+        ap.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(names)}")
     if args.budget_s <= 0:
         ap.error("--budget-s must be > 0")
     tiny = (args.preset or ("tiny" if args.device == "cpu" else "full")) == "tiny"
@@ -92,17 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads is None and tiny and args.device == "cpu":
         args.threads = 1  # tiny models are all per-op overhead: one thread is faster and steadier
     return args
-
-
-def preset_config(preset: str):
-    """The model shape of a preset; the dry run's tiny model has one block (the Triton interpreter is slow)."""
-    from transformer_step import PRESETS
-
-    if preset == "tiny":
-        from krea2_lite import Krea2Config
-
-        return Krea2Config.tiny(layers=1)
-    return PRESETS[preset]
 
 
 def header(args, device) -> dict:
@@ -130,7 +89,7 @@ def header(args, device) -> dict:
 def make_ctx(args, device, tmp: Path) -> argparse.Namespace:
     import torch
 
-    from proof_timings import Estimates
+    from benchmarks.gpu_proof.timings import Estimates
 
     with_peer = not args.no_peer
     if with_peer:
@@ -147,39 +106,8 @@ def make_ctx(args, device, tmp: Path) -> argparse.Namespace:
     return ctx
 
 
-def selected(name: str, only: str, skip: str) -> bool:
-    prefixes = [p for p in only.split(",") if p]
-    if prefixes and not any(name == p or name.startswith(p.rstrip("/") + "/") for p in prefixes):
-        return False
-    return name not in skip.split(",")
-
-
-def run_checks(ctx, rec, section) -> None:
-    from proof_isolate import ABORT_ENV
-    from proof_kernel_checks import attention_checks, qmatmul_checks, w8a8_checks
-    from proof_pipeline_checks import pipeline_checks
-    from proof_timings import free
-
-    if ctx.args.isolate == "on" or (ctx.args.isolate == "auto" and ctx.device.type == "cuda"):
-        from proof_isolate import run_isolated
-
-        return run_isolated(ctx.args, rec, section, ctx.tmp)
-    for family in (pipeline_checks, qmatmul_checks, w8a8_checks, attention_checks):
-        for name, fn in family(ctx):
-            if not selected(name, ctx.args.only_checks, ctx.args.skip_checks):
-                continue
-            if section.left() <= 0:
-                rec.skip_check(name, section.why_not(1.0))
-                continue
-            rec.update(running=name)  # a parent that sees this process die knows which check killed it
-            if os.environ.get(ABORT_ENV) == name:
-                os._exit(134)
-            rec.check(name, fn, cleanup=lambda: free(ctx))
-    rec.update(running=None)
-
-
 def run_section(budget, rec, name: str, fn, *args) -> None:
-    from proof_record import describe
+    from benchmarks.gpu_proof.record import describe
 
     section = budget.open(name)
     allotted = section.left()
@@ -196,7 +124,7 @@ def run_section(budget, rec, name: str, fn, *args) -> None:
 
 def start_watchdog(rec, budget) -> threading.Timer:
     def fire():
-        from proof_quanto import CHILDREN, kill
+        from benchmarks.gpu_proof.quanto import CHILDREN, kill
 
         for child in CHILDREN:
             kill(child)
@@ -212,7 +140,7 @@ def start_watchdog(rec, budget) -> threading.Timer:
 
 
 def write_table(result: dict, target: Path) -> str:
-    from proof_layers import derive_entry
+    from benchmarks.gpu_proof.layers import derive_entry
 
     from krea2_lite.kernels import tuning
 
@@ -225,28 +153,22 @@ def write_table(result: dict, target: Path) -> str:
 
 
 def prove(args, device, rec, budget, tmp: Path) -> None:
-    from proof_layers import layer_rows
-    from proof_quanto import Prewarm, quanto_rows
-    from proof_timings import step_rows, stream_rows
+    """Every selected section of the registry (sections.py) in order, each within its share of the budget."""
+    from benchmarks.gpu_proof.quanto import Prewarm, kill
 
     ctx = make_ctx(args, device, tmp)
-    prewarm = Prewarm(ctx) if device.type == "cuda" and ctx.with_peer and "quanto" in budget.pending else None
-    steps = {"checks": (run_checks,), "layers": (layer_rows,), "steps": (step_rows,), "stream": (stream_rows,),
-             "quanto": (quanto_rows,)}
+    ctx.prewarm = Prewarm(ctx) if device.type == "cuda" and ctx.with_peer and "quanto" in budget.pending else None
+    runs = {s.name: s for s in SECTIONS}
     try:
         for name in budget.pending[:]:
-            if name == "quanto":
-                if not ctx.with_peer:
-                    rec.section({"name": name, "note": "skipped: --no-peer or diffusers not installed"})
-                    continue
-                run_section(budget, rec, name, lambda c, r, s: quanto_rows(c, r, s, prewarm), ctx, rec)
-            else:
-                run_section(budget, rec, name, steps[name][0], ctx, rec)
+            if runs[name].needs_peer and not ctx.with_peer:
+                budget.pending.remove(name)
+                rec.section({"name": name, "note": "skipped: --no-peer or diffusers not installed"})
+                continue
+            run_section(budget, rec, name, runs[name].run, ctx, rec)
     finally:
-        if prewarm is not None:
-            from proof_quanto import kill
-
-            kill(prewarm.proc)
+        if ctx.prewarm is not None:
+            kill(ctx.prewarm.proc)
 
 
 def main(argv=None) -> int:
@@ -274,11 +196,11 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda needs a CUDA GPU (use --device cpu --preset tiny for a dry run)")
         return 0
-    from proof_record import Budget, Recorder
-    from proof_report import add_ratios, goals, markdown
+    from benchmarks.gpu_proof.record import Budget, Recorder
+    from benchmarks.gpu_proof.report import add_ratios, goals, markdown
 
     wanted = args.sections.split(",")
-    budget = Budget(args.budget_s, {name: weight for name, weight in SECTIONS.items() if name in wanted})
+    budget = Budget(args.budget_s, {s.name: s.weight for s in SECTIONS if s.name in wanted})
     rec = Recorder(args.json, header(args, device), markdown)
     watchdog = start_watchdog(rec, budget)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_proof_"))

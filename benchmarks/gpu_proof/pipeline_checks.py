@@ -1,4 +1,4 @@
-"""Pipeline-level checks of benchmarks/gpu_proof.py, through the library paths users hit.
+"""Pipeline-level checks of the GPU proof, through the library paths users hit.
 
 On a small random pipeline (tests/factories.py, saved with diffusers' save_pretrained and loaded with
 `Krea2Pipeline.from_pretrained`): `sequential` block streaming (prefetch 1 and 2, every block through
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from proof_kernel_checks import rel_err
+from benchmarks.gpu_proof.kernel_checks import rel_err
 
 # On the GPU: big enough that the step's activations stand well above the allocator's rounding (the OOM
 # check caps memory at half of them) and small enough to stay one VAE tile (64 latents) in every plan.
@@ -31,7 +31,7 @@ TINY_CALL = dict(CALL, width=32, height=32, steps=1)  # the CPU dry run: one pro
 
 def pipeline_config(ctx):
     """Weights must dominate activations (as in the real model) for streaming and the cap to mean anything."""
-    from factories import PIPELINE_CONFIG
+    from benchmarks.builders import PIPELINE_CONFIG
 
     if ctx.tiny:
         return dataclasses.replace(PIPELINE_CONFIG, layers=4)
@@ -41,7 +41,7 @@ def pipeline_config(ctx):
 def pipeline_folder(ctx) -> Path:
     folder = ctx.tmp / "pipeline"
     if not (folder / "model_index.json").exists():
-        from factories import tiny_diffusers_pipeline
+        from benchmarks.builders import tiny_diffusers_pipeline
 
         tiny_diffusers_pipeline(transformer_config=pipeline_config(ctx)).save_pretrained(folder)
     return folder
@@ -107,7 +107,7 @@ class PipelineChecks:
         return equal, f"{what}: image {'bit-identical' if equal else 'DIFFERS'} vs offload none"
 
     def lora(self):
-        from lora import write_random_lora
+        from benchmarks.bench_lora import write_random_lora
 
         pipe = self.load()
         path = self.ctx.tmp / "proof_lora.safetensors"
@@ -186,9 +186,9 @@ def folder_check(ctx, quant: str):
     bf16 throughout: the CLI writes bf16 scales, and quantizing on the fly must round them alike."""
     from safetensors.torch import save_file
 
-    from factories import diffusers_transformer, official_state_dict, random_inputs
+    from benchmarks.builders import diffusers_transformer, official_state_dict, random_inputs
     from krea2_lite import Krea2Config, load_transformer
-    from krea2_lite.quantize.__main__ import main as quantize_main
+    from krea2_lite.cli.quantize import main as quantize_main
 
     cfg = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
     src = ctx.tmp / "folder_src.safetensors"

@@ -8,9 +8,9 @@ with those blocks streamed from pinned host memory (prefetch `--prefetch`). One 
 forward (batch 2) at `--resolution`, `--text-tokens` compacted text tokens; medians of `--repeats`
 after a warm-up, baseline and streamed measured in the same process. Goal: streamed ≤ 1.15×.
 
-  python benchmarks/offload.py --quant int8 --cap-gb 12
-  python benchmarks/offload.py --quant none --cap-gb 16 24
-  python benchmarks/offload.py --device cpu --preset tiny --resolution 128   # smoke run, every block streamed
+  python -m benchmarks.bench_offload --quant int8 --cap-gb 12
+  python -m benchmarks.bench_offload --quant none --cap-gb 16 24
+  python -m benchmarks.bench_offload --device cpu --preset tiny --resolution 128   # smoke run, every block streamed
 
 Without CUDA (and no explicit --device cpu) it prints why and exits 0.
 """
@@ -20,50 +20,34 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from krea2_lite import Krea2Config, QuantSpec  # noqa: E402
-from krea2_lite.offload import plan_memory  # noqa: E402
-from krea2_lite.offload.block_streamer import BlockStreamer  # noqa: E402
-from krea2_lite.offload.swap import move_module  # noqa: E402
-from krea2_lite.sampling import positions  # noqa: E402
+from benchmarks.common import PRESETS, time_ms
+from krea2_lite import Krea2Config, QuantSpec
+from krea2_lite.offload import plan_memory
+from krea2_lite.offload.block_streamer import BlockStreamer
+from krea2_lite.offload.swap import move_module
+from krea2_lite.sampling import positions
 
-PRESETS = {"tiny": Krea2Config.tiny(), "medium": Krea2Config.medium(), "full": Krea2Config.krea2()}
 GiB = 1 << 30
 
 
 def build_host_model(cfg: Krea2Config, quant: str, dtype: torch.dtype):
     """Random weights in host memory, with the loader's dtype policy (and quantized when asked)."""
-    from quantized_step import build
+    from benchmarks.quantized_step import build
 
     if quant == "none":
-        from transformer_step import build_models
+        from benchmarks.transformer_step import build_models
 
         return build_models(cfg, torch.device("cpu"), dtype, with_peer=False)[0]
     return build(cfg, QuantSpec(quant), torch.device("cpu"), dtype)
 
 
 def time_steps(model, inputs, repeats: int, device: torch.device) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    with torch.no_grad():
-        model(*inputs)  # warm-up (kernel compilation, allocator)
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            model(*inputs)
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    with torch.no_grad():  # one warm-up call: kernel compilation, allocator
+        return statistics.median(time_ms(lambda: model(*inputs), device, repeats, warmup=1))
 
 
 def main() -> int:
@@ -78,7 +62,7 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (smoke run, no cap)")
     args = ap.parse_args()
     if args.device is None and not torch.cuda.is_available():
-        print("benchmarks/offload.py: needs a CUDA GPU (pass --device cpu for a smoke run); skipping")
+        print("benchmarks.bench_offload: needs a CUDA GPU (pass --device cpu for a smoke run); skipping")
         return 0
     device = torch.device(args.device or "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,4 +1,4 @@
-"""Kernel correctness checks of benchmarks/gpu_proof.py: every quantized-matmul, W8A8 and attention path
+"""Kernel correctness checks of the GPU proof: every quantized-matmul, W8A8 and attention path
 on the device against the plain-torch reference computed on the CPU in float32 (fresh random inputs).
 
 Each `*_checks(ctx)` yields (name, fn); fn() returns (ok, detail) or (ok, detail, skipped). Paths go

@@ -1,4 +1,4 @@
-"""Timing sections of benchmarks/gpu_proof.py: one layer per token count (the data behind the `auto`
+"""Timing sections of the GPU proof (benchmarks/gpu_proof/): one layer per token count (the data behind the `auto`
 table), whole transformer steps per quantization and kernel backend (with diffusers' bf16 model as the
 peer, sharing the weights), and streamed vs resident steps under simulated 12 / 16 GB cards.
 
@@ -10,13 +10,15 @@ autotuning happen there), then the systems alternate for `repeats` timed calls; 
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
 
 import torch
 
-from proof_kernel_checks import kernels_backend
+from benchmarks.common import time_one
+from benchmarks.gpu_proof.kernel_checks import kernels_backend
 
 STEP_QUANTS = ("bf16", "int8-w8a8", "int4", "int8", "fp8", "fp8-w8a8", "int8-w8a8-rot")
 BACKENDS = ("auto", "triton")
@@ -34,8 +36,8 @@ def free(ctx) -> None:
 
 def build_model(ctx, quant: str, with_peer: bool = False):
     """(krea2_lite model, diffusers peer sharing its weights or None) on ctx.device."""
-    from quantized_step import build
-    from transformer_step import build_models
+    from benchmarks.quantized_step import build
+    from benchmarks.transformer_step import build_models
 
     from krea2_lite import QuantSpec
 
@@ -45,7 +47,7 @@ def build_model(ctx, quant: str, with_peer: bool = False):
 
 
 def step_inputs(ctx, batch: int):
-    from transformer_step import make_inputs
+    from benchmarks.transformer_step import make_inputs
 
     img, context, t, pos, _ = make_inputs(ctx.cfg, ctx.device, ctx.dtype, ctx.resolution, ctx.text_tokens,
                                           ctx.text_tokens, batch)
@@ -54,9 +56,7 @@ def step_inputs(ctx, batch: int):
 
 def measure(ctx, systems: dict, warmup: int, repeats: int) -> dict:
     """{key: {"times": [...], "peak_gb"} or {"error"}}: warm-up per system, then systems alternate."""
-    from transformer_step import timer
-
-    run = timer(ctx.device)
+    run = functools.partial(time_one, device=ctx.device)
     out = {}
     with torch.no_grad():
         for key, fn in systems.items():
@@ -69,7 +69,7 @@ def measure(ctx, systems: dict, warmup: int, repeats: int) -> dict:
                 peak = torch.cuda.max_memory_allocated(ctx.device) / 1e9 if ctx.device.type == "cuda" else None
                 out[key] = {"times": [], "peak_gb": None if peak is None else round(peak, 2)}
             except Exception as exc:  # noqa: BLE001 - OOM, compile error: recorded, the others go on
-                from proof_record import describe
+                from benchmarks.gpu_proof.record import describe
 
                 out[key] = {"error": describe(exc)}
                 free(ctx)
@@ -80,7 +80,7 @@ def measure(ctx, systems: dict, warmup: int, repeats: int) -> dict:
                 try:
                     out[key]["times"].append(run(fn))
                 except Exception as exc:  # noqa: BLE001
-                    from proof_record import describe
+                    from benchmarks.gpu_proof.record import describe
 
                     out[key] = {"error": describe(exc)}
                     free(ctx)
@@ -148,7 +148,7 @@ def step_rows(ctx, rec, section) -> None:
         try:
             model, peer_model = build_model(ctx, quant, peer)
         except Exception as exc:  # noqa: BLE001
-            from proof_record import describe
+            from benchmarks.gpu_proof.record import describe
 
             _skip_steps(rec, ctx, quant, f"build failed: {describe(exc)}", peer=peer)
             free(ctx)
@@ -201,7 +201,7 @@ def stream_rows(ctx, rec, section) -> None:
         try:
             model, _ = build_model(ctx, quant)
         except Exception as exc:  # noqa: BLE001
-            from proof_record import describe
+            from benchmarks.gpu_proof.record import describe
 
             for cap in (None, *caps):
                 rec.timing(quant=quant, ms=None, ok=False, detail=f"build failed: {describe(exc)}",
@@ -231,7 +231,7 @@ def _stream_cap(ctx, rec, model, inputs, quant: str, cap: float, resident: dict,
     from krea2_lite.offload import plan_memory
     from krea2_lite.offload.block_streamer import BlockStreamer
     from krea2_lite.offload.swap import move_module
-    from proof_record import describe
+    from benchmarks.gpu_proof.record import describe
 
     cuda = ctx.device.type == "cuda"
     spec = None if quant == "bf16" else quant

@@ -7,10 +7,10 @@
   load    peak RSS of `load_transformer(..., quant=)` on the CPU for the same kind of checkpoint,
           beside the loaded model's own bytes
 
-  python benchmarks/quantize.py --what memory --layers 2 6 --dtype int8 int4
-  python benchmarks/quantize.py --what load --layers 4 --dtype int8
-  python benchmarks/quantize.py --what memory --layers 28 --dtype int8   # ≈26 GB on disk, deleted after
-  python benchmarks/quantize.py --what memory --layers 2 --dtype int4-minmax int4 int4-lr32
+  python -m benchmarks.bench_quantize --what memory --layers 2 6 --dtype int8 int4
+  python -m benchmarks.bench_quantize --what load --layers 4 --dtype int8
+  python -m benchmarks.bench_quantize --what memory --layers 28 --dtype int8   # ≈26 GB on disk, deleted after
+  python -m benchmarks.bench_quantize --what memory --layers 2 --dtype int4-minmax int4 int4-lr32
 
 --dtype names: int8, fp8, int4 (the default mse-clip rounding), int4-minmax (`--rounding minmax`),
 int4-lrR (`--lowrank R`).
@@ -27,13 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from krea2_lite import Krea2Config, Krea2Transformer  # noqa: E402
-from krea2_lite.model.transformer import SingleStreamBlock  # noqa: E402
-from krea2_lite.quantize import QuantizedLinear  # noqa: E402
+from krea2_lite import Krea2Config, Krea2Transformer
+from krea2_lite.model.transformer import SingleStreamBlock
+from krea2_lite.quantize import QuantizedLinear
 
 
 def random_(module: torch.nn.Module, std: float = 0.02) -> None:
@@ -111,7 +110,7 @@ LOADER = ("import resource, sys, torch\n"
           "held = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))\n"
           "print(held, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
 
-IMPORTS = ("import resource, torch, optimum.quanto, krea2_lite.quantize.__main__\n"
+IMPORTS = ("import resource, torch, optimum.quanto, krea2_lite.cli.quantize\n"
            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
 
 

@@ -1,8 +1,8 @@
 """Kernel benchmarks on a CUDA GPU: Triton attention / fused Krea 2 attention / quantized matmuls vs torch.
 
-    python benchmarks/kernels.py                      # Krea 2 shape: B=1, L=4608, H=48, Hkv=12, D=128, bf16
-    python benchmarks/kernels.py --json out.json --repeats 50
-    python benchmarks/kernels.py --only matmul,act-quant --tokens 4608 1024 256
+    python -m benchmarks.bench_kernels                      # Krea 2 shape: B=1, L=4608, H=48, Hkv=12, D=128, bf16
+    python -m benchmarks.bench_kernels --json out.json --repeats 50
+    python -m benchmarks.bench_kernels --only matmul,act-quant --tokens 4608 1024 256
 
 Matmul groups (one per layer shape N×K: 6144×6144 attention, 1536×6144 k/v, 16384×6144 MLP
 gate/up, 6144×16384 MLP down; M = --tokens): the baseline is cuBLAS bf16 `F.linear`; rows are the
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from benchmarks.common import time_ms
 
 
 @dataclass
@@ -47,22 +47,6 @@ class Case:
     dtype: torch.dtype
     baseline: bool = False
     result: dict = field(default_factory=dict)
-
-
-def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls, each timed with its own pair of CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _sdpa_with(backend, *args, **kwargs):
@@ -236,7 +220,7 @@ def run_cases(cases: list[Case], warmup: int, repeats: int) -> None:
     for c in cases:
         if "error" in c.result:
             continue
-        ms = time_cuda(c.fn, warmup, repeats)
+        ms = statistics.median(time_ms(c.fn, "cuda", repeats, warmup))  # median of event-timed calls
         c.result.update(ms=ms, tflops=c.flops / ms / 1e9)
     base = {c.group: c.result.get("ms") for c in cases if c.baseline}
     for c in cases:

@@ -1,4 +1,4 @@
-"""The diffusers + optimum-quanto peer of benchmarks/gpu_proof.py, run in a child process so that it can be
+"""The diffusers + optimum-quanto peer of the GPU proof (benchmarks/gpu_proof/), run in a child process so that it can be
 time-boxed: optimum-quanto compiles C++/CUDA extensions (ninja) the first time a path needs them, which
 can take minutes; a child that runs out of time is killed with its whole process group and its rows say
 "not measured: extension build exceeded N s".
@@ -10,13 +10,14 @@ same shape, since no real weights exist), timed under torch.no_grad() (quanto in
 inference_mode). On CUDA, quanto picks its own kernels: TinyGemm for bf16 int4 (after unpacking with its
 CUDA extension), Marlin for fp8 (the extension again), dequantize + cuBLAS for int8.
 
-  python benchmarks/proof_quanto.py --prewarm --build-dir DIR          # build the extension only
-  python benchmarks/proof_quanto.py --quant int8 int4 --out ROWS.jsonl  # the child gpu_proof.py starts
+  python -m benchmarks.gpu_proof.quanto --prewarm --build-dir DIR          # build the extension only
+  python -m benchmarks.gpu_proof.quanto --quant int8 int4 --out ROWS.jsonl  # the child the proof starts
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -25,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: children run `python -m benchmarks.gpu_proof.quanto`
 
 EXTENSION = {"cuda": "quanto_cuda", "cpu": "quanto_cpp"}
 QUANTO_TYPES = {"int8": "qint8", "fp8": "qfloat8", "int4": "qint4"}
@@ -103,24 +101,24 @@ def progress(out: Path, **entry) -> None:
 def run_child(args) -> int:
     import torch
 
-    from transformer_step import timer
+    from benchmarks.common import time_one
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     use_build_dir(device.type, args.build_dir)
     if device.type == "cpu":
         python_unpack_on_cpu()
-    from gpu_proof import preset_config
+    from benchmarks.gpu_proof.context import preset_config
 
     ctx = argparse.Namespace(cfg=preset_config(args.preset), device=device, dtype=dtype, resolution=args.resolution,
                              text_tokens=args.text_tokens)
-    run = timer(device)
+    run = functools.partial(time_one, device=device)
     for quant in args.quant:
         progress(args.out, phase="quantize", quant=quant, t=time.time())
         try:
             _time_peer(args, ctx, quant, run)
         except Exception as exc:  # noqa: BLE001 - one failing type must not cost the others their rows
-            from proof_record import describe
+            from benchmarks.gpu_proof.record import describe
 
             progress(args.out, phase="error", quant=quant, error=describe(exc))
         if device.type == "cuda":
@@ -132,7 +130,7 @@ def run_child(args) -> int:
 def _time_peer(args, ctx, quant: str, run) -> None:
     import torch
 
-    from proof_timings import step_inputs
+    from benchmarks.gpu_proof.timings import step_inputs
 
     model = quanto_peer(ctx.cfg, quant, ctx.device, ctx.dtype)
     for batch in (1, 2):
@@ -159,17 +157,17 @@ def run_prewarm(args) -> int:
     return 0
 
 
-CHILDREN: list[subprocess.Popen] = []  # killed by gpu_proof.py's watchdog if the run overstays
+CHILDREN: list[subprocess.Popen] = []  # killed by the proof runner's watchdog if the run overstays
 
 
 def spawn(argv: list[str], log: Path, jobs: int | None = None) -> subprocess.Popen:
     """This script as a child in its own process group (so a timeout kills ninja and the compilers too)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if jobs:
         env["MAX_JOBS"] = str(jobs)  # leave CPU cores to the timed process
     with open(log, "ab") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=fh, stderr=fh,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_proof.quanto", *argv], stdout=fh, stderr=fh,
+                                env=env, cwd=ROOT, start_new_session=True)
     CHILDREN.append(proc)
     return proc
 
@@ -281,6 +279,11 @@ def _collect(ctx, section, prewarm, plain: list[str], built: list[str]) -> tuple
     else:
         run(built)
     return rows, reasons
+
+
+def run(ctx, rec, section) -> None:
+    """The `quanto` section: the peer children, with the extension build the runner started (ctx.prewarm)."""
+    quanto_rows(ctx, rec, section, ctx.prewarm)
 
 
 def quanto_rows(ctx, rec, section, prewarm: "Prewarm | None") -> None:

@@ -2,7 +2,7 @@
 
 A Triton kernel that writes out of bounds passes under the interpreter and may raise "an illegal memory
 access" on a GPU; such an error is sticky: every later CUDA call in that process fails. So on CUDA the
-checks run in a child (`gpu_proof.py --sections checks`), which marks each check it starts in its JSON
+checks run in a child (`python -m benchmarks.gpu_proof --sections checks`), which marks each check it starts in its JSON
 (`running`); if the child dies, the check it was running is recorded as failed with the exit status and
 the last line it printed, and a fresh child runs the remaining checks. The timings then run in this
 process on a clean CUDA context.
@@ -18,12 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the child is `python -m benchmarks.gpu_proof`
 ABORT_ENV = "GPU_PROOF_ABORT_AT"
 
 
 def child_argv(args, out: Path, budget_s: float, skip: list[str]) -> list[str]:
-    argv = [sys.executable, str(HERE / "gpu_proof.py"), "--device", args.device, "--preset", args.preset,
+    argv = [sys.executable, "-m", "benchmarks.gpu_proof", "--device", args.device, "--preset", args.preset,
             "--json", str(out), "--budget-s", f"{max(1.0, budget_s):.0f}", "--sections", "checks",
             "--isolate", "off", "--resolution", str(args.resolution), "--text-tokens", str(args.text_tokens)]
     if args.only_checks:
@@ -47,10 +47,10 @@ def run_isolated(args, rec, section, tmp: Path) -> None:
     while section.left() > 5:
         attempt += 1
         out = tmp / f"checks-{attempt}.json"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         try:
             proc = subprocess.run(child_argv(args, out, section.left() - 5, done), capture_output=True, text=True,
-                                  env=env, timeout=section.left() + 30)
+                                  env=env, cwd=ROOT, timeout=section.left() + 30)
             code, tail = proc.returncode, _last_line(proc.stderr or proc.stdout)
             print(proc.stdout, end="", flush=True)
         except subprocess.TimeoutExpired:  # the child's own budget should have ended it first

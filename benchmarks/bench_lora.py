@@ -10,7 +10,7 @@ kohya layout, loads it with `krea2_lite.lora.load_lora` and reports:
   step ms        one forward at `--resolution` (compacted text, no CFG) at LoRA scale 0 (the
                  branch skipped) and 1, alternated, median of `--repeats`
 
-  python benchmarks/lora.py --device cuda --preset full --dtype int8 --rank 32
+  python -m benchmarks.bench_lora --device cuda --preset full --dtype int8 --rank 32
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from krea2_lite import QuantSpec  # noqa: E402
-from krea2_lite.lora import load_lora, lora_bytes, set_lora_scale  # noqa: E402
-from krea2_lite.sampling import positions  # noqa: E402
-from quantized_step import PRESETS, build  # noqa: E402
+from krea2_lite import QuantSpec
+from krea2_lite.lora import load_lora, lora_bytes, set_lora_scale
+from krea2_lite.sampling import positions
+from benchmarks.common import PRESETS, alternate
+from benchmarks.quantized_step import build
 
 
 def write_random_lora(model, rank: int, path: Path) -> None:
@@ -50,19 +48,15 @@ def write_random_lora(model, rank: int, path: Path) -> None:
 def step_times(model, inputs, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median forward ms at LoRA scale 0 (the branch skipped: the base model) and at scale 1,
     measured alternately so that load on a shared machine hits both alike."""
-    times = {0.0: [], 1.0: []}
+    def at(scale: float):
+        def forward():
+            set_lora_scale(model, scale)
+            model(*inputs)
+        return forward
+
     with torch.no_grad():
         model(*inputs)
-        for _ in range(repeats):
-            for scale in times:
-                set_lora_scale(model, scale)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(*inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[scale].append((time.perf_counter() - start) * 1e3)
+        times = alternate({0.0: at(0.0), 1.0: at(1.0)}, device, repeats)
     return statistics.median(times[0.0]), statistics.median(times[1.0])
 
 

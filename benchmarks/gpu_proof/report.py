@@ -1,4 +1,4 @@
-"""benchmarks/gpu_proof.py's derived figures: ratios to the bf16 step of the same run, the issue's goals,
+"""The GPU proof's derived figures: ratios to the bf16 step of the same run, the issue's goals,
 and the Markdown table written beside the JSON."""
 
 from __future__ import annotations

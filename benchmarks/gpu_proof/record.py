@@ -1,4 +1,4 @@
-"""benchmarks/gpu_proof.py's bookkeeping: the time budget, the result record (JSON + Markdown, rewritten
+"""The GPU proof's bookkeeping: the time budget, the result record (JSON + Markdown, rewritten
 atomically after every row so a killed run still leaves its results) and the goal summary."""
 
 from __future__ import annotations
