@@ -237,15 +237,6 @@ def test_the_doc_table_is_the_test_table():
 
 # ---- benchmarks/ and tests/ ------------------------------------------------------------------
 
-# Known until the `bench` part of issue 28 lands: benchmarks/pipeline_factory.py and
-# benchmarks/proof_pipeline_checks.py import tests/factories.py, and benchmarks/gpu_proof.py ↔
-# benchmarks/proof_quanto.py import each other. The test below xfails on exactly these while they
-# exist, and fails on anything else; once they are gone it passes (delete this set then).
-KNOWN_UNTIL_BENCH = {"benchmarks.pipeline_factory → tests.factories",
-                     "benchmarks.proof_pipeline_checks → tests.factories",
-                     "benchmarks.gpu_proof ↔ benchmarks.proof_quanto"}
-
-
 def benchmark_and_test_problems(edges: dict[str, set[str]]) -> set[str]:
     problems = set()
     for module, targets in edges.items():
@@ -266,10 +257,7 @@ def benchmark_and_test_problems(edges: dict[str, set[str]]) -> set[str]:
 
 def test_benchmarks_and_tests_import_one_way_without_cycles():
     problems = benchmark_and_test_problems(graph())
-    unknown = problems - KNOWN_UNTIL_BENCH
-    assert not unknown, "benchmarks/tests import problems:\n  " + "\n  ".join(sorted(unknown))
-    if problems:
-        pytest.xfail("known until benchmarks/ is a package (issue 28, `bench`): " + "; ".join(sorted(problems)))
+    assert not problems, "benchmarks/tests import problems:\n  " + "\n  ".join(sorted(problems))
 
 
 def test_the_benchmark_checker_finds_each_kind_of_problem():

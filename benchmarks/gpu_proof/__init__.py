@@ -11,7 +11,7 @@ atomically after every row, so a run killed from outside still leaves everything
 Sections, in order, each with a deadline from --budget-s (weights below; time a section leaves unused
 rolls over to the later ones). Whatever would not fit is recorded as skipped with the reason; an
 exception (out of memory, a compile error) fails that one check or row and the run carries on.
-  checks   correctness on the device vs the CPU/torch reference: pipeline streaming (prefetch 1, 2),
+  checks   (correctness.py) correctness on the device vs the CPU/torch reference: pipeline streaming (prefetch 1, 2),
            model swapping, LoRA beside streaming, the OOM re-plan under a real memory cap, quantized
            folders written on the CPU loaded on the device; qmatmul int8/fp8/int4 (triton, auto);
            W8A8 int8/fp8 ± rotation (quantizer, _int_mm, _scaled_mm, Triton GEMM, whole layers);
