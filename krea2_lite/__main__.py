@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer "
                      ".safetensors, or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds "
                      "on a CPU); required unless --from-png names it")
+    gen.add_argument("--revision", help="hub branch, tag or commit of --model (default: a --from-png image's "
+                     "recorded commit, else main)")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -106,9 +108,10 @@ def png_settings(path: str) -> tuple[dict, dict]:
                 raise MetadataError(str(exc)) from None
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
-    load = {k: meta[k] for k in ("model", "variant", "quant", "dtype") if meta.get(k) is not None}
-    if load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo"):
-        raise MetadataError(f"{path}: unknown dtype / variant in the krea2_lite metadata: {load}")
+    load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype") if meta.get(k) is not None}
+    if (load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo")
+            or not isinstance(load.get("revision", ""), str)):
+        raise MetadataError(f"{path}: unknown dtype / variant / revision in the krea2_lite metadata: {load}")
     loras = meta.get("loras") or []
     if not isinstance(loras, list) or not all(isinstance(lo, dict) and isinstance(lo.get("name"), str)
                                               and isinstance(lo.get("scale"), (int, float)) for lo in loras):
@@ -157,7 +160,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
     flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
-                 lora=args.lora or None)
+                 lora=args.lora or None, revision=args.revision)
+    if args.model is not None and args.revision is None:
+        load.pop("revision", None)  # the image's commit belongs to the image's model
     load.update({k: v for k, v in flags.items() if v is not None})
     if load.get("quant") == "none":
         load["quant"] = None
@@ -270,7 +275,8 @@ def load_pipeline(args: argparse.Namespace, load: dict):
     pipe = Krea2Pipeline.from_pretrained(load["model"], variant=load.get("variant"), device=args.device,
                                          dtype=DTYPES[load["dtype"]], text_encoder=args.text_encoder, vae=args.vae,
                                          quant=load.get("quant"), offload=args.offload, vram_gb=args.vram_gb,
-                                         host_ram_gb=args.ram_gb, progress=not args.quiet)
+                                         host_ram_gb=args.ram_gb, progress=not args.quiet,
+                                         revision=load.get("revision"))
     for path, scale in load["lora"]:
         pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     return pipe

@@ -45,7 +45,7 @@ def open_float_checkpoint(location: Path, config: Krea2Config | None = None) -> 
 
 def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
     """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
-    location = resolve_path(path, TRANSFORMER_PATTERNS)
+    location = resolve_path(path, TRANSFORMER_PATTERNS, parts=("transformer",))
     if is_quantized_folder(location):
         manifest = read_manifest(location)
         return Krea2Config.from_dict(manifest["config"]), manifest_spec(location, manifest)
@@ -93,7 +93,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     check_float_dtype(dtype)  # int8 etc. are asked for with quant=, never dtype=
     device = torch.device(device)
     place = placement(device, device_blocks)
-    location = resolve_path(path, TRANSFORMER_PATTERNS)
+    location = resolve_path(path, TRANSFORMER_PATTERNS, parts=("transformer",))
     if is_quantized_folder(location):
         stored = manifest_spec(location, read_manifest(location)).name
         if spec is not None and spec.name != stored:

@@ -1,0 +1,66 @@
+"""Fetch by need from a fake hub in the official repo layout, with the real huggingface_hub client:
+which files are requested, what is announced, and a second run that downloads nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from krea2_lite.demo import demo_path
+from krea2_lite.files.hub_fetch import human
+from krea2_lite.loading import resolve_pipeline
+from official_layout import ROOT_FILE, VISION_SHARD
+
+SMALL = {"model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+         "text_encoder/model.safetensors.index.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+         "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json"}
+TRANSFORMER = {"transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+               "transformer/diffusion_pytorch_model-00002-of-00002.safetensors"}
+TEXT = {"text_encoder/model-00001-of-00002.safetensors"}
+VAE = {"vae/diffusion_pytorch_model.safetensors"}
+
+
+def test_the_diffusers_layout_fetches_exactly_its_components(fake_hub, capsys):
+    spec = resolve_pipeline(REPO, progress=False)
+    fetched = fake_hub.downloads()
+    assert sorted(fetched) == sorted(SMALL | TRANSFORMER | TEXT | VAE)  # each once; never the root single
+    assert ROOT_FILE not in fetched and VISION_SHARD not in fetched     # file, the vision shard, images/,
+    assert spec.revision == fake_hub.commit                            # the license, the pickle decoy
+    assert spec.transformer.name == "transformer" and spec.config.layers > 0
+    assert capsys.readouterr().err == ""  # progress=False: silent
+
+
+def test_a_second_run_downloads_nothing(fake_hub):
+    resolve_pipeline(REPO, progress=False)
+    fake_hub.clear()
+    resolve_pipeline(REPO, progress=False)
+    assert fake_hub.downloads() == []
+    assert {r.method for r in fake_hub.requests} == {"GET"}  # only the revision look-up (main → commit)
+    assert all(r.path.startswith(f"/api/models/{REPO}/revision/") for r in fake_hub.requests)
+
+
+def test_the_root_single_file_instead_of_the_diffusers_transformer(fake_hub):
+    spec = resolve_pipeline(REPO, transformer=f"{REPO}/{ROOT_FILE}", progress=False)
+    fetched = set(fake_hub.downloads())
+    assert ROOT_FILE in fetched and not fetched & TRANSFORMER
+    assert spec.transformer.name == ROOT_FILE and (TEXT | VAE) <= fetched
+
+
+def test_a_local_transformer_means_no_transformer_download(fake_hub):
+    spec = resolve_pipeline(REPO, transformer=demo_path() / "transformer", progress=False)
+    fetched = set(fake_hub.downloads())
+    assert not any(f.startswith("transformer/") and f.endswith(".safetensors") for f in fetched)
+    assert ROOT_FILE not in fetched and (TEXT | VAE) <= fetched
+    assert spec.transformer == demo_path() / "transformer"
+
+
+def test_what_will_be_fetched_is_said_first(fake_hub, capsys):
+    resolve_pipeline(REPO)
+    err = capsys.readouterr().err
+    head = err.split("krea2_lite: to fetch")[0]
+    for name in sorted(TRANSFORMER | TEXT | VAE):
+        size = (fake_hub.repos[REPO].commits[fake_hub.commit] / name).stat().st_size
+        assert f"{name}  {human(size)}  to fetch" in head, err
+    assert "to fetch 4 file(s)" in err and "free disk at" in err
+    resolve_pipeline(REPO)
+    assert "to fetch 0 file(s), 0 B; already cached 4 file(s)" in capsys.readouterr().err
