@@ -154,7 +154,7 @@ class HubFetcher:
         """A local file or folder as given; a hub reference opened (small files only) → its cache path."""
         text = os.fspath(path)
         location = Path(text).expanduser()
-        if location.exists():
+        if location.exists() or self.where(location) is not None:  # local, or in a snapshot: fetched by need
             return location
         ref = parse_hub_ref(text)
         if ref is None:

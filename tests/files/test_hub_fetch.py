@@ -46,6 +46,13 @@ def test_the_root_single_file_instead_of_the_diffusers_transformer(fake_hub):
     assert spec.transformer.name == ROOT_FILE and (TEXT | VAE) <= fetched
 
 
+def test_the_root_single_file_as_the_model(fake_hub):
+    spec = resolve_pipeline(f"{REPO}/{ROOT_FILE}", text_encoder=REPO, vae=REPO, progress=False)
+    fetched = set(fake_hub.downloads())
+    assert {ROOT_FILE} | TEXT | VAE <= fetched and not fetched & TRANSFORMER
+    assert spec.transformer.name == ROOT_FILE and spec.revision == fake_hub.commit
+
+
 def test_a_local_transformer_means_no_transformer_download(fake_hub):
     spec = resolve_pipeline(REPO, transformer=demo_path() / "transformer", progress=False)
     fetched = set(fake_hub.downloads())
