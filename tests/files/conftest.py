@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fake_hub import FakeHub
-from official_layout import build_official_repo
-
-REPO = "krea/Krea-2-Turbo"
+from official_layout import REPO, build_official_repo
 
 
 @pytest.fixture(scope="session")

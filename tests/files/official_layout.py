@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from krea2_lite.checkpoint import diffusers_to_official_key
 from krea2_lite.demo import demo_path
 
+REPO = "krea/Krea-2-Turbo"
 VISION_SHARD = "text_encoder/model-00002-of-00002.safetensors"
 ROOT_FILE = "turbo.safetensors"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
 from fake_hub import FakeHub
 from krea2_lite import __main__ as generate_cli
+from official_layout import REPO
 from krea2_lite.errors import (DiskSpaceError, HubAccessError, HubConnectionError, HubNotFoundError,
                                HubOfflineError, Krea2LiteError)
 from krea2_lite.files import hub_fetch

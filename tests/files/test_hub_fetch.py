@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO
 from krea2_lite.demo import demo_path
 from krea2_lite.files.hub_fetch import human
 from krea2_lite.loading import resolve_pipeline
-from official_layout import ROOT_FILE, VISION_SHARD
+from official_layout import REPO, ROOT_FILE, VISION_SHARD
 
 SMALL = {"model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
          "text_encoder/model.safetensors.index.json", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",

@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import torch
 
-from conftest import REPO
 from krea2_lite import __main__ as generate_cli
+from official_layout import REPO
 from krea2_lite import save_png
 from krea2_lite.demo import demo_path
 from krea2_lite.lora.formats import locate_lora_file
