@@ -70,3 +70,23 @@ def test_what_will_be_fetched_is_said_first(fake_hub, capsys):
     assert "to fetch 4 file(s)" in err and "free disk at" in err
     resolve_pipeline(REPO)
     assert "to fetch 0 file(s), 0 B; already cached 4 file(s)" in capsys.readouterr().err
+
+
+def test_the_default_text_encoder_and_vae_fetch_only_what_is_read(fake_hub, official_repo, tmp_path):
+    """A transformer alone: the text encoder from Qwen/Qwen3-VL-4B-Instruct (its root; the vision
+    shard skipped) and the VAE from Qwen/Qwen-Image (vae/ only, never its other components)."""
+    import shutil
+
+    from krea2_lite.loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+
+    qwen_vl, qwen_image = tmp_path / "qwen_vl", tmp_path / "qwen_image"
+    shutil.copytree(official_repo / "text_encoder", qwen_vl)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(official_repo / "tokenizer" / name, qwen_vl)
+    shutil.copytree(official_repo, qwen_image, ignore=shutil.ignore_patterns("turbo.safetensors", "text_encoder"))
+    fake_hub.add(DEFAULT_TEXT_ENCODER, qwen_vl)
+    fake_hub.add(DEFAULT_VAE, qwen_image)
+    spec = resolve_pipeline(demo_path() / "transformer", progress=False)
+    weights = sorted(f for f in fake_hub.downloads() if f.endswith(".safetensors"))
+    assert weights == ["model-00001-of-00002.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    assert spec.vae.name == "vae" and (spec.text_encoder / "config.json").is_file()
