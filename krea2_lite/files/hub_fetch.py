@@ -140,12 +140,12 @@ class HubFetcher:
     """Opens hub references (small files only), collects the weight files a load reads, then fetches them.
 
     Use: `path = hub.resolve(ref)` for each thing named (a local path comes back as it is), `hub.need(path)`
-    for each component the load reads, then `hub.fetch()` once; `hub.commits` records {repo: commit}.
+    for each component the load reads, then `hub.fetch()` once; `hub.where(path)` says which snapshot
+    (repo, commit) a path lies in.
     """
 
     def __init__(self, *, progress: bool = True):
         self.progress = progress
-        self.commits: dict[str, str] = {}
         self._snapshots: list[Snapshot] = []
         self._planned: dict[tuple[str, str], Snapshot] = {}   # (repo, path) → snapshot
 
@@ -188,7 +188,6 @@ class HubFetcher:
         except Exception:  # no cached listing (a cache filled by an older client): sizes stay unknown
             pass
         snapshot = Snapshot(repo_id, folder.name, folder, sizes)
-        self.commits.setdefault(repo_id, folder.name)
         self._snapshots.append(snapshot)
         return snapshot
 
