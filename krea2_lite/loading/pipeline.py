@@ -13,16 +13,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import arguments
+from ..checks import check_shift, folder_defaults
 from ..config import Krea2Config
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..model.text_encoder import DEFAULT_SELECT_LAYERS
 from ..quantize.recipe import QuantSpec
 from ..sampling import DEFAULT_SHIFT
 from ..variants import VARIANTS, VariantDefaults
-from .files import read_json
 from ..files.hub_fetch import HubFetcher
-from .transformer import TRANSFORMER_PATTERNS, describe_transformer
+from ..files.jsonfile import read_json
+from .transformer import describe_transformer
 
 logger = logging.getLogger("krea2_lite")
 
@@ -143,8 +143,8 @@ def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=N
         hub.need(path, parts=(part,))
     hub.fetch()
     config, spec = described or describe_transformer(transformer, quant)
-    # A folder's own sampling defaults and native size (the demo's), validated (arguments.py).
-    own = arguments.folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
+    # A folder's own sampling defaults and native size (the demo's), validated (checks.py).
+    own = folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
     defaults = None
     if variant is None and "steps" in own and "guidance" in own:
         defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
@@ -152,7 +152,7 @@ def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=N
     if root is not None:
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         scheduler = _json_if_present(scheduler_file, "scheduler config")
-        shift = arguments.check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
+        shift = check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
     model_repo = hub.where(root if root is not None else transformer)
     return PipelineSpec(
         transformer=transformer, text_encoder=text_encoder, vae=vae, config=config, quant=spec,

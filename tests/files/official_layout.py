@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from krea2_lite.checkpoint import diffusers_to_official_key
+from krea2_lite.files.checkpoint import diffusers_to_official_key
 from krea2_lite.demo import demo_path
 
 REPO = "krea/Krea-2-Turbo"

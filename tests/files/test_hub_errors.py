@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fake_hub import FakeHub
-from krea2_lite import __main__ as generate_cli
+from krea2_lite.cli.subcommands import main as cli_main
 from official_layout import REPO
 from krea2_lite.errors import (DiskSpaceError, HubAccessError, HubConnectionError, HubNotFoundError,
                                HubOfflineError, Krea2LiteError)
@@ -27,7 +27,7 @@ def test_gated_without_login_says_log_in(fake_hub, capsys):
     assert info.value.reason == "not-logged-in"
     assert "hf auth login" in str(info.value) and f"{fake_hub.url}/{REPO}" in str(info.value)
     assert fake_hub.requests[0].token is None and fake_hub.downloads() == []
-    assert generate_cli.main(["generate", "a cat", "--quiet", "--model", REPO]) == 2
+    assert cli_main(["generate", "a cat", "--quiet", "--model", REPO]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "not logged in" in err, err
 

@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import torch
 
-from krea2_lite import __main__ as generate_cli
+from krea2_lite.cli import generate as generate_cli, generate_settings
+from krea2_lite.cli.subcommands import build_parser
 from official_layout import REPO
 from krea2_lite import save_png
 from krea2_lite.demo import demo_path
@@ -48,14 +49,14 @@ def test_the_commit_loaded_is_pinned_and_from_png_loads_it_again(fake_hub, offic
     assert meta["model"] == REPO and meta["revision"] == old
     png = save_png(Image.new("RGB", (64, 64)), tmp_path / "old.png", meta)
     fake_hub.clear()
-    args = generate_cli.build_parser().parse_args(["generate", "--from-png", str(png), "--quiet"])
-    _, load = generate_cli.resolve_settings(args)
+    args = build_parser().parse_args(["generate", "--from-png", str(png), "--quiet"])
+    _, load = generate_settings.resolve_settings(args)
     again = generate_cli.load_pipeline(args, load)
     assert load["revision"] == old and again.revision == old
     assert fake_hub.requests == []  # a commit hash, all cached: not even a revision look-up
     for flags, expected in ((["--model", REPO], head), (["--revision", head], head)):
-        args = generate_cli.build_parser().parse_args(["generate", "--from-png", str(png), *flags])
-        assert generate_cli.resolve_settings(args)[1].get("revision", head) == expected
+        args = build_parser().parse_args(["generate", "--from-png", str(png), *flags])
+        assert generate_settings.resolve_settings(args)[1].get("revision", head) == expected
     assert Krea2Pipeline.from_pretrained(REPO, device="cpu", progress=False).revision == head
     assert capsys.readouterr().err == ""  # progress off: no announcement, no progress bars
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from krea2_lite.errors import CheckpointNotFoundError
 from krea2_lite.files.hub_fetch import HubRef, parse_hub_ref
-from krea2_lite.loading.files import find_weight_files, tensor_locations
+from krea2_lite.files.weight_files import find_weight_files, tensor_locations
 
 
 @pytest.mark.parametrize("text, ref", [
