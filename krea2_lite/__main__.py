@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from .batch.cli import add_ray_arguments, run_ray
 from .cli_errors import run_cli
 from .errors import MetadataError, PromptFileError
 from .quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
+from .serve.cli import add_serve_parser, serve
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTS = (*QUANT_DTYPES, *QUANT_SHORTCUTS)  # every string QuantSpec.parse accepts, from the library itself
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
                      "(replaces a --from-png image's LoRAs)")
+    add_ray_arguments(gen)  # --ray, --workers, --gpus-per-worker (krea2_lite/batch)
+    add_serve_parser(sub)  # python -m krea2_lite serve (krea2_lite/serve)
     return parser
 
 
@@ -305,6 +309,8 @@ def generate(args: argparse.Namespace) -> int:
     call, load = resolve_settings(args)
     jobs = build_jobs(args, call)
     check_jobs(args, jobs)  # every input checked before the (slow) model load
+    if args.ray is not None:
+        return run_ray(args, jobs, load)
     paths = plan_outputs(args, jobs)
     pipe = load_pipeline(args, load)
     run_jobs(pipe, jobs, paths, args)
@@ -314,7 +320,7 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return run_cli(lambda: generate(args))  # one `error: …` line, exit 2 (cli_errors.py)
+    return run_cli(lambda: serve(args) if args.command == "serve" else generate(args))  # one `error: …` line, exit 2 (cli_errors.py)
 
 
 if __name__ == "__main__":
