@@ -37,7 +37,8 @@ def run_batch(jobs: list[dict], load: dict, output: str, *, stem: str, workers: 
     entries = {im["index"]: old[im["index"]] for p in planned for im in p["images"]
                if still_valid(storage, old.get(im["index"]), im)}
     pending = [p for p in planned if any(im["index"] not in entries for im in p["images"])]
-    write_manifest(storage, entries)  # stale or damaged entries go now
+    if entries != old:
+        write_manifest(storage, entries)  # stale or damaged entries go now; an unchanged run touches nothing
     total = sum(len(p["images"]) for p in planned)
     summary = dict(total=total, skipped=len(entries), generated=0, manifest=storage.display("manifest.jsonl"))
     if not pending:
