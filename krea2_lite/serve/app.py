@@ -96,15 +96,17 @@ class ImageService:
             result = await self.generate(req)
         finally:
             self.accepted -= 1
+        result, batched = result
         if isinstance(result, RequestError):
             return _error(result.status, str(result))
+        headers = {"X-Krea2-Batch": str(batched)}  # requests in the pipeline call that made these images
         if want_png:
             from starlette.responses import Response
 
-            return Response(result[0], media_type="image/png")
+            return Response(result[0], media_type="image/png", headers=headers)
         return _json(200, {"created": int(time.time()),
                            "data": [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": req.seed + i}
-                                    for i, png in enumerate(result)]})
+                                    for i, png in enumerate(result)]}, headers)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # both set from the config in __init__
     async def generate(self, requests: list[ImageRequest]) -> list:
@@ -112,7 +114,8 @@ class ImageService:
         return await loop.run_in_executor(None, self._run_batch, requests)
 
     def _run_batch(self, requests: list[ImageRequest]) -> list:
-        """One pipeline call per group of equal settings; per request its PNGs or a RequestError."""
+        """One pipeline call per group of equal settings; per request (its PNGs or a RequestError, the
+        number of requests in its call)."""
         from .generation import run_group
 
         results = [None] * len(requests)
@@ -123,7 +126,7 @@ class ImageService:
             start = time.perf_counter()
             out = run_group(self.pipe, [requests[i] for i in members])
             for i, item in zip(members, out):
-                results[i] = item
+                results[i] = (item, len(members))
             images = sum(requests[i].num_images for i in members)
             self.seconds_per_image = (time.perf_counter() - start) / images
         return results
