@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import arguments
 from .jobs import jobs_from_file
 from .run import run_batch
 
@@ -30,6 +31,9 @@ def generate(prompts: str | os.PathLike, output: str | os.PathLike, *, model: st
     the demo); `loras`: [(path, scale)]; `gpus_per_worker` defaults to 1 when the cluster has GPUs."""
     defaults = dict(negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, mu=mu, width=width,
                     height=height, num_images=num_images)
+    if dtype not in (None, "bf16", "fp16", "fp32"):
+        raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    arguments.check_int("workers", workers, 1, 4096)
     jobs = jobs_from_file(str(prompts), defaults)
     load = dict(model=str(model), variant=variant, quant=None if quant == "none" else quant,
                 dtype=dtype or ("fp32" if str(model) == "demo" else "bf16"), lora=list(loras),

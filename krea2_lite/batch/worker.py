@@ -17,8 +17,6 @@ import numpy as np
 
 from .storage import Storage, sha256
 
-DTYPES = ("bf16", "fp16", "fp32")
-
 
 class GenerateJobs:
     """`__init__` loads the pipeline; `__call__({"work": [json, …]})` → `{"records": [json, …]}`."""

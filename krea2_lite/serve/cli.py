@@ -31,6 +31,10 @@ def add_serve_parser(sub) -> None:
 def config_from_args(args: argparse.Namespace):
     from .config import ServeConfig, is_loopback, read_token, token_hash
 
+    if args.quant not in (None, "none"):
+        from ..quantize import QuantSpec
+
+        QuantSpec.parse(args.quant)  # a typo is one error line before Ray starts
     token = read_token(args.token_file) if args.token_file else None
     config = ServeConfig(model=args.model, quant=None if args.quant in (None, "none") else args.quant,
                          dtype=args.dtype, host=args.host, port=args.port, replicas=args.replicas,
