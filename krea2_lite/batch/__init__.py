@@ -41,4 +41,4 @@ def generate(prompts: str | os.PathLike, output: str | os.PathLike, *, model: st
     options = dict(offload=offload, vram_gb=vram_gb, host_ram_gb=host_ram_gb)
     return run_batch(jobs, load, str(output), stem=Path(str(prompts)).stem, workers=workers,
                      gpus_per_worker=gpus_per_worker, address=address, options=options, metadata=metadata,
-                     progress=progress)
+                     progress=progress, inputs=(str(prompts),))

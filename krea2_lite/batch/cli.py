@@ -33,7 +33,8 @@ def run_ray(args: argparse.Namespace, jobs: list[dict], load: dict) -> int:
     load = dict(load, text_encoder=args.text_encoder, vae=args.vae)
     summary = run_batch(jobs, load, args.output, stem=Path(args.prompts).stem, workers=args.workers,
                         gpus_per_worker=args.gpus_per_worker, address=args.ray, options=options,
-                        metadata=not args.no_metadata, progress=not args.quiet)
+                        metadata=not args.no_metadata, progress=not args.quiet,
+                        inputs=tuple(f for f in (args.prompts, args.from_png) if f))
     print(f"{summary['generated']} generated, {summary['skipped']} already done, {summary['total']} in all; "
           f"manifest: {summary['manifest']}", flush=True)
     return 0

@@ -14,8 +14,11 @@ import json
 import time
 import warnings
 
+from pathlib import Path
+
+from ..errors import UnsafeOutputError
 from .jobs import plan_images
-from .manifest import read_manifest, still_valid, write_manifest
+from .manifest import MANIFEST, read_manifest, still_valid, write_manifest
 from .progress import JobProgress
 from .storage import Storage
 
@@ -26,13 +29,15 @@ MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often (and at t
 
 def run_batch(jobs: list[dict], load: dict, output: str, *, stem: str, workers: int = 1,
               gpus_per_worker: float | None = None, address: str | None = "auto", options: dict | None = None,
-              metadata: bool = True, progress: bool = True) -> dict:
+              metadata: bool = True, progress: bool = True, inputs: tuple = ()) -> dict:
     """Generate every image of `jobs` not already in `output`; returns {"total", "skipped", "generated",
     "manifest"}. `load`: model, variant, dtype, quant, lora [(path, scale)], text_encoder, vae;
-    `options`: from_pretrained's offload, vram_gb, host_ram_gb, device for each worker."""
+    `options`: from_pretrained's offload, vram_gb, host_ram_gb, device for each worker; `inputs`: local
+    files (the prompt file) the job must never overwrite."""
     storage = Storage(output)
-    storage.makedirs()
     planned = plan_images(jobs, load, stem, metadata)
+    _refuse_overwriting(storage, planned, inputs)
+    storage.makedirs()
     old = read_manifest(storage)
     entries = {im["index"]: old[im["index"]] for p in planned for im in p["images"]
                if still_valid(storage, old.get(im["index"]), im)}
@@ -59,6 +64,16 @@ def run_batch(jobs: list[dict], load: dict, output: str, *, stem: str, workers: 
         write_manifest(storage, entries)
         bar.close()
     return summary
+
+
+def _refuse_overwriting(storage: Storage, planned: list[dict], inputs) -> None:
+    if storage.remote:
+        return
+    names = {MANIFEST} | {im["file"] for p in planned for im in p["images"]}
+    for path in inputs:
+        target = Path(path).resolve()
+        if target.parent == Path(storage.path("x")).parent and target.name in names:
+            raise UnsafeOutputError(f"--output {storage.location}: the job would overwrite its input {path}")
 
 
 def _results(pending, load, storage, workers, gpus_per_worker, address, options):

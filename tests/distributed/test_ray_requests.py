@@ -80,3 +80,14 @@ def test_a_bad_prompt_line_is_named_before_anything_loads(tmp_path):
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": 5000}\n')
     with pytest.raises(PromptFileError, match=r"p\.jsonl:2: steps must be in 1\.\.1000"):
         jobs_from_file(str(prompts), {})
+
+
+def test_a_job_never_overwrites_its_prompt_file(tmp_path):
+    from krea2_lite.batch import generate
+    from krea2_lite.errors import UnsafeOutputError
+
+    prompts = tmp_path / "manifest.jsonl"
+    prompts.write_text('{"prompt": "a fox"}\n')
+    with pytest.raises(UnsafeOutputError, match="would overwrite its input"):
+        generate(prompts, tmp_path, model="demo", progress=False)
+    assert prompts.read_text() == '{"prompt": "a fox"}\n'

@@ -24,26 +24,42 @@ MAX_QUEUE = 3
 
 
 @pytest.fixture(scope="module")
-def service(local_ray, tmp_path_factory):
+def service(local_ray, lora_dir):
     from ray import serve
 
     from krea2_lite.serve.app import build_app
 
-    loras = tmp_path_factory.mktemp("loras")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(model="demo", port=port, token_sha256=token_hash(TOKEN), lora_dir=str(loras),
+    config = ServeConfig(model="demo", port=port, token_sha256=token_hash(TOKEN), lora_dir=str(lora_dir),
                          max_queue=MAX_QUEUE, max_batch_size=4, batch_wait_s=0.2, max_body_bytes=4096)
     serve.run(build_app(config), name="krea2_lite", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
+def write_demo_lora(path, features: int):
+    """A rank-2 LoRA (krea-2 training layout) on the demo's first block's query projection."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"blocks.0.attn.wq.lora_A": torch.randn(2, features, generator=g) / features ** 0.5,
+               "blocks.0.attn.wq.lora_B": torch.randn(features, 2, generator=g) * 0.5},
+              str(path), metadata={"rank": "2", "lora_alpha": "2", "lora_scale": "1.0"})
+
+
 @pytest.fixture(scope="module")
 def library():
     return Krea2Pipeline.from_pretrained("demo", dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(library, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    write_demo_lora(folder / "style.safetensors", library.transformer.config.features)
+    return folder
 
 
 def call(url, path, body=None, token=TOKEN, accept="application/json", raw=None):
@@ -88,6 +104,19 @@ def test_images_equal_the_library_alone_and_batched(service, library):
         # Batched calls sum in another order: at most one intensity level apart (docs/ray.md).
         assert np.abs(pixels(png) - pixels(expected)).max() <= 1
         assert Image.open(io.BytesIO(png)).text[METADATA_KEY] == Image.open(io.BytesIO(expected)).text[METADATA_KEY]
+
+
+def test_a_lora_by_name_gives_the_library_image_with_that_lora(service, library, lora_dir):
+    body = {"prompt": "a red circle", "seed": 4, "steps": 2, "loras": [{"name": "style", "scale": 0.7}]}
+    status, png, _ = call(service, "/v1/images", body, accept="image/png")
+    assert status == 200
+    library.load_lora(lora_dir / "style.safetensors", scale=0.7, name="style")
+    try:
+        expected = library_png(library, "a red circle", 4, 2)
+    finally:
+        library.unload_lora("style")
+    assert png == expected and png != library_png(library, "a red circle", 4, 2)
+    assert json.loads(Image.open(io.BytesIO(png)).text[METADATA_KEY])["loras"] == [{"name": "style", "scale": 0.7}]
 
 
 def test_bad_requests_get_their_status_and_one_line(service):
