@@ -91,3 +91,31 @@ def test_a_job_never_overwrites_its_prompt_file(tmp_path):
     with pytest.raises(UnsafeOutputError, match="would overwrite its input"):
         generate(prompts, tmp_path, model="demo", progress=False)
     assert prompts.read_text() == '{"prompt": "a fox"}\n'
+
+
+def serve_args(*argv):
+    import argparse
+
+    from krea2_lite.serve.cli import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", "--model", "demo", *argv])
+
+
+def test_serve_warns_loudly_on_a_public_address_without_a_token_and_hashes_the_token(tmp_path, capsys):
+    from krea2_lite.serve.cli import config_from_args
+    from krea2_lite.serve.config import token_hash
+
+    assert config_from_args(serve_args()).host == "127.0.0.1" and "WARNING" not in capsys.readouterr().err
+    config_from_args(serve_args("--host", "0.0.0.0"))
+    assert "WITHOUT A TOKEN" in capsys.readouterr().err
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    config = config_from_args(serve_args("--host", "0.0.0.0", "--token-file", str(token)))
+    assert config.token_sha256 == token_hash("s3cret-token-0123456789") and "WARNING" not in capsys.readouterr().err
+    token.write_text("short\n")
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        config_from_args(serve_args("--token-file", str(token)))
+    with pytest.raises(FileNotFoundError, match="--lora-dir"):
+        config_from_args(serve_args("--lora-dir", str(tmp_path / "none")))
