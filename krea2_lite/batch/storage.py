@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def is_uri(location: str) -> bool:
-    return "://" in str(location) and not str(location).startswith("file://")
+    """s3://, gs://, hdfs://, file:// … go through pyarrow.fs; a plain path is a local folder."""
+    return "://" in str(location)
 
 
 class Storage:
@@ -27,7 +28,7 @@ class Storage:
         if self.remote:
             self._fs, self._root = _open_uri(location)
         else:
-            self._root = str(Path(location.removeprefix("file://")).expanduser().resolve())
+            self._root = str(Path(location).expanduser().resolve())
 
     def __reduce__(self):  # a pyarrow filesystem rebuilds itself from the URI on the worker
         return (Storage, (self.location,))

@@ -119,3 +119,18 @@ def test_serve_warns_loudly_on_a_public_address_without_a_token_and_hashes_the_t
         config_from_args(serve_args("--token-file", str(token)))
     with pytest.raises(FileNotFoundError, match="--lora-dir"):
         config_from_args(serve_args("--lora-dir", str(tmp_path / "none")))
+
+
+def test_a_pyarrow_uri_is_written_whole_and_read_back(tmp_path):
+    import pickle
+
+    storage = pickle.loads(pickle.dumps(Storage(f"file://{tmp_path}/remote/run1")))  # as a worker gets it
+    assert storage.remote
+    storage.makedirs()
+    assert storage.read("a.png") is None
+    storage.write("a.png", b"first")
+    storage.write("a.png", b"second")
+    assert storage.read("a.png") == b"second" and (tmp_path / "remote/run1/a.png").read_bytes() == b"second"
+    write_manifest(storage, {1: {"index": 1, "file": "a.png"}})
+    assert read_manifest(storage) == {1: {"index": 1, "file": "a.png"}}
+    assert storage.display("a.png") == f"file://{tmp_path}/remote/run1/a.png"
