@@ -10,8 +10,7 @@ ray = pytest.importorskip("ray", reason="Ray is the `ray` extra: pip install -e 
 @pytest.fixture(scope="package")
 def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback instance
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
-                                                                                 os.environ.get("PYTHONPATH")]))}})
+    # Workers inherit this process's environment (PYTHONPATH included): the instance is started here.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

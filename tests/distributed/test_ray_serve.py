@@ -106,6 +106,7 @@ def test_images_equal_the_library_alone_and_batched(service, library):
         assert Image.open(io.BytesIO(png)).text[METADATA_KEY] == Image.open(io.BytesIO(expected)).text[METADATA_KEY]
 
 
+@pytest.mark.slow
 def test_a_lora_by_name_gives_the_library_image_with_that_lora(service, library, lora_dir):
     body = {"prompt": "a red circle", "seed": 4, "steps": 2, "loras": [{"name": "style", "scale": 0.7}]}
     status, png, _ = call(service, "/v1/images", body, accept="image/png")
