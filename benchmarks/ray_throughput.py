@@ -7,7 +7,7 @@
            with batching off (max batch 1) and on (max batch = concurrency), and the requests per minute.
 Systems are alternated and the minimum over `--repeats` is reported (CPU timings here are bimodal).
 
-  PYTHONPATH=. python benchmarks/ray_throughput.py --prompts 16 --steps 20 --repeats 2
+  python -m benchmarks.ray_throughput --prompts 16 --steps 20 --repeats 2
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import arguments
+from .. import checks
 from .jobs import jobs_from_file
 from .run import run_batch
 
@@ -33,7 +33,7 @@ def generate(prompts: str | os.PathLike, output: str | os.PathLike, *, model: st
                     height=height, num_images=num_images)
     if dtype not in (None, "bf16", "fp16", "fp32"):
         raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    arguments.check_int("workers", workers, 1, 4096)
+    checks.check_int("workers", workers, 1, 4096)
     jobs = jobs_from_file(str(prompts), defaults)
     load = dict(model=str(model), variant=variant, quant=None if quant == "none" else quant,
                 dtype=dtype or ("fp32" if str(model) == "demo" else "bf16"), lora=list(loras),

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 
-from .. import arguments
+from .. import checks
+from ..cli.generate_outputs import FOLDER_PATTERN
 from ..errors import PromptFileError
 
-# The single-process CLI's file names when --output is a folder (__main__.FOLDER_PATTERN).
-FILE_PATTERN = "{stem}_{index:04d}.png"
+# The single-process CLI's file names when --output is a folder: a batch job writes the same names.
+FILE_PATTERN = FOLDER_PATTERN
 JOB_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "num_images")
-MAX_SIDE = 4096  # the pipeline's own bound (pipeline.MAX_SIDE), checked before any worker loads
 
 
 def read_prompts(path: str) -> list[dict]:
     """The prompt file's lines, by the single-process rules (.txt / .jsonl, PromptFileError per line)."""
-    from ..prompts import read_prompt_file  # the one place that names the prompt reader's module
+    from ..cli.prompt_files import read_prompt_file  # the one place that names the prompt reader's module
 
     return read_prompt_file(path)
 
@@ -37,16 +37,9 @@ def check_jobs(jobs: list[dict], source: str | None) -> None:
     """The model-independent bounds of every job (the CLI's checks); a prompt-file line is named."""
     for job in jobs:
         try:
-            if job.get("steps") is not None:
-                arguments.check_steps(job["steps"])
-            if job.get("guidance") is not None:
-                arguments.check_number("guidance", job["guidance"], 0.0, arguments.MAX_GUIDANCE)
-            arguments.check_mu(job.get("mu"))
-            arguments.check_seed(job["seed"], arguments.check_int("num_images", job["num_images"], 1,
-                                                                  arguments.MAX_IMAGES))
-            for side in ("width", "height"):
-                if job.get(side) is not None:
-                    arguments.check_int(side, job[side], 1, MAX_SIDE)
+            checks.check_call_settings(steps=job.get("steps"), guidance=job.get("guidance"), mu=job.get("mu"),
+                                       num_images=job["num_images"], seed=job["seed"], width=job.get("width"),
+                                       height=job.get("height"))
         except (ValueError, TypeError) as exc:
             if "line" not in job or source is None:
                 raise

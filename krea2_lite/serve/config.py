@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import arguments
+from .. import checks
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,11 @@ class ServeConfig:
     offload: str = "auto"
 
     def check(self) -> "ServeConfig":
-        arguments.check_int("--port", self.port, 1, 65535)
-        arguments.check_int("--replicas", self.replicas, 1, 1024)
-        arguments.check_int("--max-batch-size", self.max_batch_size, 1, arguments.MAX_IMAGES)
-        arguments.check_int("--max-queue", self.max_queue, 1, 100_000)
-        arguments.check_int("--max-images", self.max_images, 1, arguments.MAX_IMAGES)
+        checks.check_int("--port", self.port, 1, 65535)
+        checks.check_int("--replicas", self.replicas, 1, 1024)
+        checks.check_int("--max-batch-size", self.max_batch_size, 1, checks.MAX_IMAGES)
+        checks.check_int("--max-queue", self.max_queue, 1, 100_000)
+        checks.check_int("--max-images", self.max_images, 1, checks.MAX_IMAGES)
         if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
             raise FileNotFoundError(f"--lora-dir {self.lora_dir}: not a folder")
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..batch.worker import png_bytes
-from ..cli_errors import USER_ERRORS, describe
+from ..cli.error_contract import USER_ERRORS, describe
 from .requests import ImageRequest, RequestError
 
 

@@ -1,7 +1,7 @@
 """`POST /v1/images` bodies → checked image requests, with the library's own bounds and messages.
 
 Every problem is a RequestError with the HTTP status and the one-line message the CLI would print
-for the same value (arguments.py wording). Nothing here touches the filesystem except resolving a
+for the same value (checks.py wording). Nothing here touches the filesystem except resolving a
 LoRA name inside the operator's LoRA folder.
 """
 
@@ -13,10 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import arguments
+from .. import checks
 
-MAX_SIDE = 4096  # the pipeline's bound (pipeline.MAX_SIDE)
-SIZE_MULTIPLE = 16  # the pipeline rounds sizes up to this (pipeline.SIZE_MULTIPLE)
 FIELDS = ("prompt", "negative_prompt", "width", "height", "size", "steps", "guidance", "seed", "num_images", "n",
           "loras", "model", "response_format", "user")
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -78,15 +76,15 @@ def _check(data: dict, model_id: str, lora_dir: Path | None, max_images: int) ->
     width, height = _size(data)
     if "n" in data and "num_images" in data:
         raise ValueError("'n' and 'num_images' are the same setting; give one")
-    images = arguments.check_int("num_images", data.get("num_images", data.get("n", 1)), 1, max_images)
-    seed = arguments.check_seed(data.get("seed", 0), images)
+    images = checks.check_int("num_images", data.get("num_images", data.get("n", 1)), 1, max_images)
+    seed = checks.check_seed(data.get("seed", 0), images)
     steps = data.get("steps")
     guidance = data.get("guidance")
     return ImageRequest(
         prompt=prompt, negative_prompt=negative, width=width, height=height, seed=seed, num_images=images,
-        steps=None if steps is None else arguments.check_steps(steps),
-        guidance=None if guidance is None else arguments.check_number("guidance", guidance, 0.0,
-                                                                      arguments.MAX_GUIDANCE),
+        steps=None if steps is None else checks.check_steps(steps),
+        guidance=None if guidance is None else checks.check_number("guidance", guidance, 0.0,
+                                                                      checks.MAX_GUIDANCE),
         loras=tuple(_loras(data.get("loras", []), lora_dir)))
 
 
@@ -102,8 +100,8 @@ def _size(data: dict) -> tuple[int | None, int | None]:
     for side in ("width", "height"):
         value = data.get(side)
         if value is not None:  # the pipeline's own rounding, so the noise below has its shape
-            value = arguments.check_int(side, value, 1, MAX_SIDE)
-            value = SIZE_MULTIPLE * math.ceil(value / SIZE_MULTIPLE)
+            value = checks.check_side(side, value)
+            value = checks.SIZE_MULTIPLE * math.ceil(value / checks.SIZE_MULTIPLE)
         sides.append(value)
     return sides[0], sides[1]
 
@@ -123,7 +121,7 @@ def _loras(value, lora_dir: Path | None) -> list[tuple[str, str, float]]:
         if not isinstance(name, str) or not LORA_NAME.match(name) or ".." in name:
             raise ValueError(f"LoRA name {name!r} must be a file name from the server's LoRA folder "
                              "(letters, digits, '_', '-', '.'; no path)")
-        scale = arguments.check_number(f"LoRA {name!r} scale", scale, -10.0, 10.0)
+        scale = checks.check_number(f"LoRA {name!r} scale", scale, -10.0, 10.0)
         stem = name.removesuffix(".safetensors")
         path = (lora_dir / f"{stem}.safetensors").resolve()
         if path.parent != lora_dir or not path.is_file():

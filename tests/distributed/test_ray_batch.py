@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from krea2_lite import read_png_metadata
-from krea2_lite.__main__ import main
+from krea2_lite.cli.subcommands import main
 from krea2_lite.batch import generate
 from krea2_lite.batch.manifest import MANIFEST, read_manifest
 from krea2_lite.batch.storage import Storage, sha256

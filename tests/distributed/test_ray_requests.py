@@ -96,15 +96,15 @@ def test_a_job_never_overwrites_its_prompt_file(tmp_path):
 def serve_args(*argv):
     import argparse
 
-    from krea2_lite.serve.cli import add_serve_parser
+    from krea2_lite.cli import serve
 
     parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["serve", "--model", "demo", *argv])
+    serve.add_arguments(parser)
+    return parser.parse_args(["--model", "demo", *argv])
 
 
 def test_serve_warns_loudly_on_a_public_address_without_a_token_and_hashes_the_token(tmp_path, capsys):
-    from krea2_lite.serve.cli import config_from_args
+    from krea2_lite.cli.serve import config_from_args
     from krea2_lite.serve.config import token_hash
 
     assert config_from_args(serve_args()).host == "127.0.0.1" and "WARNING" not in capsys.readouterr().err

@@ -124,7 +124,7 @@ def test_bad_requests_get_their_status_and_one_line(service):
     cases = [
         (dict(raw=b"{not json"), 400, "the body is not valid JSON"),
         (dict(body={"prompt": "x", "steps": 0}), 400, "steps must be in 1..1000, got 0"),
-        (dict(body={"prompt": "x", "width": 5000}), 400, "width must be in 1..4096, got 5000"),
+        (dict(body={"prompt": "x", "width": 5000}), 400, "width must be in 1..4096 pixels, got 5000"),
         (dict(body={"prompt": "x", "loras": [{"name": "../secret"}]}), 400, "LoRA name '../secret' must be"),
         (dict(body={"prompt": "x", "loras": [{"name": "missing"}]}), 400, "no LoRA named 'missing'"),
         (dict(body={"prompt": "x", "path": "/etc/passwd"}), 400, "unknown field 'path'"),
