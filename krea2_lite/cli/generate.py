@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..checks import OFFLOAD_MODES
 from ..metadata import save_png
+from .generate_ray import add_ray_arguments, run_ray
 from .generate_outputs import plan_outputs
 from .generate_settings import (DTYPES, QUANTS, build_jobs, check_jobs, errors_name_the_line, lora_argument,
                                 quant_argument, resolve_settings)
@@ -65,6 +66,7 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
                      "(replaces a --from-png image's LoRAs)")
+    add_ray_arguments(gen)  # --ray, --workers, --gpus-per-worker: a Ray Data job (krea2_lite/batch)
 
 
 def load_pipeline(args: argparse.Namespace, load: dict):
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     call, load = resolve_settings(args)
     jobs = build_jobs(args, call)
     check_jobs(args, jobs)  # every input checked before the (slow) model load
+    if args.ray is not None:
+        return run_ray(args, jobs, load)
     paths = plan_outputs(args, jobs)
     pipe = load_pipeline(args, load)
     run_jobs(pipe, jobs, paths, args)
