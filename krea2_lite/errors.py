@@ -87,3 +87,32 @@ class MetadataError(Krea2LiteError, ValueError):
 
 class PromptFileError(Krea2LiteError, ValueError):
     """A prompt file (generate --prompts) that is empty or has a bad line; the message names file and line."""
+
+
+class HubError(Krea2LiteError):
+    """Fetching from the Hugging Face hub failed; the subclass says why, the message what to do."""
+
+
+class HubAccessError(HubError, PermissionError):
+    """A gated or private repo this machine may not read: `reason` is "not-logged-in" (401) or
+    "not-approved" (logged in, license not yet accepted / approved: 403)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class HubNotFoundError(HubError, CheckpointNotFoundError):
+    """No such repo, revision or file on the hub."""
+
+
+class HubOfflineError(HubError, CheckpointNotFoundError):
+    """HF_HUB_OFFLINE=1 and the local cache lacks a file this load reads."""
+
+
+class HubConnectionError(HubError, ConnectionError):
+    """The hub cannot be reached (network down, proxy, server error) and the cache lacks what is needed."""
+
+
+class DiskSpaceError(HubError, OSError):
+    """The files to fetch do not fit the free space of the hub cache's disk (checked before any download)."""

@@ -24,8 +24,8 @@ from .errors import MetadataError
 
 METADATA_KEY = "krea2_lite"
 PARAMETERS_KEY = "parameters"
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "model", "variant",
-          "quant", "loras", "dtype", "version")
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "model", "revision",
+          "variant", "quant", "loras", "dtype", "version")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -53,7 +53,7 @@ def pipeline_metadata(pipe) -> dict:
     from .lora import loaded_loras
 
     quantization = getattr(pipe.transformer, "quantization", None)
-    return dict(model=getattr(pipe, "source", None), variant=pipe.variant,
+    return dict(model=getattr(pipe, "source", None), revision=getattr(pipe, "revision", None), variant=pipe.variant,
                 quant=quant_label(quantization.spec if quantization is not None else None),
                 loras=[dict(name=name, scale=scale) for name, scale in loaded_loras(pipe.transformer).items()],
                 dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
@@ -87,7 +87,7 @@ def format_parameters(meta: dict) -> str:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     items = [("Steps", meta.get("steps")), ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
              ("Size", f"{meta.get('width')}x{meta.get('height')}"), ("Model", meta.get("model")),
-             ("Variant", meta.get("variant"))]
+             ("Revision", meta.get("revision")), ("Variant", meta.get("variant"))]
     quant = meta.get("quant")
     if quant is not None:
         items.append(("Quant", quant if isinstance(quant, str) else _quant_dict_name(quant)))

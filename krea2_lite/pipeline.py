@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import checks
-from .errors import DeviceMemoryError, MemoryPlanError, ShapeMismatchError
+from .errors import ArgumentTypeError, DeviceMemoryError, MemoryPlanError, ShapeMismatchError
 from .finite_checks import check_decoded, check_schedule
 from .kernels import backend_scope
 from .kernels.workspace import release_workspaces
@@ -111,6 +111,7 @@ class Krea2Pipeline:
         self.text_encoder_loader = None  # re-reads the text encoder from its files (a "reload" plan needs it)
         self._device = None
         self.source = None  # what from_pretrained was given (a path, hub id or "demo"), for image metadata
+        self.revision = None  # the hub commit the model was loaded at, for image metadata
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +130,8 @@ class Krea2Pipeline:
                         transformer: str | os.PathLike | None = None,
                         text_encoder: str | os.PathLike | None = None,
                         vae: str | os.PathLike | None = None, progress: bool | None = None,
-                        prefetch: int = 1, host_ram_gb: float | None = None) -> "Krea2Pipeline":
+                        prefetch: int = 1, host_ram_gb: float | None = None,
+                        revision: str | None = None) -> "Krea2Pipeline":
         """Load a pipeline from a diffusers folder (model_index.json), a hub id, or explicit paths.
 
         `path_or_hub_id` may also be a single transformer file (official or ComfyUI); the text
@@ -144,21 +146,28 @@ class Krea2Pipeline:
         on the CPU "auto" means "none"), streaming blocks with `prefetch` copies in flight, and for
         `host_ram_gb` GiB of host RAM (default: what the OS reports available now, MemAvailable). The
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
+
+        Hub ids (`owner/name`, or one file: `owner/name/path/in/repo.safetensors`, also for
+        `transformer=` / `text_encoder=` / `vae=`) are fetched by need (`krea2_lite.files.hub_fetch`);
+        `revision` (branch, tag or commit) pins the model's repo, and `pipe.revision` is the commit loaded.
         """
         checks.check_offload(offload)
         checks.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
         checks.check_variant(variant)
         checks.check_gib("host_ram_gb", host_ram_gb)
+        if revision is not None and not isinstance(revision, str):
+            raise ArgumentTypeError(f"revision must be a branch, tag or commit hash (a string), got {revision!r}")
         dtype = check_float_dtype(dtype)
         device = checks.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if host_ram_gb is None:  # read before anything is loaded: the plan counts what the pipeline will hold
             host_ram_gb = available_host_bytes() / (1 << 30)
         spec = resolve_pipeline(path_or_hub_id, variant=variant, quant=quant, transformer=transformer,
-                                text_encoder=text_encoder, vae=vae)
+                                text_encoder=text_encoder, vae=vae, revision=revision, progress=progress is not False)
         pipe = cls.from_spec(spec, quant=quant, vram_gb=vram_gb, offload=offload, device=device, dtype=dtype,
                              progress=progress, prefetch=prefetch, host_ram_gb=host_ram_gb)
         # What the user named (a path, hub id or "demo"), recorded in every image's metadata.
         pipe.source = os.fspath(path_or_hub_id if path_or_hub_id is not None else transformer or "") or None
+        pipe.revision = spec.revision  # the hub commit actually loaded (None for a local model)
         return pipe
 
     @classmethod

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from benchmarks.gpu_proof import correctness, layers, quanto, timings
+from benchmarks.gpu_proof import correctness, layers, quanto, ray_batch, timings
 
 
 class ProofSection(NamedTuple):
@@ -33,5 +33,6 @@ SECTIONS = (
     ProofSection("layers", 0.08, layers.layer_rows),
     ProofSection("steps", 0.38, timings.step_rows),
     ProofSection("stream", 0.15, timings.stream_rows),
+    ProofSection("ray", 0.05, ray_batch.run),  # a Ray Data batch worker on the GPU (issue 30)
     ProofSection("quanto", 0.15, quanto.run, needs_peer=True),
 )

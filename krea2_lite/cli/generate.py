@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..checks import OFFLOAD_MODES
 from ..metadata import save_png
+from .generate_ray import add_ray_arguments, run_ray
 from .generate_outputs import plan_outputs
 from .generate_settings import (DTYPES, QUANTS, build_jobs, check_jobs, errors_name_the_line, lora_argument,
                                 quant_argument, resolve_settings)
@@ -30,6 +31,8 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--model", help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer "
                      ".safetensors, or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds "
                      "on a CPU); required unless --from-png names it")
+    gen.add_argument("--revision", help="hub branch, tag or commit of --model (default: a --from-png image's "
+                     "recorded commit, else main)")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -63,6 +66,7 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
                      "(replaces a --from-png image's LoRAs)")
+    add_ray_arguments(gen)  # --ray, --workers, --gpus-per-worker: a Ray Data job (krea2_lite/batch)
 
 
 def load_pipeline(args: argparse.Namespace, load: dict):
@@ -71,7 +75,8 @@ def load_pipeline(args: argparse.Namespace, load: dict):
     pipe = Krea2Pipeline.from_pretrained(load["model"], variant=load.get("variant"), device=args.device,
                                          dtype=DTYPES[load["dtype"]], text_encoder=args.text_encoder, vae=args.vae,
                                          quant=load.get("quant"), offload=args.offload, vram_gb=args.vram_gb,
-                                         host_ram_gb=args.ram_gb, progress=not args.quiet)
+                                         host_ram_gb=args.ram_gb, progress=not args.quiet,
+                                         revision=load.get("revision"))
     for path, scale in load["lora"]:
         pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     return pipe
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     call, load = resolve_settings(args)
     jobs = build_jobs(args, call)
     check_jobs(args, jobs)  # every input checked before the (slow) model load
+    if args.ray is not None:
+        return run_ray(args, jobs, load)
     paths = plan_outputs(args, jobs)
     pipe = load_pipeline(args, load)
     run_jobs(pipe, jobs, paths, args)

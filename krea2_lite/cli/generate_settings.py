@@ -60,9 +60,10 @@ def png_settings(path: str) -> tuple[dict, dict]:
                 raise MetadataError(str(exc)) from None
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
-    load = {k: meta[k] for k in ("model", "variant", "quant", "dtype") if meta.get(k) is not None}
-    if load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo"):
-        raise MetadataError(f"{path}: unknown dtype / variant in the krea2_lite metadata: {load}")
+    load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype") if meta.get(k) is not None}
+    if (load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo")
+            or not isinstance(load.get("revision", ""), str)):
+        raise MetadataError(f"{path}: unknown dtype / variant / revision in the krea2_lite metadata: {load}")
     loras = meta.get("loras") or []
     if not isinstance(loras, list) or not all(isinstance(lo, dict) and isinstance(lo.get("name"), str)
                                               and isinstance(lo.get("scale"), (int, float)) for lo in loras):
@@ -97,7 +98,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
     flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
-                 lora=args.lora or None)
+                 lora=args.lora or None, revision=args.revision)
+    if args.model is not None and args.revision is None:
+        load.pop("revision", None)  # the image's commit belongs to the image's model
     load.update({k: v for k, v in flags.items() if v is not None})
     if load.get("quant") == "none":
         load["quant"] = None

@@ -113,7 +113,7 @@ def quantize_pipeline_parts(root: Path, tmp: Path, te_dtype: str, progress: bool
 
 
 def quantize_to_folder(args: argparse.Namespace) -> Path:
-    src = resolve_path(args.model)
+    src = resolve_path(args.model, progress=not args.quiet)
     out = quantize_output.check_output(args.out, src, args.force)  # never the source, a root, or not ours
     lowrank = 0 if args.lowrank is None else require_rank(args.lowrank, "--lowrank")
     if lowrank and args.dtype != "int4":

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import generate
+from . import generate, serve
 from .error_contract import run_cli
 
-SUBCOMMANDS = (generate,)
+SUBCOMMANDS = (generate, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

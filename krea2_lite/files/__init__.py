@@ -1,6 +1,8 @@
 """The bottom layer: every file krea2_lite reads or writes, below everything that uses it.
 
   paths.py               local path or Hugging Face hub id → local path
+  hub_fetch.py           hub ids fetched by need: small files, then exactly the weights a load
+                         reads (announced, disk checked); hub_errors.py: one typed HubError each
   jsonfile.py            the one JSON reader (every failure a JsonFileError naming the file)
   dtypes.py              the one dtype table (safetensors names, torch dtypes, sizes) and the
                          compute-dtype check

@@ -117,7 +117,7 @@ def _transformer_weights(location: Path):
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
-    location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
+    location = resolve_path(path, parts=("transformer",))
     weights, config = _transformer_weights(location)
     stored = {key: (file, key, info) for key, (file, info) in tensor_locations(weights).items()}
 

@@ -3,37 +3,29 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError
-
-# What a hub download fetches by default: configs and safetensors weights, never pickles.
-DEFAULT_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors"]
+from .hub_fetch import fetch_ref, parse_hub_ref
 
 
 def looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
+    """`owner/name`, `owner/name@rev` or `owner/name/path/in/repo.safetensors`."""
+    return parse_hub_ref(text) is not None
 
 
-def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
-    """A local file or folder as given, or a Hugging Face hub id downloaded with huggingface_hub.
+def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = None, *,
+                 parts: tuple[str, ...] | None = None, revision: str | None = None, progress: bool = True) -> Path:
+    """A local file or folder as given, or a hub reference fetched by need (`files.hub_fetch`): a repo's
+    small files, then the weights of what it is (a pipeline's `parts`, default all; never its root
+    single file, never images or pickles), or the one file `owner/name/path/in/repo.safetensors` names.
 
-    Only files matching `allow_patterns` are fetched (weights as safetensors, never pickles).
+    `allow_patterns` is kept for older callers and no longer used: what is fetched is decided by need.
     """
     text = os.fspath(path)
     location = Path(text).expanduser()
     if location.exists():
         return location
-    if not looks_like_hub_id(text):
+    if parse_hub_ref(text) is None:
         raise CheckpointNotFoundError(f"{location}: no such file or folder")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - a hard dependency
-        raise CheckpointNotFoundError(f"{text}: no such path, and huggingface_hub is not installed") from None
-    try:
-        return Path(snapshot_download(text, allow_patterns=allow_patterns or DEFAULT_PATTERNS))
-    except Exception as exc:
-        raise CheckpointNotFoundError(
-            f"'{text}' is not a local path, and fetching it from the Hugging Face hub failed: "
-            f"{type(exc).__name__}: {exc}") from None
+    return fetch_ref(text, parts=parts, revision=revision, progress=progress)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError, SafetensorsSetError, UnsafeCheckpointFormatError
+from .hub_fetch import NEVER_READ_PREFIXES
 from .jsonfile import get_typed, read_json
 from .safetensors_headers import TensorInfo, read_safetensors_header
 
@@ -53,9 +54,14 @@ def _from_index(index: Path) -> WeightFiles:
     weight_map = read_weight_map(index)  # a JSON object of key → plain shard file name, or a clear error
     folder = index.parent
     shards = {name: folder / name for name in weight_map.values()}
-    missing = sorted(name for name, p in shards.items() if not p.is_file())
-    if missing:
-        raise CheckpointNotFoundError(f"{index}: lists shards that are missing: {missing[:3]}")
+    missing = {name for name, p in shards.items() if not p.is_file()}
+    # A shard of tensors krea2_lite never reads (a vision tower) is not fetched from the hub: not needed.
+    unread = {name for name in missing
+              if all(k.startswith(NEVER_READ_PREFIXES) for k, v in weight_map.items() if v == name)}
+    if missing - unread:
+        raise CheckpointNotFoundError(f"{index}: lists shards that are missing: {sorted(missing - unread)[:3]}")
+    weight_map = {k: v for k, v in weight_map.items() if v not in unread}
+    shards = {name: p for name, p in shards.items() if name not in unread}
     return WeightFiles(folder, sorted(set(shards.values())), {k: shards[v] for k, v in weight_map.items()}, index)
 
 

@@ -20,17 +20,15 @@ from ..model.text_encoder import DEFAULT_SELECT_LAYERS
 from ..quantize.recipe import QuantSpec
 from ..sampling import DEFAULT_SHIFT
 from ..variants import VARIANTS, VariantDefaults
+from ..files.hub_fetch import HubFetcher
 from ..files.jsonfile import read_json
-from ..files.paths import resolve_path
-from .transformer import TRANSFORMER_PATTERNS, describe_transformer
+from .transformer import describe_transformer
 
 logger = logging.getLogger("krea2_lite")
 
 # Where the released model's other components live when only a transformer file is given.
 DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-VL-4B-Instruct"
 DEFAULT_VAE = "Qwen/Qwen-Image"
-ROOT_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "tokenizer/*", "*.txt"]
-TEXT_ENCODER_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*", "merges.txt", "vocab.json"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,7 @@ class PipelineSpec:
     select_layers: tuple[int, ...] = DEFAULT_SELECT_LAYERS
     defaults: VariantDefaults | None = None    # the folder's own steps / guidance / mu
     default_size: tuple[int, int] = (1024, 1024)  # (width, height)
+    revision: str | None = None  # the commit hash the model's hub repo was loaded at (None: a local model)
 
 
 def _json_if_present(path: Path, what: str) -> dict:
@@ -58,7 +57,7 @@ def _is_model_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "krea2_lite.json").is_file())
 
 
-def _open_root(path_or_hub_id) -> tuple[Path | None, dict, dict]:
+def _open_root(path_or_hub_id, hub: HubFetcher, revision: str | None) -> tuple[Path | None, dict, dict]:
     """(root, model_index.json, krea2_lite.json) of what the user named (None: nothing named)."""
     if path_or_hub_id is None:
         return None, {}, {}
@@ -69,7 +68,7 @@ def _open_root(path_or_hub_id) -> tuple[Path | None, dict, dict]:
             logger.warning("krea2_lite: ./demo is not a model folder; loading the shipped demo model "
                            "(pass ./demo/ to mean the local entry)")
         path_or_hub_id = demo_path()
-    root = resolve_path(path_or_hub_id, ROOT_PATTERNS)
+    root = hub.resolve(path_or_hub_id, revision)  # a hub repo: its small files only, for now
     if not root.is_dir():
         return root, {}, {}
     return (root, _json_if_present(root / "model_index.json", "model_index.json"),
@@ -119,21 +118,31 @@ def _variant(variant: str | None, index: dict, root) -> str:
     return "raw"
 
 
-def _resolve_vae(vae) -> Path:
-    path = resolve_path(DEFAULT_VAE, ["vae/*"]) / "vae" if vae is None else resolve_path(vae, ["*.json", "*.safetensors",
-                                                                                               "vae/*"])
+def _resolve_vae(vae, hub: HubFetcher) -> Path:
+    path = hub.resolve(DEFAULT_VAE, small=["vae/*.json"]) / "vae" if vae is None else hub.resolve(vae)
+    if hub.where(path) and path.suffix.lower() == ".safetensors":  # one file of a hub repo: it and its config
+        hub.need(path)
+        path = path.parent
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: VAE folder not found")
     return path
 
 
 def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=None, transformer=None,
-                     text_encoder=None, vae=None) -> PipelineSpec:
-    """Resolve `from_pretrained`'s arguments into a PipelineSpec (see the module docstring)."""
-    root, index, manifest = _open_root(path_or_hub_id)
+                     text_encoder=None, vae=None, revision: str | None = None, progress: bool = True) -> PipelineSpec:
+    """Resolve `from_pretrained`'s arguments into a PipelineSpec (see the module docstring). Hub
+    references are fetched by need (`files.hub_fetch`): small files first, then exactly the weights
+    this load reads, announced (unless `progress` is False) before the first large file."""
+    hub = HubFetcher(progress=progress)
+    root, index, manifest = _open_root(path_or_hub_id, hub, revision)
     transformer, text_encoder, vae, root, index = _components(root, index, manifest, transformer, text_encoder, vae)
-    transformer = resolve_path(transformer, TRANSFORMER_PATTERNS)
-    config, spec = describe_transformer(transformer, quant)  # what the user named, checked first
+    transformer = hub.resolve(transformer, revision if path_or_hub_id is None else None)
+    described = None if hub.where(transformer) else describe_transformer(transformer, quant)  # named: checked first
+    text_encoder, vae = hub.resolve(text_encoder or DEFAULT_TEXT_ENCODER), _resolve_vae(vae, hub)
+    for path, part in ((transformer, "transformer"), (text_encoder, "text_encoder"), (vae, "vae")):
+        hub.need(path, parts=(part,))
+    hub.fetch()
+    config, spec = described or describe_transformer(transformer, quant)
     # A folder's own sampling defaults and native size (the demo's), validated (checks.py).
     own = folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
     defaults = None
@@ -144,9 +153,10 @@ def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=N
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         scheduler = _json_if_present(scheduler_file, "scheduler config")
         shift = check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
+    model_repo = hub.where(root if root is not None else transformer)
     return PipelineSpec(
-        transformer=transformer,
-        text_encoder=resolve_path(text_encoder or DEFAULT_TEXT_ENCODER, TEXT_ENCODER_PATTERNS),
-        vae=_resolve_vae(vae), config=config, quant=spec, variant=_variant(variant, index, root), shift=shift,
+        transformer=transformer, text_encoder=text_encoder, vae=vae, config=config, quant=spec,
+        variant=_variant(variant, index, root), shift=shift,
         select_layers=tuple(index.get("text_encoder_select_layers") or DEFAULT_SELECT_LAYERS),
-        defaults=defaults, default_size=(int(own.get("width", 1024)), int(own.get("height", 1024))))
+        defaults=defaults, default_size=(int(own.get("width", 1024)), int(own.get("height", 1024))),
+        revision=model_repo[0].commit if model_repo else None)

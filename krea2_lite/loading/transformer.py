@@ -71,7 +71,7 @@ def manifest_modules(folder: Path, manifest: dict) -> list[str]:
 
 def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
     """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
-    location = resolve_path(path, TRANSFORMER_PATTERNS)
+    location = resolve_path(path, TRANSFORMER_PATTERNS, parts=("transformer",))
     if is_quantized_folder(location):
         manifest = read_manifest(location)
         return manifest_config(location, manifest), manifest_spec(location, manifest)
@@ -119,7 +119,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     check_float_dtype(dtype)  # int8 etc. are asked for with quant=, never dtype=
     device = torch.device(device)
     place = placement(device, device_blocks)
-    location = resolve_path(path, TRANSFORMER_PATTERNS)
+    location = resolve_path(path, TRANSFORMER_PATTERNS, parts=("transformer",))
     if is_quantized_folder(location):
         stored = manifest_spec(location, read_manifest(location)).name
         if spec is not None and spec.name != stored:

@@ -13,13 +13,13 @@ from krea2_lite.loading import PipelineSpec, resolve_pipeline
 @pytest.fixture
 def resolved(monkeypatch):
     """Every path resolve_pipeline resolves, in order (and nothing is downloaded)."""
-    calls, real = [], resolve_mod.resolve_path
+    calls, real = [], resolve_mod.HubFetcher.resolve
 
-    def spy(path, patterns=None):
+    def spy(self, path, *args, **kwargs):
         calls.append(str(path))
-        return real(path, patterns)
+        return real(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(resolve_mod, "resolve_path", spy)
+    monkeypatch.setattr(resolve_mod.HubFetcher, "resolve", spy)
     return calls
 
 
