@@ -24,7 +24,7 @@ from .quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTS = (*QUANT_DTYPES, *QUANT_SHORTCUTS)  # every string QuantSpec.parse accepts, from the library itself
-CALL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "num_images")
+CALL_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "num_images", "cache")
 PLACEHOLDERS = ("index", "seed", "stem")
 FOLDER_PATTERN = "{stem}_{index:04d}.png"  # the file names when --output names a folder
 
@@ -75,7 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
                      "(replaces a --from-png image's LoRAs)")
+    gen.add_argument("--cache", type=cache_argument, metavar="SPEC",
+                     help="step cache: fbcache:T (skip the later blocks when the first block's output changed "
+                     "by less than T), taylor:O (predict them instead), KEY=VALUE knobs after commas; none: off "
+                     "(also over a --from-png image's cache); see docs/step-caching.md")
     return parser
+
+
+def cache_argument(text: str) -> str:
+    """--cache: 'none' or a step cache spec, checked here (a typo exits 2 at once), kept canonical."""
+    from .cache import parse_cache
+
+    try:
+        spec = parse_cache(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return "none" if spec is None else spec.name
 
 
 # A trailing ":number" is the scale; any other ':' belongs to the path (C:\..., odd file names).
@@ -104,6 +119,8 @@ def png_settings(path: str) -> tuple[dict, dict]:
                 call.update(check_value(key, meta[key], f"{path} (krea2_lite metadata)"))
             except PromptFileError as exc:
                 raise MetadataError(str(exc)) from None
+    if meta.get("cache") is not None:
+        call["cache"] = _png_cache(meta["cache"], path)
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
     load = {k: meta[k] for k in ("model", "variant", "quant", "dtype") if meta.get(k) is not None}
@@ -148,11 +165,21 @@ def _png_quant(value, path: str):
     raise MetadataError(f"{path}: unknown quant {value!r} in the krea2_lite metadata; expected one of {QUANTS}")
 
 
+def _png_cache(value, path: str) -> str:
+    from .cache import parse_cache
+
+    try:
+        return parse_cache(value).name
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise MetadataError(f"{path}: the cache spec in the krea2_lite metadata is not valid ({exc})") from None
+
+
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """(call settings, load settings): the --from-png image's, overridden by the flags given."""
     call, load = png_settings(args.from_png) if args.from_png else ({}, {})
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                 guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images)
+                 guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images,
+                 cache=args.cache)
     call.update({k: v for k, v in given.items() if v is not None})
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
@@ -290,7 +317,7 @@ def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Nam
                 result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
                               height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
                               mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
-                              progress=not args.quiet and not several)
+                              progress=not args.quiet and not several, cache=job.get("cache"))
             except (ValueError, TypeError) as exc:  # a setting the pipeline refused: say which line set it
                 if "line" not in job:
                     raise

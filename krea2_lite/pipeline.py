@@ -51,6 +51,10 @@ class Krea2Output:
     latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
     # One dict per image: the settings that reproduce it (krea2_lite.metadata; save with save_png).
     metadata: list = field(default_factory=list)
+    # Transformer block evaluations this call ran, and how many an uncached call runs (steps × blocks);
+    # they differ only with a step cache (`cache=`).
+    block_evaluations: int | None = None
+    block_evaluations_total: int | None = None
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -311,11 +315,15 @@ class Krea2Pipeline:
                  width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
-                 max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
-        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`)."""
+                 max_sequence_length: int = 512, progress: bool = True, cache=None) -> Krea2Output:
+        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`).
+
+        `cache`: None (every block every step), or a step cache spec such as "fbcache:0.1" or "taylor:1"
+        (a string or `krea2_lite.cache.CacheSpec`; docs/step-caching.md)."""
         call = self._validate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                               guidance=guidance, mu=mu, seed=seed, num_images=num_images, latents=latents,
                               max_sequence_length=max_sequence_length)
+        call.cache = self._cache_spec(cache, call)
         call.progress = progress
         self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length)
         try:
@@ -367,6 +375,19 @@ class Krea2Pipeline:
         return _Call(prompts, negatives, num_images, noise, steps, float(guidance), mu, max_sequence_length,
                      width, height, described)
 
+    def _cache_spec(self, cache, call: "_Call"):
+        """The call's CacheSpec (or None), recorded in its images' metadata; Turbo gets a warning."""
+        from .cache import parse_cache
+
+        spec = parse_cache(cache)
+        if spec is not None:
+            if self.variant == "turbo":
+                warnings.warn(f"cache={spec.name!r} on a Turbo model: an 8-step distilled model changes a lot at "
+                              "every step, so a step cache skips little and costs quality", stacklevel=3)
+            for meta in call.metadata:
+                meta["cache"] = spec.name
+        return spec
+
     def _replan_after_oom(self, call: "_Call", first: str):
         """After a CUDA out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied
         (with a RuntimeWarning printing it), or DeviceMemoryError when no smaller plan exists."""
@@ -392,7 +413,9 @@ class Krea2Pipeline:
         cond, uncond = self._encode(call)
         final = self._denoise(call, cond, uncond)
         pixels = self._decode(final)
-        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata)
+        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata,
+                           block_evaluations=call.block_evaluations[0],
+                           block_evaluations_total=call.block_evaluations[1])
 
     def _encode(self, call: "_Call"):
         """(cond, uncond or None): compacted text conditioning, repeated per image."""
@@ -422,11 +445,31 @@ class Krea2Pipeline:
 
         from tqdm.auto import tqdm
 
+        blocks = len(self.transformer.blocks)
+        call.block_evaluations = (call.steps * blocks, call.steps * blocks)
         with tqdm(total=call.steps, desc="sampling", unit="step", disable=not call.progress) as bar:
-            out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
-                          rows=rows, cols=cols, progress=lambda _: bar.update())
+            if call.cache is None:
+                out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
+                              rows=rows, cols=cols, progress=lambda _: bar.update())
+            else:
+                out = self._denoise_cached(call, packed, cond, uncond, schedule, rows, cols, bar)
         release_workspaces(self.transformer)  # the decode phase holds no kernel scratch (as planned)
         return unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+
+    def _denoise_cached(self, call: "_Call", packed, cond, uncond, schedule, rows: int, cols: int, bar):
+        """`denoise` with the call's step cache attached for its duration (streamed blocks gated)."""
+        from .cache import attach_cache
+
+        gate = getattr(self.offloader, "streamer", None)
+        with attach_cache(self.transformer, call.cache, gate=gate, steps=call.steps) as cache:
+            def step(_):
+                bar.set_postfix_str(f"blocks {cache.state.evaluated}/{cache.state.total}", refresh=False)
+                bar.update()
+
+            out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
+                          rows=rows, cols=cols, progress=step)
+        call.block_evaluations = (cache.state.evaluated, cache.state.total)
+        return out
 
     def _decode(self, final: torch.Tensor) -> torch.Tensor:
         """Latents → [-1, 1] pixels, tiled as the plan says; NaN/inf stops with the cause named."""
@@ -454,6 +497,8 @@ class _Call:
     height: int
     metadata: list
     progress: bool = True
+    cache: object = None  # krea2_lite.cache.CacheSpec or None
+    block_evaluations: tuple = (None, None)  # (ran, uncached total), set by _denoise
 
     @property
     def total(self) -> int:
