@@ -213,9 +213,11 @@ class Krea2Pipeline:
     # ---- memory placement ------------------------------------------------------------------
     def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
              cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512,
-             host_ram_gb: float | None = None, text_encoder_place: str | None = None):
+             host_ram_gb: float | None = None, text_encoder_place: str | None = None,
+             extra_device_bytes: int = 0):
         """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape;
-        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports."""
+        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports;
+        `extra_device_bytes` (a step cache's residuals) is added to the LoRA branches'."""
         if host_ram_gb is None:
             host_ram_gb = (self.plan_request or {}).get("host_ram_gb")
         quantization = getattr(self.transformer, "quantization", None)
@@ -226,7 +228,8 @@ class Krea2Pipeline:
                            vae_weight_bytes=tensor_bytes(self.vae), vae_base_dim=self.vae.config.base_dim,
                            prefetch=prefetch, max_sequence_length=max_sequence_length,
                            text_encoder_shape=text_encoder_shape(self.text_encoder),
-                           extra_device_bytes=lora_bytes(self.transformer), host_ram_gb=host_ram_gb,
+                           extra_device_bytes=lora_bytes(self.transformer) + extra_device_bytes,
+                           host_ram_gb=host_ram_gb,
                            text_encoder_place=text_encoder_place,
                            text_encoder_reloadable=self.text_encoder_loader is not None,
                            text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder),
@@ -242,7 +245,8 @@ class Krea2Pipeline:
                                    text_loader=self.text_encoder_loader)
         self.memory_plan, self._device = plan, device
 
-    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int) -> None:
+    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int,
+                  extra: int = 0) -> None:
         """Re-plan for this call's shape when the pipeline was planned to a budget and the placement changes
         (a larger image or batch may need more blocks streamed; a smaller one may need fewer)."""
         request = self.plan_request
@@ -250,7 +254,7 @@ class Krea2Pipeline:
             return
         plan = self.plan(request["vram_gb"], mode=request["mode"], width=width, height=height, cfg=cfg,
                          num_images=images, prefetch=self.memory_plan.prefetch,
-                         max_sequence_length=max_sequence_length)
+                         max_sequence_length=max_sequence_length, extra_device_bytes=extra)
         if _placement(plan) != _placement(self.memory_plan):
             logger.info("krea2_lite: re-planning for %d image(s) at %d×%d:\n%s", images, width, height, plan)
             self.apply_plan(plan, self.device)
@@ -325,7 +329,8 @@ class Krea2Pipeline:
                               max_sequence_length=max_sequence_length)
         call.cache = self._cache_spec(cache, call)
         call.progress = progress
-        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length)
+        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length,
+                       extra=self._cache_bytes(call))
         try:
             return self._generate(call)
         except torch.cuda.OutOfMemoryError as exc:
@@ -388,6 +393,18 @@ class Krea2Pipeline:
                 meta["cache"] = spec.name
         return spec
 
+    def _cache_bytes(self, call: "_Call") -> int:
+        """Device bytes the call's step cache may hold (0 without one), for the memory plan."""
+        if call.cache is None:
+            return 0
+        from .cache.state import device_bytes
+
+        cfg = self.transformer.config
+        tokens = call.max_sequence_length + (call.width // 16) * (call.height // 16)
+        rows = call.total * (2 if call.cfg else 1)
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return device_bytes(call.cache, rows, tokens, cfg.features, itemsize)
+
     def _replan_after_oom(self, call: "_Call", first: str):
         """After a CUDA out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied
         (with a RuntimeWarning printing it), or DeviceMemoryError when no smaller plan exists."""
@@ -397,7 +414,8 @@ class Krea2Pipeline:
         budget = REPLAN_FACTOR * last.peak_bytes / (1 << 30)
         try:
             plan = self.plan(budget, width=call.width, height=call.height, cfg=cfg, num_images=images,
-                             prefetch=last.prefetch, max_sequence_length=length)
+                             prefetch=last.prefetch, max_sequence_length=length,
+                             extra_device_bytes=self._cache_bytes(call))
         except MemoryPlanError as exc:
             raise DeviceMemoryError(f"out of GPU memory generating {call.describe()}: {first}; no smaller memory "
                                     f"plan exists ({str(exc).splitlines()[0]}) — lower the resolution or "

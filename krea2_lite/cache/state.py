@@ -117,6 +117,15 @@ class CacheState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def device_bytes(spec: CacheSpec, rows: int, tokens: int, features: int, itemsize: int) -> int:
+    """Upper bound of what a cache adds on the device for `rows` batch rows of `tokens` tokens (text +
+    image) × `features`: r_ref, the stored residuals, this step's first-blocks residual, and for a
+    predictor its float32 sum (4 bytes per value)."""
+    one = rows * tokens * features
+    stored = 1 + (spec.order + 1) + 1
+    return one * itemsize * stored + (one * 4 if spec.order > 0 else 0)
+
+
 def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
     """mean|now − before| / mean|before| in float32 (0 when both are zero)."""
     diff = (now.float() - before.float()).abs().mean()

@@ -154,6 +154,16 @@ def test_streamed_skipped_blocks_are_never_copied(pipe, prefetch):
     assert streamer.gate_at is None  # the cache handed the streamer back
 
 
+def test_the_memory_plan_counts_the_cache(pipe):
+    from krea2_lite.cache.state import device_bytes
+
+    spec = parse_cache("taylor:2")
+    assert device_bytes(spec, 2, 100, 64, 2) == 2 * 100 * 64 * (2 * 5 + 4)
+    plain = pipe.plan(8.0, mode="sequential", width=64, height=64)
+    cached = pipe.plan(8.0, mode="sequential", width=64, height=64, extra_device_bytes=10 << 20)
+    assert cached.peak_bytes == plain.peak_bytes + (10 << 20)
+
+
 # ---- composition -----------------------------------------------------------------------------
 def lora_file(folder, model) -> str:
     g = torch.Generator().manual_seed(3)
