@@ -124,9 +124,11 @@ def speed(args) -> None:
             cache.remove()
         return seconds
 
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for spec in best:
             best[spec] = min(best[spec], run(spec))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{s.name if s else 'none'} {t:.2f} s" for s, t in best.items()),
+              flush=True)
     print(f"\nStep cache wall time — Krea2Config.medium (random weights, {cfg.layers} blocks), {args.resolution}² "
           f"({side * side} image tokens), {STEPS} steps, CFG {GUIDANCE}, fp32, CPU "
           f"({platform.processor() or platform.machine()}, {args.threads} thread(s)); min of {args.repeats} "

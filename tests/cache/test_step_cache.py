@@ -89,17 +89,20 @@ def test_warmup_tail_and_max_skip_bound_the_skips(pipe):
     assert state.saved == pytest.approx(15 / 48)
 
 
-def test_a_skipped_step_adds_the_cached_residual(pipe):
-    """The same input twice: the second forward's first-block residual is unchanged, so it skips, and
-    x_F + (x_L − x_F) of the first forward is its output."""
-    model = pipe.transformer
+def step_inputs(cfg):
     g = torch.Generator().manual_seed(0)
-    cfg = model.config
     img = torch.randn(2, 16, cfg.in_channels, generator=g)
     context = torch.randn(2, 5, cfg.txtlayers, cfg.txtdim, generator=g)
     pos = torch.zeros(21, 3)
     pos[5:, 1] = torch.arange(16).float()
-    t = torch.full((2,), 0.5)
+    return img, context, torch.full((2,), 0.5), pos
+
+
+def test_a_skipped_step_adds_the_cached_residual(pipe):
+    """The same input twice: the second forward's first-block residual is unchanged, so it skips, and
+    x_F + (x_L − x_F) of the first forward is its output."""
+    model = pipe.transformer
+    img, context, t, pos = step_inputs(model.config)
     with torch.no_grad():
         full = model(img, context, t, pos)
         with attach_cache(model, parse_cache("fbcache:0.01,warmup=0")) as cache:
@@ -162,6 +165,25 @@ def test_the_memory_plan_counts_the_cache(pipe):
     plain = pipe.plan(8.0, mode="sequential", width=64, height=64)
     cached = pipe.plan(8.0, mode="sequential", width=64, height=64, extra_device_bytes=10 << 20)
     assert cached.peak_bytes == plain.peak_bytes + (10 << 20)
+
+
+def test_a_mixed_plan_copies_only_the_blocks_that_run():
+    """Blocks 1 and 3 streamed, 0 and 2 resident, prefetch 2: a computed step copies both, a skipped
+    one neither (block 1 would be prefetched while block 0 runs, were it not held)."""
+    from krea2_lite.offload.streaming import BlockStreamer
+
+    model = demo().transformer
+    inputs = step_inputs(model.config)
+    with torch.no_grad():
+        expected = model(*inputs)
+        streamer = BlockStreamer(model, model.blocks, [1, 3], "cpu", prefetch=2)
+        with attach_cache(model, parse_cache("fbcache:0.01,warmup=0"), gate=streamer) as cache:
+            outputs = [model(*inputs) for _ in range(3)]
+        assert cache.state.skips == [False, True, True]
+        assert streamer.copies == 2
+        assert torch.equal(model(*inputs), expected) and streamer.copies == 4  # gate handed back
+        streamer.close()
+    assert torch.equal(outputs[0], expected)
 
 
 # ---- composition -----------------------------------------------------------------------------
