@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from krea2_lite import Krea2Config, Krea2Transformer
+from benchmarks.common import PRESETS, time_one
+from krea2_lite import Krea2Transformer
 from krea2_lite.cache import attach_cache, parse_cache
 from krea2_lite.sampling import TextBatch, denoise, sigmas
 
@@ -99,7 +100,7 @@ def quality(args) -> None:
 def speed(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = Krea2Config.medium()
+    cfg = PRESETS[args.preset]
     model = Krea2Transformer(cfg).eval()
     with torch.no_grad():  # random weights: the zero-initialised modulation tables too, so blocks do work
         for block in model.blocks:
@@ -115,10 +116,9 @@ def speed(args) -> None:
 
     def run(spec) -> float:
         cache = attach_cache(model, spec, steps=STEPS) if spec is not None else None
-        start = time.perf_counter()
         with torch.no_grad():
-            denoise(model, noise, text, schedule, guidance=GUIDANCE, uncond=uncond, rows=side, cols=side)
-        seconds = time.perf_counter() - start
+            seconds = time_one(lambda: denoise(model, noise, text, schedule, guidance=GUIDANCE, uncond=uncond,
+                                               rows=side, cols=side), "cpu") / 1e3
         if cache is not None:
             saved[spec] = cache.state.saved
             cache.remove()
@@ -129,7 +129,8 @@ def speed(args) -> None:
             best[spec] = min(best[spec], run(spec))
         print(f"repeat {repeat + 1}: " + ", ".join(f"{s.name if s else 'none'} {t:.2f} s" for s, t in best.items()),
               flush=True)
-    print(f"\nStep cache wall time — Krea2Config.medium (random weights, {cfg.layers} blocks), {args.resolution}² "
+    print(f"\nStep cache wall time — Krea2Config.{args.preset} (random weights, {cfg.layers} blocks), "
+          f"{args.resolution}² "
           f"({side * side} image tokens), {STEPS} steps, CFG {GUIDANCE}, fp32, CPU "
           f"({platform.processor() or platform.machine()}, {args.threads} thread(s)); min of {args.repeats} "
           "alternated repeats\n")
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--resolution", type=int, default=256)
+    s.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     s.add_argument("--specs", nargs="+", default=["fbcache:0.1", "fbcache:0.2,max_skip=5"])
     args = parser.parse_args(argv)
     quality(args) if args.section == "quality" else speed(args)

@@ -10,7 +10,7 @@ cached residual (skip) or the remaining blocks (the last wrapped to store their 
 Skipped blocks are never called, so no hook of theirs runs: a streamed block is not copied.
 Outside an armed forward, iteration is the plain ModuleList's.
 
-Streaming: `gate` (offload.streaming.BlockStreamer) is told to hold every copy of a block at index
+Streaming: `gate` (offload.block_streamer.BlockStreamer) is told to hold every copy of a block at index
 ≥ F until the decision: `release()` on a computed step. On a skipped step nothing after block F−1
 was copied, so no copy is wasted; the price is that on a computed step the copy of the first
 streamed block after F starts only when the decision is known (no overlap for that one block).

@@ -173,7 +173,7 @@ def test_the_memory_plan_counts_the_cache(pipe):
 def test_a_mixed_plan_copies_only_the_blocks_that_run():
     """Blocks 1 and 3 streamed, 0 and 2 resident, prefetch 2: a computed step copies both, a skipped
     one neither (block 1 would be prefetched while block 0 runs, were it not held)."""
-    from krea2_lite.offload.streaming import BlockStreamer
+    from krea2_lite.offload.block_streamer import BlockStreamer
 
     model = demo().transformer
     inputs = step_inputs(model.config)
@@ -223,7 +223,7 @@ def test_cache_composes(quant, tmp_path):
 def test_cli_cache_flag_and_from_png_reproduce_it(tmp_path, capsys):
     from PIL import Image
 
-    from krea2_lite.__main__ import main
+    from krea2_lite.cli.subcommands import main
     from krea2_lite.metadata import read_png_metadata
 
     first, again, plain = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
