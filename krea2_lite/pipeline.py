@@ -47,6 +47,10 @@ class Krea2Output:
     latents: torch.Tensor  # final latents, unpacked (N, channels, H/8, W/8)
     # One dict per image: the settings that reproduce it (krea2_lite.metadata; save with save_png).
     metadata: list = field(default_factory=list)
+    # Transformer block evaluations this call ran, and how many an uncached call runs (steps × blocks);
+    # they differ only with a step cache (`cache=`).
+    block_evaluations: int | None = None
+    block_evaluations_total: int | None = None
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -207,9 +211,11 @@ class Krea2Pipeline:
     # ---- memory placement ------------------------------------------------------------------
     def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
              cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512,
-             host_ram_gb: float | None = None, text_encoder_place: str | None = None):
+             host_ram_gb: float | None = None, text_encoder_place: str | None = None,
+             extra_device_bytes: int = 0):
         """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape;
-        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports."""
+        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports;
+        `extra_device_bytes` (a step cache's residuals) is added to the LoRA branches'."""
         if host_ram_gb is None:
             host_ram_gb = (self.plan_request or {}).get("host_ram_gb")
         quantization = getattr(self.transformer, "quantization", None)
@@ -220,7 +226,8 @@ class Krea2Pipeline:
                            vae_weight_bytes=tensor_bytes(self.vae), vae_base_dim=self.vae.config.base_dim,
                            prefetch=prefetch, max_sequence_length=max_sequence_length,
                            text_encoder_shape=text_encoder_shape(self.text_encoder),
-                           extra_device_bytes=lora_bytes(self.transformer), host_ram_gb=host_ram_gb,
+                           extra_device_bytes=lora_bytes(self.transformer) + extra_device_bytes,
+                           host_ram_gb=host_ram_gb,
                            text_encoder_place=text_encoder_place,
                            text_encoder_reloadable=self.text_encoder_loader is not None,
                            text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder),
@@ -236,7 +243,8 @@ class Krea2Pipeline:
                                    text_loader=self.text_encoder_loader)
         self.memory_plan, self._device = plan, device
 
-    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int) -> None:
+    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int,
+                  extra: int = 0) -> None:
         """Re-plan for this call's shape when the pipeline was planned to a budget and the placement changes
         (a larger image or batch may need more blocks streamed; a smaller one may need fewer)."""
         request = self.plan_request
@@ -244,7 +252,7 @@ class Krea2Pipeline:
             return
         plan = self.plan(request["vram_gb"], mode=request["mode"], width=width, height=height, cfg=cfg,
                          num_images=images, prefetch=self.memory_plan.prefetch,
-                         max_sequence_length=max_sequence_length)
+                         max_sequence_length=max_sequence_length, extra_device_bytes=extra)
         if _placement(plan) != _placement(self.memory_plan):
             logger.info("krea2_lite: re-planning for %d image(s) at %d×%d:\n%s", images, width, height, plan)
             self.apply_plan(plan, self.device)
@@ -290,13 +298,18 @@ class Krea2Pipeline:
                  width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
-                 max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
-        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`)."""
+                 max_sequence_length: int = 512, progress: bool = True, cache=None) -> Krea2Output:
+        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`).
+
+        `cache`: None (every block every step), or a step cache spec such as "fbcache:0.1" or "taylor:1"
+        (a string or `krea2_lite.cache.CacheSpec`; docs/step-caching.md)."""
         call = self._validate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                               guidance=guidance, mu=mu, seed=seed, num_images=num_images, latents=latents,
                               max_sequence_length=max_sequence_length)
+        call.cache = self._cache_spec(cache, call)
         call.progress = progress
-        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length)
+        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length,
+                       extra=self._cache_bytes(call))
         try:
             return self._generate(call)
         except torch.cuda.OutOfMemoryError as exc:
@@ -345,6 +358,31 @@ class Krea2Pipeline:
         return _Call(prompts, negatives, num_images, noise, steps, float(guidance), mu, max_sequence_length,
                      width, height, described)
 
+    def _cache_spec(self, cache, call: "_Call"):
+        """The call's CacheSpec (or None), recorded in its images' metadata; Turbo gets a warning."""
+        from .cache import parse_cache
+
+        spec = parse_cache(cache)
+        if spec is not None:
+            if self.variant == "turbo":
+                warnings.warn(f"cache={spec.name!r} on a Turbo model: an 8-step distilled model changes a lot at "
+                              "every step, so a step cache skips little and costs quality", stacklevel=3)
+            for meta in call.metadata:
+                meta["cache"] = spec.name
+        return spec
+
+    def _cache_bytes(self, call: "_Call") -> int:
+        """Device bytes the call's step cache may hold (0 without one), for the memory plan."""
+        if call.cache is None:
+            return 0
+        from .cache.state import device_bytes
+
+        cfg = self.transformer.config
+        tokens = call.max_sequence_length + (call.width // 16) * (call.height // 16)
+        rows = call.total * (2 if call.cfg else 1)
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return device_bytes(call.cache, rows, tokens, cfg.features, itemsize)
+
     def _replan_after_oom(self, call: "_Call", first: str):
         """After a CUDA out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied
         (with a RuntimeWarning printing it), or DeviceMemoryError when no smaller plan exists."""
@@ -354,7 +392,8 @@ class Krea2Pipeline:
         budget = REPLAN_FACTOR * last.peak_bytes / (1 << 30)
         try:
             plan = self.plan(budget, width=call.width, height=call.height, cfg=cfg, num_images=images,
-                             prefetch=last.prefetch, max_sequence_length=length)
+                             prefetch=last.prefetch, max_sequence_length=length,
+                             extra_device_bytes=self._cache_bytes(call))
         except MemoryPlanError as exc:
             raise DeviceMemoryError(f"out of GPU memory generating {call.describe()}: {first}; no smaller memory "
                                     f"plan exists ({str(exc).splitlines()[0]}) — lower the resolution or "
@@ -370,7 +409,9 @@ class Krea2Pipeline:
         cond, uncond = self._encode(call)
         final = self._denoise(call, cond, uncond)
         pixels = self._decode(final)
-        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata)
+        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata,
+                           block_evaluations=call.block_evaluations[0],
+                           block_evaluations_total=call.block_evaluations[1])
 
     def _encode(self, call: "_Call"):
         """(cond, uncond or None): compacted text conditioning, repeated per image."""
@@ -400,11 +441,31 @@ class Krea2Pipeline:
 
         from tqdm.auto import tqdm
 
+        blocks = len(self.transformer.blocks)
+        call.block_evaluations = (call.steps * blocks, call.steps * blocks)
         with tqdm(total=call.steps, desc="sampling", unit="step", disable=not call.progress) as bar:
-            out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
-                          rows=rows, cols=cols, progress=lambda _: bar.update())
+            if call.cache is None:
+                out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
+                              rows=rows, cols=cols, progress=lambda _: bar.update())
+            else:
+                out = self._denoise_cached(call, packed, cond, uncond, schedule, rows, cols, bar)
         release_workspaces(self.transformer)  # the decode phase holds no kernel scratch (as planned)
         return unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
+
+    def _denoise_cached(self, call: "_Call", packed, cond, uncond, schedule, rows: int, cols: int, bar):
+        """`denoise` with the call's step cache attached for its duration (streamed blocks gated)."""
+        from .cache import attach_cache
+
+        gate = getattr(self.offloader, "streamer", None)
+        with attach_cache(self.transformer, call.cache, gate=gate, steps=call.steps) as cache:
+            def step(_):
+                bar.set_postfix_str(f"blocks {cache.state.evaluated}/{cache.state.total}", refresh=False)
+                bar.update()
+
+            out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
+                          rows=rows, cols=cols, progress=step)
+        call.block_evaluations = (cache.state.evaluated, cache.state.total)
+        return out
 
     def _decode(self, final: torch.Tensor) -> torch.Tensor:
         """Latents → [-1, 1] pixels, tiled as the plan says; NaN/inf stops with the cause named."""
@@ -432,6 +493,8 @@ class _Call:
     height: int
     metadata: list
     progress: bool = True
+    cache: object = None  # krea2_lite.cache.CacheSpec or None
+    block_evaluations: tuple = (None, None)  # (ran, uncached total), set by _denoise
 
     @property
     def total(self) -> int:

@@ -34,7 +34,7 @@ LAYERS = [
     ("quantize", ("krea2_lite.quantize",)),
     ("offload", ("krea2_lite.offload",)),
     ("loading", ("krea2_lite.loading",)),
-    ("generation", ("krea2_lite.finite_checks", "krea2_lite.metadata", "krea2_lite.pipeline")),
+    ("generation", ("krea2_lite.cache", "krea2_lite.finite_checks", "krea2_lite.metadata", "krea2_lite.pipeline")),
     ("cli", ("krea2_lite.cli", "krea2_lite.__main__",
              "krea2_lite.quantize.__main__", "krea2_lite.demo.train", "krea2_lite.batch", "krea2_lite.serve")),
     ("package", ("krea2_lite",)),

@@ -24,6 +24,8 @@ exception (out of memory, a compile error) fails that one check or row and the r
            (torch.cuda.set_per_process_memory_fraction, reset afterwards) for int8, int4, bf16
   ray      (ray_batch.py) a Ray Data batch job on one GPU worker, demo model: PNGs byte-identical to the
            single process, images per minute; "not measured" without ray; a time-boxed child process
+  cache    step caching: a sequence of 8 CFG steps, int8, cached (forced skip pattern) vs uncached,
+           resident and under a 12 GiB card (streamed blocks; skipped ones never copied) (step_cache.py)
   quanto   diffusers + optimum-quanto int8 / int4 / fp8, last, in a time-boxed child process; quanto's
            CUDA extension is built in the background from the start (quanto.py)
 Every timing row carries its ratio to the bf16 step of the same run; `goals` holds the issue's targets.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from benchmarks.gpu_proof import correctness, layers, quanto, ray_batch, timings
+from benchmarks.gpu_proof import correctness, layers, quanto, ray_batch, step_cache, timings
 
 
 class ProofSection(NamedTuple):
@@ -31,8 +31,9 @@ class ProofSection(NamedTuple):
 SECTIONS = (
     ProofSection("checks", 0.24, correctness.run),
     ProofSection("layers", 0.08, layers.layer_rows),
-    ProofSection("steps", 0.38, timings.step_rows),
-    ProofSection("stream", 0.15, timings.stream_rows),
+    ProofSection("steps", 0.32, timings.step_rows),
+    ProofSection("stream", 0.13, timings.stream_rows),
     ProofSection("ray", 0.05, ray_batch.run),  # a Ray Data batch worker on the GPU (issue 30)
+    ProofSection("cache", 0.08, step_cache.run),  # step caching (issue 27)
     ProofSection("quanto", 0.15, quanto.run, needs_peer=True),
 )

@@ -15,7 +15,7 @@ from ..metadata import save_png
 from .generate_ray import add_ray_arguments, run_ray
 from .generate_outputs import plan_outputs
 from .generate_settings import (DTYPES, QUANTS, build_jobs, check_jobs, errors_name_the_line, lora_argument,
-                                quant_argument, resolve_settings)
+                                quant_argument, resolve_settings, cache_argument)
 
 NAME = "generate"
 HELP = "generate images from a prompt, a prompt file or a PNG's settings"
@@ -67,6 +67,10 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
                      "(replaces a --from-png image's LoRAs)")
     add_ray_arguments(gen)  # --ray, --workers, --gpus-per-worker: a Ray Data job (krea2_lite/batch)
+    gen.add_argument("--cache", type=cache_argument, metavar="SPEC",
+                     help="step cache: fbcache:T (skip the later blocks when the first block's output changed "
+                     "by less than T), taylor:O (predict them instead), KEY=VALUE knobs after commas; none: off "
+                     "(also over a --from-png image's cache); see docs/step-caching.md")
 
 
 def load_pipeline(args: argparse.Namespace, load: dict):
@@ -94,7 +98,7 @@ def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Nam
                 result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
                               height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
                               mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
-                              progress=not args.quiet and not several)
+                              progress=not args.quiet and not several, cache=job.get("cache"))
             for image, meta, path in zip(result.images, result.metadata, job_paths):
                 save_png(image, path, None if args.no_metadata else meta)
                 print(path, flush=True)

@@ -15,6 +15,7 @@ import re
 import torch
 
 from .. import checks
+from ..cache import parse_cache
 from ..errors import ArgumentError, MetadataError, PromptFileError
 from ..metadata import read_png_metadata
 from ..quantize import QuantSpec
@@ -47,6 +48,15 @@ def quant_argument(text: str) -> str:
     return text
 
 
+def cache_argument(text: str) -> str:
+    """--cache: 'none' or a step cache spec, checked here (a typo exits 2 at once), kept canonical."""
+    try:
+        spec = parse_cache(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return "none" if spec is None else spec.name
+
+
 # ---- --from-png, then flags, then prompt-file lines --------------------------------------------
 def png_settings(path: str) -> tuple[dict, dict]:
     """(call settings, load settings) stored in a krea2_lite PNG; MetadataError names the file."""
@@ -58,6 +68,8 @@ def png_settings(path: str) -> tuple[dict, dict]:
                 call.update(check_value(key, meta[key], f"{path} (krea2_lite metadata)"))
             except PromptFileError as exc:
                 raise MetadataError(str(exc)) from None
+    if meta.get("cache") is not None:
+        call["cache"] = _png_cache(meta["cache"], path)
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
     load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype") if meta.get(k) is not None}
@@ -89,11 +101,19 @@ def _png_quant(value, path: str):
     raise MetadataError(f"{path}: unknown quant {value!r} in the krea2_lite metadata; expected one of {QUANTS}")
 
 
+def _png_cache(value, path: str) -> str:
+    try:
+        return parse_cache(value).name
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise MetadataError(f"{path}: the cache spec in the krea2_lite metadata is not valid ({exc})") from None
+
+
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """(call settings, load settings): the --from-png image's, overridden by the flags given."""
     call, load = png_settings(args.from_png) if args.from_png else ({}, {})
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                 guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images)
+                 guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images,
+                 cache=args.cache)
     call.update({k: v for k, v in given.items() if v is not None})
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)

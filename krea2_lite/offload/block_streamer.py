@@ -57,6 +57,9 @@ class BlockStreamer:
             self.free = [torch.cuda.Event() for _ in range(count)]
         self.position = {block: j for j, block in enumerate(self.order)}
         self.pending: set[int] = set()
+        self.copies = 0  # blocks copied host → device so far (tests and benchmarks count them)
+        self.gate_at: int | None = None  # see hold_from
+        self.gate_open = True
         self.handles = [root.register_forward_pre_hook(lambda *_: self.start())]
         for i in self.order:
             self.handles.append(blocks[i].register_forward_pre_hook(self._before_hook(i)))
@@ -74,9 +77,23 @@ class BlockStreamer:
     def _slot(self, j: int) -> int:
         return j % len(self.device_flat)
 
-    def _issue(self, j: int) -> None:
-        """Copy streamed block number j (in stream order) into its slot."""
+    def hold_from(self, block: int | None) -> None:
+        """From the next forward on, copies of blocks with index ≥ `block` wait for `release()` in each
+        forward (a step cache decides after the first blocks whether the rest run); None: never wait."""
+        self.gate_at = block
+
+    def release(self) -> None:
+        """The held blocks will run in this forward: copy the first ones now."""
+        self.gate_open = True
+        held = [j for j, block in enumerate(self.order) if block >= self.gate_at] if self.gate_at is not None else []
+        for j in held[:self.prefetch]:
+            self._issue(j)
+
+    def _issue(self, j: int, force: bool = False) -> None:
+        """Copy streamed block number j (in stream order) into its slot (unless held, see hold_from)."""
         if j >= len(self.order) or j in self.pending:
+            return
+        if not (force or self.gate_open) and self.order[j] >= self.gate_at:
             return
         slot, block = self._slot(j), self.order[j]
         if self.cuda:
@@ -87,6 +104,7 @@ class BlockStreamer:
         else:
             self.device_flat[slot].copy_(self.host[block])
         self.pending.add(j)
+        self.copies += 1
 
     def start(self) -> None:
         """A forward begins: put every streamed block back on its host copy, prefetch the first ones."""
@@ -94,13 +112,14 @@ class BlockStreamer:
             for slot, view in zip(self.slots_of[i], self.host_views[i]):
                 slot.bind(view)
         self.pending.clear()
+        self.gate_open = self.gate_at is None
         for j in range(min(self.prefetch, len(self.order))):
             self._issue(j)
 
     def _before_hook(self, block: int):
         def hook(module, args):
             j = self.position[block]
-            self._issue(j)  # no-op when prefetched; a block called out of order is fetched now
+            self._issue(j, force=True)  # no-op when prefetched; a block called out of order is fetched now
             for ahead in range(j + 1, j + 1 + self.prefetch):
                 if self._slot(ahead) != self._slot(j):
                     self._issue(ahead)

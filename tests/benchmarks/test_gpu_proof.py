@@ -85,6 +85,10 @@ def test_every_timing_row_is_measured(result):
     assert {(r["quant"], r["cap_gib"]) for r in stream} >= {("int8", 12.0), ("int8", 16.0), ("int4", 8.0),
                                                           ("bf16", 16.0)}
     assert all(r["ok"] and r["ratio_to_resident"] > 0 and "bit-identical" in r["detail"] for r in stream)
+    cache = {(r["case"].split(", ")[1].split(" (")[0], r["cache"]): r for r in rows if r.get("kind") == "cache"}
+    assert set(cache) == {(where, key) for where in ("resident", "12 GiB card") for key in ("uncached", "cached")}
+    assert cache[("resident", "cached")]["saved"] > 0 and cache[("resident", "uncached")]["saved"] == 0
+    assert 0 < cache[("12 GiB card", "cached")]["copies"] < cache[("12 GiB card", "uncached")]["copies"]
     layers = [r for r in rows if r.get("kind") == "layer"]
     assert {(r["kernel"], r["quant"], r["choice"]) for r in layers} >= {
         ("qmatmul", "int4", "triton"), ("w8a8", "int8", "dequant"), ("w8a8", "fp8", "triton"), ("bf16", "bf16", "cublas"),
@@ -95,7 +99,7 @@ def test_every_timing_row_is_measured(result):
 def test_goals_markdown_and_sections(result):
     data, out, stdout = result
     assert len(data["goals"]) == 14 and all({"goal", "value", "target", "met"} <= set(g) for g in data["goals"])
-    assert [s["name"] for s in data["sections"]] == ["checks", "layers", "steps", "stream", "ray", "quanto"]
+    assert [s["name"] for s in data["sections"]] == ["checks", "layers", "steps", "stream", "ray", "cache", "quanto"]
     text = out.with_suffix(".md").read_text()
     assert "## Checks" in text and "## Timings" in text and "diffusers+quanto" in text
     assert "checks ok" in stdout
