@@ -44,7 +44,8 @@ class GenerateJobs:
         start = time.perf_counter()
         result = self.pipe(job["prompt"], negative_prompt=job["negative_prompt"], width=job["width"],
                            height=job["height"], steps=job["steps"], guidance=job["guidance"], mu=job["mu"],
-                           seed=job["seed"], num_images=job["num_images"], progress=False)
+                           seed=job["seed"], num_images=job["num_images"], cache=job.get("cache"),
+                           progress=False)
         seconds = (time.perf_counter() - start) / len(result.images)
         records = []
         for image, meta, planned in zip(result.images, result.metadata, work["images"]):
