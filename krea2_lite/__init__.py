@@ -1,6 +1,7 @@
 """krea2_lite: run the Krea 2 image transformer exactly, small and fast."""
 
 from .loading.transformer import load_transformer
+from .loading.vae_encoder import load_vae_encoder
 from .config import Krea2Config
 from .metadata import read_png_metadata, save_png
 from .model import Krea2Transformer
@@ -8,7 +9,8 @@ from .quantize import QuantSpec
 
 from .version import __version__
 
-__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "read_png_metadata",
+__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "load_vae_encoder",
+           "read_png_metadata",
            "save_png", "__version__"]
 
 
