@@ -83,3 +83,8 @@ class MetadataError(Krea2LiteError, ValueError):
 
 class PromptFileError(Krea2LiteError, ValueError):
     """A prompt file (generate --prompts) that is empty or has a bad line; the message names file and line."""
+
+
+class ImageInputError(Krea2LiteError, ValueError):
+    """An input image or mask (image=, mask_image=, outpaint=; --image, --mask) that cannot be read or
+    does not fit the call (aspect ratio, all-black mask, size); the message names the file or argument."""

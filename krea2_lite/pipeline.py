@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import arguments
+from . import arguments, images_in, inpaint
 from .errors import DeviceMemoryError, MemoryPlanError
 from .finite import check_decoded, check_schedule
 from .kernels import backend_scope
@@ -27,11 +27,13 @@ from .kernels.workspace import release_workspaces
 from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
 from .loading.text_encoder import load_text_encoder
 from .loading.transformer import load_transformer
+from .loading.vae_encoder import load_vae_encoder
 from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.planner import available_host_bytes
 from .offload.sizes import module_pinned_bytes
+from .offload.image_encoder import ImageEncoderPlacement
 from .offload.manager import Offloader
 from .safetensors_set import check_float_dtype
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
@@ -124,6 +126,9 @@ class Krea2Pipeline:
         self.text_encoder_loader = None  # re-reads the text encoder from its files (a "reload" plan needs it)
         self._device = None
         self.source = None  # what from_pretrained was given (a path, hub id or "demo"), for image metadata
+        self.vae_encoder = None  # images in: the VAE encoder, read on the first call given an image
+        self.vae_encoder_loader = None  # () -> encoder on the host; set by from_spec
+        self._encoder_placement = None
 
     @property
     def device(self) -> torch.device:
@@ -201,6 +206,7 @@ class Krea2Pipeline:
                    default_size=spec.default_size)
         pipe.text_encoder_loader = functools.partial(load_text_encoder, spec.text_encoder, dtype=dtype,
                                                      select_layers=spec.select_layers)
+        pipe.vae_encoder_loader = functools.partial(load_vae_encoder, spec.vae, dtype=decoder.dtype)
         if plan is not None:
             pipe.apply_plan(plan, device)
             pipe.plan_request = dict(vram_gb=budget, mode=offload, host_ram_gb=host_ram_gb)
@@ -311,11 +317,18 @@ class Krea2Pipeline:
                  width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
-                 max_sequence_length: int = 512, progress: bool = True) -> Krea2Output:
-        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`)."""
+                 max_sequence_length: int = 512, progress: bool = True, image=None, strength: float | None = None,
+                 mask_image=None, mask_blur: float = 0, outpaint=None) -> Krea2Output:
+        """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`).
+
+        Images in (docs/images-in.md): `image` (PIL, path, or float tensor (B, 3, H, W) in [0, 1]) starts
+        from that image at `strength` (0, 1] (default 0.6; 1.0 = text to image's pixels); `mask_image`
+        (white = repaint) inpaints, `outpaint=(left, top, right, bottom)` pads and fills the new area
+        (both default to strength 1.0); `mask_blur` softens the mask edge (Gaussian sigma, pixels)."""
+        inputs = dict(image=image, strength=strength, mask_image=mask_image, mask_blur=mask_blur, outpaint=outpaint)
         call = self._validate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                               guidance=guidance, mu=mu, seed=seed, num_images=num_images, latents=latents,
-                              max_sequence_length=max_sequence_length)
+                              max_sequence_length=max_sequence_length, inputs=inputs)
         call.progress = progress
         self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length)
         try:
@@ -334,9 +347,14 @@ class Krea2Pipeline:
                 "vram_gb, or load a quantized model (quant='int8' / 'int4')") from exc
 
     def _validate(self, prompt, *, negative_prompt, width, height, steps, guidance, mu, seed, num_images, latents,
-                  max_sequence_length) -> "_Call":
+                  max_sequence_length, inputs=None) -> "_Call":
         """Every argument checked (bounds and messages in arguments.py) and defaults filled in."""
         prompts = self._prompt_list("prompt", prompt)
+        image_in = None
+        if inputs is not None:  # images in: sizes from the image, every input read and checked (images_in.py)
+            total = len(prompts) * arguments.check_int("num_images", num_images, 1, arguments.MAX_IMAGES)
+            image_in, width, height = images_in.prepare(**inputs, width=width, height=height, total=total,
+                                                        max_side=MAX_SIDE)
         width = self._check_size("width", self.default_size[0] if width is None else width)
         height = self._check_size("height", self.default_size[1] if height is None else height)
         steps = arguments.check_steps(self.defaults.steps if steps is None else steps)
@@ -364,8 +382,13 @@ class Krea2Pipeline:
         described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
                                    seed=seed if latents is None else None, steps=steps, guidance=float(guidance),
                                    mu=mu if mu is not None else self.defaults.mu, width=width, height=height)
+        if image_in is not None:
+            inpaint.cut_schedule(torch.zeros(steps + 1), image_in.strength)  # no step left: an error now
+            self.image_encoder()  # a VAE without encoder weights: the error now, before any work
+            for meta in described:
+                meta.update(image_in.metadata())
         return _Call(prompts, negatives, num_images, noise, steps, float(guidance), mu, max_sequence_length,
-                     width, height, described)
+                     width, height, described, image_in=image_in)
 
     def _replan_after_oom(self, call: "_Call", first: str):
         """After a CUDA out-of-memory error: a plan for REPLAN_FACTOR × the last plan's peak, applied
@@ -389,10 +412,35 @@ class Krea2Pipeline:
     @backend_scope()  # KREA2_LITE_KERNELS is read once per generation
     def _generate(self, call: "_Call") -> Krea2Output:
         """encode → denoise → decode for validated settings."""
+        start = self._encode_image(call) if call.image_in is not None else None
         cond, uncond = self._encode(call)
-        final = self._denoise(call, cond, uncond)
-        pixels = self._decode(final)
-        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata)
+        final = self._denoise(call, cond, uncond, start)
+        images = to_pil(self._decode(final))
+        if call.image_in is not None and call.image_in.mask is not None:  # kept pixels: the input's, exactly
+            images = inpaint.composite(images, call.image_in.pixels, call.image_in.mask)
+        return Krea2Output(images=images, latents=final, metadata=call.metadata)
+
+    def image_encoder(self):
+        """The VAE encoder (images in), read from the VAE's files on first use and kept on the host."""
+        if self.vae_encoder is None:
+            if self.vae_encoder_loader is None:
+                raise ValueError("this pipeline does not know its VAE's files; set pipe.vae_encoder "
+                                 "(krea2_lite.load_vae_encoder) to pass images in")
+            self.vae_encoder = self.vae_encoder_loader(device="cpu")
+        return self.vae_encoder
+
+    def _encode_image(self, call: "_Call") -> torch.Tensor:
+        """The input image's normalised latents (1 or B, channels, H/8, W/8), float32 on the device."""
+        encoder = self.image_encoder()
+        if self._encoder_placement is None or self._encoder_placement.device != self.device:
+            self._encoder_placement = ImageEncoderPlacement(encoder, self.device)
+        tile = self.vae_tile
+        if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
+            tile = self.memory_plan.vae_tile
+        with self._encoder_placement.encoding():
+            pixels = call.image_in.pixels.to(encoder.device, encoder.dtype) * 2 - 1
+            z = encoder.encode(pixels, tile=tile)
+        return encoder.normalize_latents(z.float())
 
     def _encode(self, call: "_Call"):
         """(cond, uncond or None): compacted text conditioning, repeated per image."""
@@ -405,7 +453,7 @@ class Krea2Pipeline:
         cond = compact_text(hidden[:total], mask[:total])
         return cond, (compact_text(hidden[total:], mask[total:]) if call.negatives else None)
 
-    def _denoise(self, call: "_Call", cond, uncond) -> torch.Tensor:
+    def _denoise(self, call: "_Call", cond, uncond, start: torch.Tensor | None = None) -> torch.Tensor:
         """The flow ODE from the call's noise: final latents, unpacked (N, channels, H/8, W/8)."""
         lat_h, lat_w = call.latents.shape[-2:]
         rows, cols = lat_h // 2, lat_w // 2
@@ -419,12 +467,16 @@ class Krea2Pipeline:
             schedule = torch.full((call.steps + 1,), float("nan"))
         check_schedule(schedule, mu, self.shift)
         packed = pack_latents(call.latents.to(self.device, self.dtype), self.transformer.config.patch)
+        blend = None
+        if start is not None:  # images in: the schedule's tail from the noised image (inpaint.py)
+            schedule, packed, blend = inpaint.image_start(call.image_in, start, call.latents.to(self.device),
+                                                          schedule, self.transformer.config.patch, self.dtype)
 
         from tqdm.auto import tqdm
 
-        with tqdm(total=call.steps, desc="sampling", unit="step", disable=not call.progress) as bar:
+        with tqdm(total=len(schedule) - 1, desc="sampling", unit="step", disable=not call.progress) as bar:
             out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
-                          rows=rows, cols=cols, progress=lambda _: bar.update())
+                          rows=rows, cols=cols, progress=lambda _: bar.update(), after_step=blend)
         release_workspaces(self.transformer)  # the decode phase holds no kernel scratch (as planned)
         return unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
 
@@ -453,6 +505,7 @@ class _Call:
     width: int
     height: int
     metadata: list
+    image_in: images_in.ImageIn | None = None  # images in: the prepared image / mask (images_in.py)
     progress: bool = True
 
     @property
