@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import cli_images
 from .cli_errors import run_cli
 from .errors import MetadataError, PromptFileError
 from .quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                      help="apply a LoRA .safetensors file, optionally with a scale (default 1); repeatable "
                      "(replaces a --from-png image's LoRAs)")
+    cli_images.add_arguments(gen)  # --image --strength --mask --mask-blur --outpaint
     return parser
 
 
@@ -116,6 +118,7 @@ def png_settings(path: str) -> tuple[dict, dict]:
     load["lora"] = [(lo["name"], float(lo["scale"])) for lo in loras]
     if "quant" in load:
         load["quant"] = _png_quant(load["quant"], path)
+    call.update(cli_images.from_png(meta, path))  # the input image / mask it was made from, if any
     return call, load
 
 
@@ -154,6 +157,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                  guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images)
     call.update({k: v for k, v in given.items() if v is not None})
+    cli_images.resolve(call, cli_images.given(args))  # --image etc.; a --from-png input found and hash-checked
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
     flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
@@ -200,6 +204,7 @@ def check_jobs(args: argparse.Namespace, jobs: list[dict]) -> None:
             for side in ("width", "height"):
                 if job.get(side) is not None:
                     arguments.check_int(side, job[side], 1, MAX_SIDE)
+            cli_images.check_job(job)  # input image / mask read and checked
         except (ValueError, TypeError) as exc:
             if "line" not in job:
                 raise
@@ -251,7 +256,7 @@ def plan_outputs(args: argparse.Namespace, jobs: list[dict]) -> list[list[Path]]
             raise ValueError(f"--output {output!r}: {exc}") from None
         flat = [p if p.suffix.lower() == ".png" else p.with_name(p.name + ".png") for p in flat]
     seen = {}
-    inputs = {Path(f).resolve() for f in (args.from_png, args.prompts) if f}
+    inputs = {Path(f).resolve() for f in (args.from_png, args.prompts, *cli_images.input_files(args, jobs)) if f}
     for path in flat:
         key = path.resolve()
         if key in seen:
@@ -290,7 +295,7 @@ def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Nam
                 result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
                               height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
                               mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
-                              progress=not args.quiet and not several)
+                              progress=not args.quiet and not several, **cli_images.call_kwargs(job))
             except (ValueError, TypeError) as exc:  # a setting the pipeline refused: say which line set it
                 if "line" not in job:
                     raise
