@@ -32,7 +32,7 @@ from .model.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.planner import available_host_bytes
-from .offload.sizes import module_pinned_bytes
+from .offload.sizes import module_pinned_bytes, vae_encoder_weight_bytes
 from .offload.image_encoder import ImageEncoderPlacement
 from .offload.manager import Offloader
 from .safetensors_set import check_float_dtype
@@ -215,9 +215,10 @@ class Krea2Pipeline:
     # ---- memory placement ------------------------------------------------------------------
     def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
              cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512,
-             host_ram_gb: float | None = None, text_encoder_place: str | None = None):
+             host_ram_gb: float | None = None, text_encoder_place: str | None = None, image_in: bool = False):
         """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape;
-        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports."""
+        `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports;
+        `image_in`: the call encodes an input image (the plan's "image" phase counts the VAE encoder)."""
         if host_ram_gb is None:
             host_ram_gb = (self.plan_request or {}).get("host_ram_gb")
         quantization = getattr(self.transformer, "quantization", None)
@@ -232,7 +233,9 @@ class Krea2Pipeline:
                            text_encoder_place=text_encoder_place,
                            text_encoder_reloadable=self.text_encoder_loader is not None,
                            text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder),
-                           text_encoder_quantized=self.text_encoder.quant_spec is not None)
+                           text_encoder_quantized=self.text_encoder.quant_spec is not None,
+                           image_encoder_bytes=vae_encoder_weight_bytes(self.vae.dtype, self.vae.config)
+                           if image_in else None)
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""
@@ -244,7 +247,8 @@ class Krea2Pipeline:
                                    text_loader=self.text_encoder_loader)
         self.memory_plan, self._device = plan, device
 
-    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int) -> None:
+    def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int,
+                  image_in: bool = False) -> None:
         """Re-plan for this call's shape when the pipeline was planned to a budget and the placement changes
         (a larger image or batch may need more blocks streamed; a smaller one may need fewer)."""
         request = self.plan_request
@@ -252,7 +256,7 @@ class Krea2Pipeline:
             return
         plan = self.plan(request["vram_gb"], mode=request["mode"], width=width, height=height, cfg=cfg,
                          num_images=images, prefetch=self.memory_plan.prefetch,
-                         max_sequence_length=max_sequence_length)
+                         max_sequence_length=max_sequence_length, image_in=image_in)
         if _placement(plan) != _placement(self.memory_plan):
             logger.info("krea2_lite: re-planning for %d image(s) at %d×%d:\n%s", images, width, height, plan)
             self.apply_plan(plan, self.device)
@@ -330,7 +334,8 @@ class Krea2Pipeline:
                               guidance=guidance, mu=mu, seed=seed, num_images=num_images, latents=latents,
                               max_sequence_length=max_sequence_length, inputs=inputs)
         call.progress = progress
-        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length)
+        self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length,
+                       image_in=call.image_in is not None)
         try:
             return self._generate(call)
         except torch.cuda.OutOfMemoryError as exc:
