@@ -22,6 +22,8 @@ exception (out of memory, a compile error) fails that one check or row and the r
            diffusers' bf16 Krea2Transformer2DModel on the same weights (proof_timings.py)
   stream   streamed vs resident CFG steps under simulated 8 / 12 / 16 GB cards
            (torch.cuda.set_per_process_memory_fraction, reset afterwards) for int8, int4, bf16
+  vae      the VAE encoder (images in) at 1024² / 2048², untiled and tiled, beside a 1024² decode:
+           time and peak memory (proof_vae_encode.py)
   quanto   diffusers + optimum-quanto int8 / int4 / fp8, last, in a time-boxed child process; quanto's
            CUDA extension is built in the background from the start (proof_quanto.py)
 Every timing row carries its ratio to the bf16 step of the same run; `goals` holds the issue's targets.
@@ -48,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 for path in (HERE.parent / "tests", HERE.parent, HERE):  # tests/factories.py is reused on purpose
     sys.path.insert(0, str(path))
 
-SECTIONS = {"checks": 0.24, "layers": 0.08, "steps": 0.38, "stream": 0.15, "quanto": 0.15}
+SECTIONS = {"checks": 0.24, "layers": 0.08, "steps": 0.35, "stream": 0.15, "vae": 0.03, "quanto": 0.15}
 WATCHDOG_GRACE_S = 90.0  # past the budget a stuck run writes what it has and exits
 
 
@@ -228,11 +230,12 @@ def prove(args, device, rec, budget, tmp: Path) -> None:
     from proof_layers import layer_rows
     from proof_quanto import Prewarm, quanto_rows
     from proof_timings import step_rows, stream_rows
+    from proof_vae_encode import vae_rows
 
     ctx = make_ctx(args, device, tmp)
     prewarm = Prewarm(ctx) if device.type == "cuda" and ctx.with_peer and "quanto" in budget.pending else None
     steps = {"checks": (run_checks,), "layers": (layer_rows,), "steps": (step_rows,), "stream": (stream_rows,),
-             "quanto": (quanto_rows,)}
+             "vae": (vae_rows,), "quanto": (quanto_rows,)}
     try:
         for name in budget.pending[:]:
             if name == "quanto":
