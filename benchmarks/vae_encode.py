@@ -12,8 +12,8 @@ is its own:
 
 Usage::
 
-    python benchmarks/vae_encode.py --devices cpu --dtypes fp32 --sizes 1024,2048 --json enc.json
-    python benchmarks/vae_encode.py --devices cuda --dtypes bf16 --sizes 1024,2048
+    python -m benchmarks.vae_encode --devices cpu --dtypes fp32 --sizes 1024,2048 --json enc.json
+    python -m benchmarks.vae_encode --devices cuda --dtypes bf16 --sizes 1024,2048
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def _rss_bytes() -> int:
 def _encoder(case: dict):
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from krea2_lite.model.vae import QwenImageVAEConfig
     from krea2_lite.model.vae_encoder import QwenImageVAEEncoder
 
@@ -112,8 +111,8 @@ def _table(rows: list[dict]) -> str:
 
 def run_case(case: dict, timeout: float) -> dict:
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.vae_encode", "--worker", json.dumps(case)],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             return {**case, "error": f"rc={proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}

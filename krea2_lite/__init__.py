@@ -1,7 +1,5 @@
 """krea2_lite: run the Krea 2 image transformer exactly, small and fast."""
 
-from .loading.transformer import load_transformer
-from .loading.vae_encoder import load_vae_encoder
 from .config import Krea2Config
 from .metadata import read_png_metadata, save_png
 from .model import Krea2Transformer
@@ -10,14 +8,22 @@ from .quantize import QuantSpec
 from .version import __version__
 
 __all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "load_vae_encoder",
-           "read_png_metadata",
-           "save_png", "__version__"]
+           "read_png_metadata", "save_png", "__version__"]
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in transformers (the text encoder); import it only when asked for.
+    # The loading layer and the pipeline pull in transformers (the text encoder, ~2 s): `import krea2_lite`
+    # imports them only when one of these is asked for.
     if name == "Krea2Pipeline":
         from .pipeline import Krea2Pipeline
 
         return Krea2Pipeline
+    if name == "load_transformer":
+        from .loading import load_transformer
+
+        return load_transformer
+    if name == "load_vae_encoder":
+        from .loading.vae_encoder import load_vae_encoder
+
+        return load_vae_encoder
     raise AttributeError(f"module 'krea2_lite' has no attribute {name!r}")

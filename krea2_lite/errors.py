@@ -34,6 +34,10 @@ class ShapeMismatchError(Krea2LiteError, ValueError):
     """A tensor whose shape disagrees with the config (explicit or inferred)."""
 
 
+class FormatVersionError(Krea2LiteError, ValueError):
+    """A quantized folder written by a newer krea2_lite (or not a krea2_lite folder at all)."""
+
+
 class DeviceMemoryError(Krea2LiteError, MemoryError):
     """The GPU ran out of memory during generation; the message says where and what to try."""
 
@@ -85,6 +89,6 @@ class PromptFileError(Krea2LiteError, ValueError):
     """A prompt file (generate --prompts) that is empty or has a bad line; the message names file and line."""
 
 
-class ImageInputError(Krea2LiteError, ValueError):
+class ImageInputError(ArgumentError):
     """An input image or mask (image=, mask_image=, outpaint=; --image, --mask) that cannot be read or
     does not fit the call (aspect ratio, all-black mask, size); the message names the file or argument."""

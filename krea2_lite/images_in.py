@@ -10,7 +10,7 @@ Everything here happens before any model work, so a bad input costs nothing:
     with the image's aspect ratio is resized, another aspect ratio or an all-black mask is an error;
   * outpaint=(left, top, right, bottom) pads the canvas (edge pixels repeated, for the encoder) and
     masks the new area; right / bottom grow to reach multiples of 16 so the original stays in place.
-Errors are `ImageInputError` (naming the file or argument) or the argument errors of arguments.py.
+Errors are `ImageInputError` (naming the file or argument) or the argument errors of checks.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import arguments
+from . import checks
 from .errors import ImageInputError
 
 SIZE_MULTIPLE = 16  # VAE factor 8 × patch 2 (as the pipeline)
@@ -216,7 +216,7 @@ def check_outpaint(outpaint) -> tuple[int, int, int, int]:
     """(left, top, right, bottom): four ints ≥ 0, not all 0."""
     if not isinstance(outpaint, (tuple, list)) or len(outpaint) != 4:
         raise ImageInputError(f"outpaint must be (left, top, right, bottom) in pixels, got {outpaint!r}")
-    sides = tuple(arguments.check_int(f"outpaint {name}", v, 0, MAX_OUTPAINT)
+    sides = tuple(checks.check_int(f"outpaint {name}", v, 0, MAX_OUTPAINT)
                   for name, v in zip(("left", "top", "right", "bottom"), outpaint))
     if not any(sides):
         raise ImageInputError("outpaint pads nothing (all four sides are 0)")
@@ -259,9 +259,9 @@ def prepare(image, *, mask_image=None, outpaint=None, strength=None, mask_blur=0
             raise ImageInputError("mask_image=, outpaint= and strength= need an image= to work on")
         return None, width, height
     masked = mask_image is not None or outpaint is not None
-    strength = arguments.check_number("strength", (1.0 if masked else DEFAULT_STRENGTH) if strength is None
+    strength = checks.check_number("strength", (1.0 if masked else DEFAULT_STRENGTH) if strength is None
                                       else strength, 0.0, 1.0, low_open=True)
-    mask_blur = arguments.check_number("mask_blur", mask_blur, 0.0, MAX_MASK_BLUR)
+    mask_blur = checks.check_number("mask_blur", mask_blur, 0.0, MAX_MASK_BLUR)
     if mask_image is not None and outpaint is not None:
         raise ImageInputError("give mask_image= or outpaint=, not both (outpaint masks the new area itself)")
     pixels, image_file = read_image(image)

@@ -112,7 +112,7 @@ def test_decoder_only_vae_is_a_clear_error(saved, tmp_path):
               tmp_path / "vae" / WEIGHTS)
     with pytest.raises(CheckpointKeysError, match="no encoder weights"):
         krea2_lite.load_vae_encoder(tmp_path)
-    from krea2_lite.model.vae import load_vae_decoder
+    from krea2_lite.loading.vae import load_vae_decoder
 
     load_vae_decoder(tmp_path)  # the decoder never needed them
     del tensors["encoder.conv_in.weight"]
