@@ -267,7 +267,7 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
     in_flight = {"cpu": c.text_encoder_act, "reload": c.text_encoder_largest}.get(text, 0)
     host_phases = {"encode": held + in_flight, "sample": held, "decode": held}
     if c.enc is not None:  # images in: the encoder on the device while it encodes, its host copy kept
-        phases["image"] = resident + slot_bytes + c.vae + te_stays + c.enc + c.enc_act[tile] + c.reserve
+        phases["image"] = resident + slot_bytes + c.vae + text_stays + c.enc + c.enc_act[tile] + c.reserve
         host_phases["image"] = held + c.enc
     return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
                       prefetch=c.prefetch, text_encoder=text, transformer_leaves_for_encoding=leaves, vae_tile=tile,
