@@ -7,8 +7,8 @@ from .quantize import QuantSpec
 
 from .version import __version__
 
-__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "read_png_metadata",
-           "save_png", "__version__"]
+__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "load_vae_encoder",
+           "read_png_metadata", "save_png", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,4 +22,8 @@ def __getattr__(name: str):
         from .loading import load_transformer
 
         return load_transformer
+    if name == "load_vae_encoder":
+        from .loading.vae_encoder import load_vae_encoder
+
+        return load_vae_encoder
     raise AttributeError(f"module 'krea2_lite' has no attribute {name!r}")

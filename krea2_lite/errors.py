@@ -116,3 +116,8 @@ class HubConnectionError(HubError, ConnectionError):
 
 class DiskSpaceError(HubError, OSError):
     """The files to fetch do not fit the free space of the hub cache's disk (checked before any download)."""
+
+
+class ImageInputError(ArgumentError):
+    """An input image or mask (image=, mask_image=, outpaint=; --image, --mask) that cannot be read or
+    does not fit the call (aspect ratio, all-black mask, size); the message names the file or argument."""

@@ -91,7 +91,7 @@ def format_parameters(meta: dict) -> str:
     quant = meta.get("quant")
     if quant is not None:
         items.append(("Quant", quant if isinstance(quant, str) else _quant_dict_name(quant)))
-    items += [("Mu", meta.get("mu")), ("Dtype", meta.get("dtype"))]
+    items += [("Mu", meta.get("mu")), ("Dtype", meta.get("dtype")), ("Denoising strength", meta.get("strength"))]
     loras = meta.get("loras") or []
     if loras:
         items.append(("LoRA", ", ".join(f"{lo['name']}:{lo['scale']:g}" for lo in loras)))

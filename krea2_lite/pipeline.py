@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import checks
+from . import checks, images_in, inpaint
 from .errors import ArgumentTypeError, DeviceMemoryError, MemoryPlanError, ShapeMismatchError
 from .finite_checks import check_decoded, check_schedule
 from .kernels import backend_scope
@@ -27,10 +27,12 @@ from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, r
 from .loading.text_encoder import load_text_encoder
 from .loading.transformer import load_transformer
 from .loading.vae import load_vae_decoder
+from .loading.vae_encoder import load_vae_encoder
 from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.planner import available_host_bytes
-from .offload.sizes import module_pinned_bytes
+from .offload.sizes import module_pinned_bytes, vae_encoder_weight_bytes
+from .offload.image_encoder import ImageEncoderPlacement
 from .offload.apply_plan import Offloader
 from .files.dtypes import check_float_dtype
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
@@ -116,6 +118,9 @@ class Krea2Pipeline:
         self._device = None
         self.source = None  # what from_pretrained was given (a path, hub id or "demo"), for image metadata
         self.revision = None  # the hub commit the model was loaded at, for image metadata
+        self.vae_encoder = None  # images in: the VAE encoder, read on the first call given an image
+        self.vae_encoder_loader = None  # () -> encoder on the host; set by from_spec
+        self._encoder_placement = None
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +208,7 @@ class Krea2Pipeline:
                    default_size=spec.default_size)
         pipe.text_encoder_loader = functools.partial(load_text_encoder, spec.text_encoder, dtype=dtype,
                                                      select_layers=spec.select_layers)
+        pipe.vae_encoder_loader = functools.partial(load_vae_encoder, spec.vae, dtype=decoder.dtype)
         if plan is not None:
             pipe.apply_plan(plan, device)
             pipe.plan_request = dict(vram_gb=budget, mode=offload, host_ram_gb=host_ram_gb)
@@ -212,10 +218,11 @@ class Krea2Pipeline:
     def plan(self, vram_gb: float | None, *, mode: str = "auto", width: int = 1024, height: int = 1024,
              cfg: bool | None = None, num_images: int = 1, prefetch: int = 1, max_sequence_length: int = 512,
              host_ram_gb: float | None = None, text_encoder_place: str | None = None,
-             extra_device_bytes: int = 0):
+             extra_device_bytes: int = 0, image_in: bool = False):
         """A MemoryPlan for this pipeline's components (their exact sizes) and one call's shape;
         `host_ram_gb` defaults to the one from_pretrained planned for, else what the OS reports;
-        `extra_device_bytes` (a step cache's residuals) is added to the LoRA branches'."""
+        `extra_device_bytes` (a step cache's residuals) is added to the LoRA branches';
+        `image_in`: the call encodes an input image (the plan's "image" phase counts the VAE encoder)."""
         if host_ram_gb is None:
             host_ram_gb = (self.plan_request or {}).get("host_ram_gb")
         quantization = getattr(self.transformer, "quantization", None)
@@ -231,7 +238,9 @@ class Krea2Pipeline:
                            text_encoder_place=text_encoder_place,
                            text_encoder_reloadable=self.text_encoder_loader is not None,
                            text_encoder_pinned_bytes=module_pinned_bytes(self.text_encoder),
-                           text_encoder_quantized=self.text_encoder.quant_spec is not None)
+                           text_encoder_quantized=self.text_encoder.quant_spec is not None,
+                           image_encoder_bytes=vae_encoder_weight_bytes(self.vae.dtype, self.vae.config)
+                           if image_in else None)
 
     def apply_plan(self, plan, device: str | torch.device | None = None) -> None:
         """Place the components as `plan` says (undoing any previous plan first)."""
@@ -244,7 +253,7 @@ class Krea2Pipeline:
         self.memory_plan, self._device = plan, device
 
     def _fit_plan(self, width: int, height: int, cfg: bool, images: int, max_sequence_length: int,
-                  extra: int = 0) -> None:
+                  extra: int = 0, image_in: bool = False) -> None:
         """Re-plan for this call's shape when the pipeline was planned to a budget and the placement changes
         (a larger image or batch may need more blocks streamed; a smaller one may need fewer)."""
         request = self.plan_request
@@ -252,7 +261,7 @@ class Krea2Pipeline:
             return
         plan = self.plan(request["vram_gb"], mode=request["mode"], width=width, height=height, cfg=cfg,
                          num_images=images, prefetch=self.memory_plan.prefetch,
-                         max_sequence_length=max_sequence_length, extra_device_bytes=extra)
+                         max_sequence_length=max_sequence_length, extra_device_bytes=extra, image_in=image_in)
         if _placement(plan) != _placement(self.memory_plan):
             logger.info("krea2_lite: re-planning for %d image(s) at %d×%d:\n%s", images, width, height, plan)
             self.apply_plan(plan, self.device)
@@ -298,18 +307,24 @@ class Krea2Pipeline:
                  width: int | None = None, height: int | None = None, steps: int | None = None,
                  guidance: float | None = None,
                  mu: float | None = None, seed: int = 0, num_images: int = 1, latents: torch.Tensor | None = None,
-                 max_sequence_length: int = 512, progress: bool = True, cache=None) -> Krea2Output:
+                 max_sequence_length: int = 512, progress: bool = True, cache=None, image=None,
+                 strength: float | None = None, mask_image=None, mask_blur: float = 0, outpaint=None) -> Krea2Output:
         """Prompts → images: validate, plan, then encode → denoise → decode (see `_generate`).
 
         `cache`: None (every block every step), or a step cache spec such as "fbcache:0.1" or "taylor:1"
-        (a string or `krea2_lite.cache.CacheSpec`; docs/step-caching.md)."""
+        (a string or `krea2_lite.cache.CacheSpec`; docs/step-caching.md).
+        Images in (docs/images-in.md): `image` (PIL, path, or float tensor (B, 3, H, W) in [0, 1]) starts
+        from that image at `strength` (0, 1] (default 0.6; 1.0 = text to image's pixels); `mask_image`
+        (white = repaint) inpaints, `outpaint=(left, top, right, bottom)` pads and fills the new area
+        (both default to strength 1.0); `mask_blur` softens the mask edge (Gaussian sigma, pixels)."""
+        inputs = dict(image=image, strength=strength, mask_image=mask_image, mask_blur=mask_blur, outpaint=outpaint)
         call = self._validate(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
                               guidance=guidance, mu=mu, seed=seed, num_images=num_images, latents=latents,
-                              max_sequence_length=max_sequence_length)
+                              max_sequence_length=max_sequence_length, inputs=inputs)
         call.cache = self._cache_spec(cache, call)
         call.progress = progress
         self._fit_plan(call.width, call.height, call.cfg, call.total, call.max_sequence_length,
-                       extra=self._cache_bytes(call))
+                       extra=self._cache_bytes(call), image_in=call.image_in is not None)
         try:
             return self._generate(call)
         except torch.cuda.OutOfMemoryError as exc:
@@ -326,9 +341,14 @@ class Krea2Pipeline:
                 "vram_gb, or load a quantized model (quant='int8' / 'int4')") from exc
 
     def _validate(self, prompt, *, negative_prompt, width, height, steps, guidance, mu, seed, num_images, latents,
-                  max_sequence_length) -> "_Call":
+                  max_sequence_length, inputs=None) -> "_Call":
         """Every argument checked (bounds and messages in checks.py) and defaults filled in."""
         prompts = checks.check_prompts("prompt", prompt)
+        image_in = None
+        if inputs is not None:  # images in: sizes from the image, every input read and checked (images_in.py)
+            total = len(prompts) * checks.check_num_images(num_images)
+            image_in, width, height = images_in.prepare(**inputs, width=width, height=height, total=total,
+                                                        max_side=checks.MAX_SIDE)
         width = checks.rounded_side("width", self.default_size[0] if width is None else width)
         height = checks.rounded_side("height", self.default_size[1] if height is None else height)
         steps = checks.check_steps(self.defaults.steps if steps is None else steps)
@@ -355,8 +375,13 @@ class Krea2Pipeline:
         described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
                                    seed=seed if latents is None else None, steps=steps, guidance=float(guidance),
                                    mu=mu if mu is not None else self.defaults.mu, width=width, height=height)
+        if image_in is not None:
+            inpaint.cut_schedule(torch.zeros(steps + 1), image_in.strength)  # no step left: an error now
+            self.image_encoder()  # a VAE without encoder weights: the error now, before any work
+            for meta in described:
+                meta.update(image_in.metadata())
         return _Call(prompts, negatives, num_images, noise, steps, float(guidance), mu, max_sequence_length,
-                     width, height, described)
+                     width, height, described, image_in=image_in)
 
     def _cache_spec(self, cache, call: "_Call"):
         """The call's CacheSpec (or None), recorded in its images' metadata; Turbo gets a warning."""
@@ -388,12 +413,13 @@ class Krea2Pipeline:
         (with a RuntimeWarning printing it), or DeviceMemoryError when no smaller plan exists."""
         cfg, images, length = call.cfg, call.total, call.max_sequence_length
         last = self.memory_plan or self.plan(None, mode="none", width=call.width, height=call.height, cfg=cfg,
-                                             num_images=images, max_sequence_length=length)
+                                             num_images=images, max_sequence_length=length,
+                                             image_in=call.image_in is not None)
         budget = REPLAN_FACTOR * last.peak_bytes / (1 << 30)
         try:
             plan = self.plan(budget, width=call.width, height=call.height, cfg=cfg, num_images=images,
                              prefetch=last.prefetch, max_sequence_length=length,
-                             extra_device_bytes=self._cache_bytes(call))
+                             extra_device_bytes=self._cache_bytes(call), image_in=call.image_in is not None)
         except MemoryPlanError as exc:
             raise DeviceMemoryError(f"out of GPU memory generating {call.describe()}: {first}; no smaller memory "
                                     f"plan exists ({str(exc).splitlines()[0]}) — lower the resolution or "
@@ -406,12 +432,37 @@ class Krea2Pipeline:
     @backend_scope()  # KREA2_LITE_KERNELS is read once per generation
     def _generate(self, call: "_Call") -> Krea2Output:
         """encode → denoise → decode for validated settings."""
+        start = self._encode_image(call) if call.image_in is not None else None
         cond, uncond = self._encode(call)
-        final = self._denoise(call, cond, uncond)
-        pixels = self._decode(final)
-        return Krea2Output(images=to_pil(pixels), latents=final, metadata=call.metadata,
+        final = self._denoise(call, cond, uncond, start)
+        images = to_pil(self._decode(final))
+        if call.image_in is not None and call.image_in.mask is not None:  # kept pixels: the input's, exactly
+            images = inpaint.composite(images, call.image_in.pixels, call.image_in.mask)
+        return Krea2Output(images=images, latents=final, metadata=call.metadata,
                            block_evaluations=call.block_evaluations[0],
                            block_evaluations_total=call.block_evaluations[1])
+
+    def image_encoder(self):
+        """The VAE encoder (images in), read from the VAE's files on first use and kept on the host."""
+        if self.vae_encoder is None:
+            if self.vae_encoder_loader is None:
+                raise ValueError("this pipeline does not know its VAE's files; set pipe.vae_encoder "
+                                 "(krea2_lite.load_vae_encoder) to pass images in")
+            self.vae_encoder = self.vae_encoder_loader(device="cpu")
+        return self.vae_encoder
+
+    def _encode_image(self, call: "_Call") -> torch.Tensor:
+        """The input image's normalised latents (1 or B, channels, H/8, W/8), float32 on the device."""
+        encoder = self.image_encoder()
+        if self._encoder_placement is None or self._encoder_placement.device != self.device:
+            self._encoder_placement = ImageEncoderPlacement(encoder, self.device)
+        tile = self.vae_tile
+        if self.memory_plan is not None and self.memory_plan.vae_tile is not None:
+            tile = self.memory_plan.vae_tile
+        with self._encoder_placement.encoding():
+            pixels = call.image_in.pixels.to(encoder.device, encoder.dtype) * 2 - 1
+            z = encoder.encode(pixels, tile=tile)
+        return encoder.normalize_latents(z.float())
 
     def _encode(self, call: "_Call"):
         """(cond, uncond or None): compacted text conditioning, repeated per image."""
@@ -424,7 +475,7 @@ class Krea2Pipeline:
         cond = compact_text(hidden[:total], mask[:total])
         return cond, (compact_text(hidden[total:], mask[total:]) if call.negatives else None)
 
-    def _denoise(self, call: "_Call", cond, uncond) -> torch.Tensor:
+    def _denoise(self, call: "_Call", cond, uncond, start: torch.Tensor | None = None) -> torch.Tensor:
         """The flow ODE from the call's noise: final latents, unpacked (N, channels, H/8, W/8)."""
         lat_h, lat_w = call.latents.shape[-2:]
         rows, cols = lat_h // 2, lat_w // 2
@@ -438,32 +489,38 @@ class Krea2Pipeline:
             schedule = torch.full((call.steps + 1,), float("nan"))
         check_schedule(schedule, mu, self.shift)
         packed = pack_latents(call.latents.to(self.device, self.dtype), self.transformer.config.patch)
+        blend = None
+        if start is not None:  # images in: the schedule's tail from the noised image (inpaint.py)
+            schedule, packed, blend = inpaint.image_start(call.image_in, start, call.latents.to(self.device),
+                                                          schedule, self.transformer.config.patch, self.dtype)
 
         from tqdm.auto import tqdm
 
         blocks = len(self.transformer.blocks)
-        call.block_evaluations = (call.steps * blocks, call.steps * blocks)
-        with tqdm(total=call.steps, desc="sampling", unit="step", disable=not call.progress) as bar:
+        run_steps = len(schedule) - 1  # fewer than call.steps when an input image's strength cuts the schedule
+        call.block_evaluations = (run_steps * blocks, run_steps * blocks)
+        with tqdm(total=run_steps, desc="sampling", unit="step", disable=not call.progress) as bar:
             if call.cache is None:
                 out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
-                              rows=rows, cols=cols, progress=lambda _: bar.update())
+                              rows=rows, cols=cols, progress=lambda _: bar.update(), after_step=blend)
             else:
-                out = self._denoise_cached(call, packed, cond, uncond, schedule, rows, cols, bar)
+                out = self._denoise_cached(call, packed, cond, uncond, schedule, rows, cols, bar, blend)
         release_workspaces(self.transformer)  # the decode phase holds no kernel scratch (as planned)
         return unpack_latents(out, lat_h, lat_w, self.transformer.config.patch)
 
-    def _denoise_cached(self, call: "_Call", packed, cond, uncond, schedule, rows: int, cols: int, bar):
+    def _denoise_cached(self, call: "_Call", packed, cond, uncond, schedule, rows: int, cols: int, bar,
+                        blend=None):
         """`denoise` with the call's step cache attached for its duration (streamed blocks gated)."""
         from .cache import attach_cache
 
         gate = getattr(self.offloader, "streamer", None)
-        with attach_cache(self.transformer, call.cache, gate=gate, steps=call.steps) as cache:
+        with attach_cache(self.transformer, call.cache, gate=gate, steps=len(schedule) - 1) as cache:
             def step(_):
                 bar.set_postfix_str(f"blocks {cache.state.evaluated}/{cache.state.total}", refresh=False)
                 bar.update()
 
             out = denoise(self.transformer, packed, cond, schedule, guidance=call.guidance, uncond=uncond,
-                          rows=rows, cols=cols, progress=step)
+                          rows=rows, cols=cols, progress=step, after_step=blend)
         call.block_evaluations = (cache.state.evaluated, cache.state.total)
         return out
 
@@ -492,6 +549,7 @@ class _Call:
     width: int
     height: int
     metadata: list
+    image_in: images_in.ImageIn | None = None  # images in: the prepared image / mask (images_in.py)
     progress: bool = True
     cache: object = None  # krea2_lite.cache.CacheSpec or None
     block_evaluations: tuple = (None, None)  # (ran, uncached total), set by _denoise

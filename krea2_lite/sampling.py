@@ -121,12 +121,14 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 def denoise(model: VelocityFn, latents: torch.Tensor, text: TextBatch, schedule: torch.Tensor, *,
             guidance: float = 0.0, uncond: TextBatch | None = None, rows: int, cols: int,
             progress: Callable[[int], None] | None = None,
-            check_finite: bool = True) -> torch.Tensor:
+            check_finite: bool = True,
+            after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Euler integration of the flow ODE along `schedule` (steps+1 times, 1 → 0).
 
     latents (B, Limg, C·p²) packed noise. With guidance > 0, cond and uncond run as ONE batched
     forward of 2B rows. The time passed to the model is cast to the latent dtype first, as both
-    references do (at bf16 that rounding is part of the model's behaviour).
+    references do (at bf16 that rounding is part of the model's behaviour). `after_step(i, x)` may
+    replace the latents after step i (inpainting's latent blending, krea2_lite.inpaint).
     """
     if guidance > 0 and uncond is None:
         raise ValueError("guidance > 0 needs the unconditional (negative prompt) text")
@@ -147,6 +149,8 @@ def denoise(model: VelocityFn, latents: torch.Tensor, text: TextBatch, schedule:
             cond, unc = v.chunk(2)
             v = cond + guidance * (cond - unc)
         x = euler_step(x, v, t, t_next)
+        if after_step is not None:
+            x = after_step(i, x)
         if check_finite and not torch.isfinite(x).all():
             raise FloatingPointError(f"latents became NaN/inf at step {i + 1} of {len(schedule) - 1} "
                                      f"(t={float(t):.4f}); the image would be black or noise")

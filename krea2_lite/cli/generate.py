@@ -13,6 +13,7 @@ from pathlib import Path
 from ..checks import OFFLOAD_MODES
 from ..metadata import save_png
 from .generate_ray import add_ray_arguments, run_ray
+from . import generate_images
 from .generate_outputs import plan_outputs
 from .generate_settings import (DTYPES, QUANTS, build_jobs, check_jobs, errors_name_the_line, lora_argument,
                                 quant_argument, resolve_settings, cache_argument)
@@ -71,6 +72,7 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
                      help="step cache: fbcache:T (skip the later blocks when the first block's output changed "
                      "by less than T), taylor:O (predict them instead), KEY=VALUE knobs after commas; none: off "
                      "(also over a --from-png image's cache); see docs/step-caching.md")
+    generate_images.add_arguments(gen)  # --image --strength --mask --mask-blur --outpaint
 
 
 def load_pipeline(args: argparse.Namespace, load: dict):
@@ -98,7 +100,8 @@ def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Nam
                 result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
                               height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
                               mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
-                              progress=not args.quiet and not several, cache=job.get("cache"))
+                              progress=not args.quiet and not several, cache=job.get("cache"),
+                              **generate_images.call_kwargs(job))
             for image, meta, path in zip(result.images, result.metadata, job_paths):
                 save_png(image, path, None if args.no_metadata else meta)
                 print(path, flush=True)

@@ -10,6 +10,7 @@ import string
 from pathlib import Path
 
 from ..errors import ArgumentError, UnsafeOutputError
+from . import generate_images
 
 PLACEHOLDERS = ("index", "seed", "stem")
 FOLDER_PATTERN = "{stem}_{index:04d}.png"  # the file names when --output names a folder
@@ -57,7 +58,8 @@ def plan_outputs(args: argparse.Namespace, jobs: list[dict]) -> list[list[Path]]
         except (ValueError, IndexError, KeyError) as exc:
             raise ArgumentError(f"--output {output!r}: {exc}") from None
         flat = [p if p.suffix.lower() == ".png" else p.with_name(p.name + ".png") for p in flat]
-    check_distinct(output, flat, inputs=[f for f in (args.from_png, args.prompts) if f])
+    inputs = [f for f in (args.from_png, args.prompts) if f] + generate_images.input_files(args, jobs)
+    check_distinct(output, flat, inputs=inputs)
     it = iter(flat)
     return [[next(it) for _ in job_seeds] for job_seeds in seeds]
 

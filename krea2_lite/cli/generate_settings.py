@@ -20,6 +20,7 @@ from ..errors import ArgumentError, MetadataError, PromptFileError
 from ..metadata import read_png_metadata
 from ..quantize import QuantSpec
 from ..quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
+from . import generate_images
 from .prompt_files import check_value, read_prompt_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -83,6 +84,7 @@ def png_settings(path: str) -> tuple[dict, dict]:
     load["lora"] = [(lo["name"], float(lo["scale"])) for lo in loras]
     if "quant" in load:
         load["quant"] = _png_quant(load["quant"], path)
+    call.update(generate_images.from_png(meta, path))  # the input image / mask it was made from, if any
     return call, load
 
 
@@ -115,6 +117,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
                  guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images,
                  cache=args.cache)
     call.update({k: v for k, v in given.items() if v is not None})
+    generate_images.resolve(call, generate_images.given(args))  # --image etc.; --from-png inputs hash-checked
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
     flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
@@ -151,6 +154,7 @@ def check_jobs(args: argparse.Namespace, jobs: list[dict]) -> None:
             checks.check_call_settings(steps=job.get("steps"), guidance=job.get("guidance"), mu=job.get("mu"),
                                        num_images=job["num_images"], seed=job["seed"], width=job.get("width"),
                                        height=job.get("height"))
+            generate_images.check_job(job)  # input image / mask read and checked
 
 
 @contextlib.contextmanager

@@ -27,6 +27,9 @@ OVERRIDES = {
     "guidance": ("number", "a number >= 0"),
     "mu": ("float", "a finite number"),
     "size": ("size", 'a "WIDTHxHEIGHT" string such as "768x512"'),
+    "image": ("str", "a path (relative to the prompt file)"),
+    "mask": ("str", "a path (relative to the prompt file)"),
+    "strength": ("number", "a number in (0, 1]"),
 }
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
@@ -51,6 +54,9 @@ def read_prompt_file(path: str | os.PathLike) -> list[dict]:
             continue
         where = f"{path}:{number}"
         job = _parse_json_line(line, where) if jsonl else {"prompt": line.strip()}
+        for key in ("image", "mask"):  # images in: relative to the prompt file, not the working folder
+            if key in job:
+                job[key] = str(path.parent / job[key])
         job["line"] = number
         jobs.append(job)
     if not jobs:

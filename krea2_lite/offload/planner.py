@@ -7,6 +7,8 @@ Device bytes, per phase of one generation:
   sample  resident transformer weights + streaming slots + step activations + VAE weights
           (+ the text encoder when it stays)
   decode  as sample with the VAE's activations instead of the step's
+  image   (only for a call with an input image) as decode, with the VAE encoder's weights and its
+          activations (tiled like the decode) instead of the decoder's activations
 plus a reserve for the CUDA context and fragmentation.
 
 Host bytes (RAM), per phase, are what the plan itself holds:
@@ -159,6 +161,8 @@ class _Costs:
     vae: int
     vae_act: dict                 # VAE activations by tile (None: untiled)
     extra: int                    # what else stays on the device (LoRA branches)
+    enc: int | None = None        # the VAE encoder's weights when the call encodes an input image
+    enc_act: dict | None = None   # its activations by tile
 
 
 def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, height: int = 1024, *,
@@ -169,7 +173,7 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
                 host_reserve_bytes: int = HOST_RESERVE_BYTES, extra_device_bytes: int = 0,
                 text_encoder_place: str | None = None, text_encoder_reloadable: bool = True,
                 text_encoder_read_bytes: int | None = None, text_encoder_pinned_bytes: int | None = None,
-                text_encoder_quantized: bool = False) -> MemoryPlan:
+                text_encoder_quantized: bool = False, image_encoder_bytes: int | None = None) -> MemoryPlan:
     """Plan where the pipeline's parts live so one generation fits `vram_gb` GiB of device memory
     and `host_ram_gb` GiB of host RAM (default: what the OS reports available, MemAvailable).
 
@@ -181,6 +185,7 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     host bytes of its pinned copy (default: from the shape, see `sizes.pinned_size`);
     `text_encoder_quantized` adds its dequantization scratch to its activations.
     `extra_device_bytes`: what else stays on the device through sampling and decoding (LoRA branches).
+    `image_encoder_bytes`: the VAE encoder's size when the call encodes an image ("image" phase).
     `host_reserve_bytes`: host RAM kept for the process itself.
 
     `mode` "auto" returns the first placement, in the order the module docstring gives, that fits
@@ -218,7 +223,8 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         vae_act={tile: sizes.vae_activation_bytes(vae_base_dim, height, width, num_images, dtype,
                                                   None if tile is None else tile * 8)
                  for tile in (None, VAE_TILE_PIXELS // 8)},
-        extra=extra_device_bytes)
+        extra=extra_device_bytes, enc=image_encoder_bytes,
+        enc_act=_encoder_activations(image_encoder_bytes, vae_base_dim, height, width, num_images, dtype))
     places = [p for p in TEXT_ENCODER_PLACES
               if text_encoder_place in (None, p) and (p != "reload" or text_encoder_reloadable)]
     kinds = ("none", "model", "sequential") if mode == "auto" else (mode,)
@@ -229,6 +235,15 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
         if (vram_gb is None or plan.peak_bytes <= budget) and plan.host_bytes <= costs.host_limit:
             return plan
     raise _refusal(candidates, costs, vram_gb, mode, f"{width}×{height}{' with CFG' if cfg else ''}", quant)
+
+
+def _encoder_activations(encoder_bytes, base_dim, height, width, batch, dtype) -> dict | None:
+    """{tile: VAE encoder activation bytes} for both VAE tilings, or None for text to image."""
+    if encoder_bytes is None:
+        return None
+    return {tile: sizes.vae_encoder_activation_bytes(base_dim, height, width, batch, dtype,
+                                                     None if tile is None else tile * 8)
+            for tile in (None, VAE_TILE_PIXELS // 8)}
 
 
 def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: int | None) -> MemoryPlan:
@@ -251,6 +266,9 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
         held += w.pinned_fixed + sum(w.pinned_swapped[i] for i in resident_ids) + c.extra
     in_flight = {"cpu": c.text_encoder_act, "reload": c.text_encoder_largest}.get(text, 0)
     host_phases = {"encode": held + in_flight, "sample": held, "decode": held}
+    if c.enc is not None:  # images in: the encoder on the device while it encodes, its host copy kept
+        phases["image"] = resident + slot_bytes + c.vae + text_stays + c.enc + c.enc_act[tile] + c.reserve
+        host_phases["image"] = held + c.enc
     return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
                       prefetch=c.prefetch, text_encoder=text, transformer_leaves_for_encoding=leaves, vae_tile=tile,
                       peak_bytes=max(phases.values()), host_bytes=max(host_phases.values()), phases=phases,

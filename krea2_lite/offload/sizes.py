@@ -212,3 +212,33 @@ def vae_weight_bytes(dtype: torch.dtype, config=None) -> int:
     with torch.device("meta"):
         decoder = QwenImageVAEDecoder(config)
     return sum(t.numel() for t in decoder.parameters()) * _itemsize(dtype)
+
+
+# Peak encoder activation per input pixel, in units of base_dim·itemsize: a full-resolution residual
+# block holds its input, the normalised copy and the first conv's output (plus the shortcut) of
+# base_dim channels. Measured on the CPU (fp32, 1024², untiled): 2066 MiB of RSS growth → 5.4; 6
+# leaves a margin. Not yet measured on a GPU (the GPU proof's `vae` section records it).
+VAE_ENCODER_BYTES_PER_PIXEL_PER_CHANNEL = 6
+
+
+def vae_encoder_activation_bytes(base_dim: int, height: int, width: int, batch: int, dtype: torch.dtype,
+                                 tile_pixels: int | None) -> int:
+    """Encoder activations for `batch` images of height×width pixels, whole or in square tiles
+    (tiled: one tile's activations + the whole input image + the float32 latent accumulator)."""
+    s = _itemsize(dtype)
+    per_pixel = VAE_ENCODER_BYTES_PER_PIXEL_PER_CHANNEL * base_dim * s
+    image = batch * 3 * height * width * s
+    if tile_pixels is None:
+        return batch * height * width * per_pixel + image
+    tile_area = min(tile_pixels, height) * min(tile_pixels, width)
+    accumulator = batch * 16 * (height // 8) * (width // 8) * 4
+    return batch * tile_area * per_pixel + image + accumulator
+
+
+def vae_encoder_weight_bytes(dtype: torch.dtype, config=None) -> int:
+    """Bytes of the 2D VAE encoder krea2_lite builds (default: the Qwen-Image shape), counted on meta."""
+    from ..model.vae_encoder import QwenImageVAEEncoder
+
+    with torch.device("meta"):
+        encoder = QwenImageVAEEncoder(config)
+    return sum(t.numel() for t in encoder.parameters()) * _itemsize(dtype)

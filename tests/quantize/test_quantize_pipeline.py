@@ -43,6 +43,14 @@ def test_folder_is_self_contained_and_matches_on_the_fly(pipeline_folder, tmp_pa
                                                progress=False)
     latents = folder.noise(1, 32, 32, seed=4)
     assert torch.equal(generate(folder, latents).latents, generate(on_the_fly, latents).latents)
+    # Images in: the folder's vae/ keeps the encoder weights, so the quantized folder takes an image too.
+    from krea2_lite import load_vae_encoder
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(load_vae_encoder(moved).encode(x), load_vae_encoder(pipeline_folder).encode(x))
+    start = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = folder("a red fox", steps=2, image=start, strength=0.5, progress=False)
+    assert out.images[0].size == (32, 32) and out.metadata[0]["strength"] == 0.5
 
 
 @pytest.mark.parametrize("te_dtype", ["int8", "int4"])
