@@ -7,7 +7,8 @@ from .quantize import QuantSpec
 
 from .version import __version__
 
-__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "read_png_metadata",
+__all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "load_vae_encoder", "train_lora",
+           "read_png_metadata",
            "save_png", "__version__"]
 
 
@@ -22,4 +23,12 @@ def __getattr__(name: str):
         from .loading import load_transformer
 
         return load_transformer
+    if name == "load_vae_encoder":
+        from .loading.vae_encoder import load_vae_encoder
+
+        return load_vae_encoder
+    if name == "train_lora":
+        from .train import train_lora
+
+        return train_lora
     raise AttributeError(f"module 'krea2_lite' has no attribute {name!r}")
