@@ -35,8 +35,9 @@ LAYERS = [
     ("offload", ("krea2_lite.offload",)),
     ("loading", ("krea2_lite.loading",)),
     ("generation", ("krea2_lite.finite_checks", "krea2_lite.metadata", "krea2_lite.pipeline")),
+    ("training", ("krea2_lite.train",)),
     ("cli", ("krea2_lite.cli", "krea2_lite.__main__",
-             "krea2_lite.quantize.__main__", "krea2_lite.demo.train")),
+             "krea2_lite.quantize.__main__", "krea2_lite.demo.train", "krea2_lite.train.__main__")),
     ("package", ("krea2_lite",)),
 ]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ArgumentError
 from ..loading.pipeline import resolve_pipeline
 from ..loading.transformer import load_transformer
 from .checkpoint import load_checkpoint
@@ -41,6 +42,9 @@ def _plan(spec, settings: TrainSettings, dtype) -> None:
 
     for leaf in sorted({leaf for group in settings.targets for leaf in TARGET_GROUPS[group]}):
         shapes.append(leaf_shapes[leaf])
+        if settings.rank > min(leaf_shapes[leaf]):  # refused before any encoding (the layer check repeats it)
+            raise ArgumentError(f"rank {settings.rank} exceeds layer blocks.*.{leaf} "
+                                f"({leaf_shapes[leaf][1]}×{leaf_shapes[leaf][0]}); use rank ≤ {min(leaf_shapes[leaf])}")
     check_fits(cfg, settings.quant, vram_gb=settings.vram_gb, rank=settings.rank, resolution=settings.resolution,
                batch=settings.batch, text_tokens=min(settings.max_sequence_length, 256), dtype=dtype,
                target_shapes=tuple(shapes))
