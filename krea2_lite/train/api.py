@@ -57,6 +57,7 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = resolve_pipeline(settings.model, quant=settings.quant, transformer=settings.transformer,
                             text_encoder=settings.text_encoder, vae=settings.vae)
+    Path(settings.output).parent.mkdir(parents=True, exist_ok=True)
     items, skips = scan_folder(settings.data, settings.resolution, settings.trigger)
     if skips:
         log(f"skipped {len(skips)} file(s):\n  " + "\n  ".join(skips))

@@ -59,7 +59,11 @@ def _encode_latents(vae, item: Item, flip: bool, center_crop: bool) -> dict:
 
 
 def _encode_text(encoder, caption: str, max_sequence_length: int) -> dict:
-    hidden, mask = encoder.encode([caption], max_sequence_length)
+    # Encoded at the caption's own length, not padded to max_sequence_length: the text model is causal
+    # and right-padded, so its real tokens' states are the same (and 512-token padding costs ~10×).
+    tokens = len(encoder.tokenizer(encoder.prompt_template_prefix + caption).input_ids)
+    length = max(1, min(max_sequence_length, tokens - encoder.prefix_tokens + encoder.suffix_tokens))
+    hidden, mask = encoder.encode([caption], length)
     return {"hidden": hidden[0][mask[0].bool()].float()}
 
 
