@@ -63,7 +63,7 @@ def train_step(run: Run) -> float:
     for _ in range(k):
         loss = micro_batch(run)
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {float(loss)} at step {run.step + 1}; stopped without "
+            raise NonFiniteError(f"the loss became {float(loss.detach())} at step {run.step + 1}; stopped without "
                                  f"applying it (the last good save is step {_last_save(run)})")
         (loss / k).backward()
         total += float(loss.detach()) / k

@@ -108,3 +108,12 @@ def test_cache_is_reused_and_skips_are_listed(runs, tmp_path):
     assert "skipped 2 file(s)" in text
     assert "broken.png: cannot be read" in text and "nocaption.png: no caption" in text
     assert "encoding" not in text  # neither encoder was loaded
+
+
+@pytest.mark.parametrize("quant", [pytest.param("int4", marks=pytest.mark.slow), "int8-w8a8"])  # int4: ~25 s of MSE rounding
+def test_trains_beside_a_quantized_base(runs, quant, tmp_path):
+    out = train_lora(str(demo_path()), data=runs["root"] / "data", output=tmp_path / "q.safetensors", steps=2,
+                     quant=quant, cache_dir=runs["cache"], **{**OPTIONS, "lr": 1e-2})
+    state = load_file(out)
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)
