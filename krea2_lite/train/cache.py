@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..files.small_tensor_file import read_small_file
 
 from .data import Item, load_pixels
 
@@ -107,9 +109,9 @@ def preprocess(items: list[Item], spec, settings, *, log=print) -> list[Example]
 
 def read_example(example: Example, flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(latent (C, h, w), text (n, layers, dim)) from the cache, float32."""
-    latents = load_file(str(example.latent_file))
+    latents = read_small_file(example.latent_file)
     latent = latents["latent_flip"] if flipped and "latent_flip" in latents else latents["latent"]
-    return latent.float(), load_file(str(example.text_file))["hidden"].float()
+    return latent.float(), read_small_file(example.text_file)["hidden"].float()
 
 
 __all__ = ["Example", "preprocess", "read_example", "save_atomic"]

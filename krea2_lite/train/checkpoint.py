@@ -18,9 +18,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import ArgumentError
+from ..files.small_tensor_file import read_small_file
 from .cache import save_atomic
 
 MATCHING = ("rank", "lora_alpha", "targets", "seed", "batch", "grad_accum", "lr", "data_keys")
@@ -64,12 +64,17 @@ def load_checkpoint(folder: Path, *, lora, optimizer, params: list, generator: t
         if saved.get(key) != identity.get(key):
             raise ArgumentError(f"--resume {folder}: it was trained with {key}={saved.get(key)!r}, this run has "
                                 f"{identity.get(key)!r}; resume with the same settings")
-    lora.load_state_dict(load_file(str(folder / "lora.safetensors")))
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    saved_params = read_small_file(folder / "lora.safetensors")
+    with torch.no_grad():  # copied into the existing parameters (the optimizer holds them)
+        for name, param in lora.named_parameters():
+            if name not in saved_params or saved_params[name].shape != param.shape:
+                raise ArgumentError(f"--resume {folder}: lora.safetensors has no {name} of shape {tuple(param.shape)}")
+            param.copy_(saved_params[name])
+    tensors = read_small_file(folder / "optimizer.safetensors")
     for i, p in enumerate(params):
         entry = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
         if entry:
             entry["step"] = entry["step"].reshape(())
             optimizer.state[p] = {k: v.to(p.device) for k, v in entry.items()}
-    generator.set_state(load_file(str(folder / "rng.safetensors"))["state"])
+    generator.set_state(read_small_file(folder / "rng.safetensors")["state"])
     return state
