@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from benchmarks.gpu_proof import correctness, layers, quanto, timings
+from benchmarks.gpu_proof import correctness, layers, quanto, timings, training
 
 
 class ProofSection(NamedTuple):
@@ -31,7 +31,8 @@ class ProofSection(NamedTuple):
 SECTIONS = (
     ProofSection("checks", 0.24, correctness.run),
     ProofSection("layers", 0.08, layers.layer_rows),
-    ProofSection("steps", 0.38, timings.step_rows),
+    ProofSection("steps", 0.34, timings.step_rows),
     ProofSection("stream", 0.15, timings.stream_rows),
+    ProofSection("training", 0.04, training.run),
     ProofSection("quanto", 0.15, quanto.run, needs_peer=True),
 )
