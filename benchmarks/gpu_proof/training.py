@@ -1,7 +1,7 @@
 """The `training` section: one LoRA training step (forward + backward + AdamW) at the proof's full shape
 and resolution, resident, for int8 and int4 bases: ms per step, peak device memory, and the training
-memory plan's estimate beside it (`krea2_lite.train.memory`). Streamed training is not implemented:
-recorded as "not measured". Each row is time-boxed; a failure records the row and moves on.
+memory plan's estimate beside it (`krea2_lite.train.memory`). Streamed training is not implemented
+(each row's detail says so). Each row is time-boxed; a failure records the row and moves on.
 """
 
 from __future__ import annotations
@@ -72,10 +72,9 @@ def run(ctx, rec, section) -> None:
         try:
             ms, peak, planned = _row(ctx, quant)
             detail = f"peak {peak:.3f} GiB, plan {planned:.3f} GiB" if peak is not None else f"plan {planned:.3f} GiB"
+            detail += "; streamed training not measured (not implemented)"
             rec.timing(case=CASE, system="krea2_lite resident", quant=quant, ms=ms, detail=detail)
         except Exception as exc:  # out of memory, a kernel error: this row only
             from benchmarks.gpu_proof.record import describe
 
             rec.timing(case=CASE, system="krea2_lite resident", quant=quant, ms=None, detail=f"failed: {describe(exc)}")
-        rec.timing(case=CASE, system="krea2_lite streamed", quant=quant, ms=None,
-                   detail="not measured: streamed training (blocks in forward and reverse order) is not implemented")
