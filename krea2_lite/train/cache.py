@@ -53,7 +53,7 @@ def save_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
 def _encode_latents(vae, item: Item, flip: bool, center_crop: bool) -> dict:
     pixels = torch.from_numpy(load_pixels(item, center_crop).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     batch = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
-    latents = vae.normalize_latents(vae.encode(batch).float())
+    latents = vae.normalize_latents(vae.encode(batch, tile="auto").float())  # tiles only above the auto area
     out = {"latent": latents[0]}
     if flip:
         out["latent_flip"] = latents[1]
@@ -95,7 +95,9 @@ def preprocess(items: list[Item], spec, settings, *, log=print) -> list[Example]
         from ..loading.text_encoder import load_text_encoder
 
         log(f"encoding {len(todo_text)} caption(s) with the text encoder (cached in {root})")
-        encoder = load_text_encoder(spec.text_encoder, device=settings.device, dtype=torch.float32,
+        # bf16 on a GPU (a 4B text encoder in float32 would not fit a 12 GB card); float32 on the CPU.
+        dtype = torch.bfloat16 if torch.device(settings.device).type == "cuda" else torch.float32
+        encoder = load_text_encoder(spec.text_encoder, device=settings.device, dtype=dtype,
                                     select_layers=spec.select_layers)
         for item, path in todo_text:
             save_atomic({k: v.cpu() for k, v in _encode_text(encoder, item.caption, settings.max_sequence_length).items()},

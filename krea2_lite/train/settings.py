@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ArgumentError, UnsafeOutputError
@@ -54,7 +54,6 @@ class TrainSettings:
     ram_gb: float | None = None
     device: str = "cpu"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     @property
     def lora_alpha(self) -> float:
