@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                    resolution=64, quant=args.quant, progress=False, log=lambda *a: None)
         seconds = time.perf_counter() - start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"train: {args.steps} steps rank {args.rank} lr {args.lr} quant {args.quant}: {seconds:.1f} s "
+              f"({seconds / args.steps:.3f} s/step incl. model load), peak RSS {rss:.0f} MiB, "
+              f"{torch.get_num_threads()} threads", flush=True)
         result = evaluate(out, list(range(args.seeds)), args.held)
-    print(f"train: {args.steps} steps rank {args.rank} lr {args.lr} quant {args.quant}: {seconds:.1f} s "
-          f"({seconds / args.steps:.3f} s/step incl. model load), peak RSS {rss:.0f} MiB, {torch.get_num_threads()} threads")
     print(f"'{WORD}' → orange star bottom right (colour+position): {result['word_before']:.0%} without the LoRA, "
           f"{result['word_after']:.0%} with it")
     print(f"held-out prompts (colour+position): {result['held_before']:.0%} without, {result['held_after']:.0%} with")
