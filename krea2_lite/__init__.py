@@ -8,7 +8,7 @@ from .quantize import QuantSpec
 from .version import __version__
 
 __all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "load_transformer", "load_vae_encoder",
-           "read_png_metadata", "save_png", "__version__"]
+           "train_lora", "read_png_metadata", "save_png", "__version__"]
 
 
 def __getattr__(name: str):
@@ -26,4 +26,8 @@ def __getattr__(name: str):
         from .loading.vae_encoder import load_vae_encoder
 
         return load_vae_encoder
+    if name == "train_lora":
+        from .train import train_lora
+
+        return train_lora
     raise AttributeError(f"module 'krea2_lite' has no attribute {name!r}")

@@ -36,8 +36,9 @@ LAYERS = [
     ("loading", ("krea2_lite.loading",)),
     ("generation", ("krea2_lite.cache", "krea2_lite.finite_checks", "krea2_lite.images_in", "krea2_lite.inpaint",
                     "krea2_lite.metadata", "krea2_lite.pipeline")),
-    ("cli", ("krea2_lite.cli", "krea2_lite.__main__",
-             "krea2_lite.quantize.__main__", "krea2_lite.demo.train", "krea2_lite.batch", "krea2_lite.serve")),
+    ("training", ("krea2_lite.train",)),
+    ("cli", ("krea2_lite.cli", "krea2_lite.__main__", "krea2_lite.quantize.__main__", "krea2_lite.demo.train",
+             "krea2_lite.train.__main__", "krea2_lite.batch", "krea2_lite.serve")),
     ("package", ("krea2_lite",)),
 ]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from benchmarks.gpu_proof import correctness, layers, quanto, ray_batch, step_cache, timings, vae_rows
+from benchmarks.gpu_proof import correctness, layers, quanto, ray_batch, step_cache, timings, training, vae_rows
 
 
 class ProofSection(NamedTuple):
@@ -31,10 +31,11 @@ class ProofSection(NamedTuple):
 SECTIONS = (
     ProofSection("checks", 0.24, correctness.run),
     ProofSection("layers", 0.08, layers.layer_rows),
-    ProofSection("steps", 0.30, timings.step_rows),
+    ProofSection("steps", 0.28, timings.step_rows),
     ProofSection("stream", 0.13, timings.stream_rows),
     ProofSection("ray", 0.05, ray_batch.run),  # a Ray Data batch worker on the GPU (issue 30)
     ProofSection("cache", 0.08, step_cache.run),  # step caching (issue 27)
     ProofSection("vae", 0.03, vae_rows.vae_rows),  # the VAE encoder of images in, beside a 1024² decode (issue 24)
+    ProofSection("training", 0.04, training.run),  # LoRA training steps (issue 26)
     ProofSection("quanto", 0.15, quanto.run, needs_peer=True),
 )

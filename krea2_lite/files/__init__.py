@@ -12,6 +12,7 @@
   checkpoint.py          transformer checkpoint layouts (official / ComfyUI / diffusers) → official names
   quantized_folder.py    the quantized folder's names and manifest
   shard_writer.py        safetensors shards written as tensors arrive
+  small_tensor_file.py   a small safetensors file read whole (training caches, checkpoints)
 
 It imports nothing of the package but `errors`. Every error names the file it is about.
 """

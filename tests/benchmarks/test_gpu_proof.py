@@ -99,7 +99,7 @@ def test_every_timing_row_is_measured(result):
 def test_goals_markdown_and_sections(result):
     data, out, stdout = result
     assert len(data["goals"]) == 14 and all({"goal", "value", "target", "met"} <= set(g) for g in data["goals"])
-    assert [s["name"] for s in data["sections"]] == ["checks", "layers", "steps", "stream", "ray", "cache", "vae", "quanto"]
+    assert [s["name"] for s in data["sections"]] == ["checks", "layers", "steps", "stream", "ray", "cache", "vae", "training", "quanto"]
     text = out.with_suffix(".md").read_text()
     assert "## Checks" in text and "## Timings" in text and "diffusers+quanto" in text
     assert "checks ok" in stdout
