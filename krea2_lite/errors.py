@@ -83,3 +83,13 @@ class MetadataError(Krea2LiteError, ValueError):
 
 class PromptFileError(Krea2LiteError, ValueError):
     """A prompt file (generate --prompts) that is empty or has a bad line; the message names file and line."""
+
+
+class GGUFFileError(CorruptCheckpointError):
+    """A GGUF file that cannot be read as stored: truncated, duplicate tensor names, a tensor whose
+    bytes do not fit its type and shape. Names the file and the tensor."""
+
+
+class UnsupportedFormatError(Krea2LiteError, ValueError):
+    """A quantized format krea2_lite does not run (an unknown GGUF tensor type, a ComfyUI format such
+    as nvfp4 on a card without it). Names the tensor or layer and the format."""
