@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import Krea2Config, swiglu_width
+from .gguf_file import GGUFFile, is_gguf, read_gguf
 from .errors import (CheckpointKeysError, Krea2LiteError, NotKrea2CheckpointError, SafetensorsSetError,
                      ShapeMismatchError)
 from .loading.files import (PICKLE_SUFFIXES, SAFETENSORS_DTYPES, TensorInfo, find_weight_files,  # noqa: F401
@@ -102,6 +103,7 @@ class CheckpointSource:
     layout: str  # "official" | "comfyui" | "diffusers"
     entries: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)
     diffusers_config: dict | None = None
+    gguf: GGUFFile | None = None  # a GGUF file's reader (entries' dtypes are then ggml type names)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Official-layout shapes (diffusers' (6, d) modulation tables flattened)."""
@@ -127,8 +129,13 @@ def _transformer_weights(location: Path):
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
     location = resolve_path(path, ["*.json", "*.safetensors", "transformer/*"])
-    weights, config = _transformer_weights(location)
-    stored = {key: (file, key, info) for key, (file, info) in tensor_locations(weights).items()}
+    gguf = None
+    if location.is_file() and (is_gguf(location) or location.suffix.lower() == ".gguf"):
+        gguf, config = read_gguf(location), None  # recognised by its magic; a bad one is named here
+        stored = {key: (location, key, TensorInfo(t.qtype, t.shape, t.start, t.end)) for key, t in gguf.tensors.items()}
+    else:
+        weights, config = _transformer_weights(location)
+        stored = {key: (file, key, info) for key, (file, info) in tensor_locations(weights).items()}
 
     layout = "official"
     keys = list(stored)
@@ -142,8 +149,9 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         stored = _renamed(stored, diffusers_to_official_key, location)
     if not all(k in stored for k in SIGNATURE_KEYS):
         raise NotKrea2CheckpointError(f"{location}: not a Krea 2 checkpoint ({_guess_family(keys)})")
-    require_float(stored)  # every Krea 2 transformer tensor is floating point
-    return CheckpointSource(location, layout, stored, config)
+    if gguf is None:
+        require_float(stored)  # every Krea 2 transformer tensor is floating point
+    return CheckpointSource(location, layout, stored, config, gguf)
 
 
 def _renamed(stored: dict, rename, location: Path) -> dict:

@@ -46,3 +46,43 @@ def write_gguf(path: Path, tensors: dict[str, tuple[str, np.ndarray]], arch: str
 
 def bf16_bytes(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8).reshape(*t.shape[:-1], -1)
+
+
+def random_model_state(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An official-key float32 state dict of a random Krea2Transformer of shape `cfg`."""
+    from krea2_lite.model import Krea2Transformer
+
+    torch.manual_seed(seed)
+    model = Krea2Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+
+
+def model_gguf(path: Path, state: dict[str, torch.Tensor], qtype: str, *, prefix: str = "", seed: int = 0,
+               rename=None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Write `state` as a GGUF file: each 2-D weight whose rows hold whole `qtype` blocks as `qtype`
+    (the package's quantizer where it has one, else valid random blocks), other 2-D tensors F16, 1-D F32.
+    Returns the file and the reference: the package's dequantization of each stored tensor (official names)."""
+    from gguf.quants import dequantize, quantize
+
+    block = BLOCK_TYPES[qtype][0]
+    tensors, reference = {}, {}
+    for i, (name, value) in enumerate(state.items()):
+        stored = (rename or (lambda k: k))(prefix + name)
+        if value.ndim == 2 and value.shape[1] % block == 0 and name.endswith(".weight"):
+            kind = GGMLQuantizationType[qtype]
+            try:
+                data = quantize(value.numpy(), kind)
+            except NotImplementedError:  # K-quants: the package cannot write them
+                data = random_blocks(qtype, value.shape[0], value.shape[1], seed=seed + i)
+            tensors[stored] = (qtype, data)
+            reference[name] = torch.from_numpy(dequantize(data, kind).copy())
+        elif value.ndim == 2:
+            tensors[stored] = ("F16", value.half().numpy())
+            reference[name] = value.half().float()
+        else:
+            tensors[stored] = ("F32", value.numpy())
+            reference[name] = value.clone()
+    return write_gguf(path, tensors), reference

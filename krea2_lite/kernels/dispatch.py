@@ -215,6 +215,15 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
     return qmatmul_torch(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
 
 
+def gguf_linear(x: torch.Tensor, qdata: torch.Tensor, qtype: str, out_features: int, in_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias with W stored as GGUF blocks (`GGUFLinear`): dequantize + `F.linear`
+    (`gguf_linear_torch`) unless a Triton dequant-matmul is chosen (see kernels/gguf_*)."""
+    from .gguf_dequant_torch import gguf_linear_torch
+
+    return gguf_linear_torch(x, qdata, qtype, out_features, in_features, bias)
+
+
 # Token counts from which dequantize-to-x.dtype + cuBLAS beats the int8 GEMM, per GPU capability
 # (major, minor). Fill from `benchmarks/kernels.py` runs; absent = never.
 DEQUANT_MIN_TOKENS: dict[tuple[int, int], int] = {}

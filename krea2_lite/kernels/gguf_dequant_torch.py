@@ -146,3 +146,11 @@ def dequantize_gguf(data: torch.Tensor, qtype: str, shape: tuple[int, ...],
     block, size = BLOCK_TYPES[qtype]
     blocks = data.reshape(-1, size)
     return DEQUANTIZERS[qtype](blocks).reshape(shape).to(dtype)
+
+
+def gguf_linear_torch(x: torch.Tensor, qdata: torch.Tensor, qtype: str, out_features: int, in_features: int,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias with W stored as GGUF blocks (uint8 (out, row bytes)): W dequantized in float32
+    on qdata's device, cast to x.dtype, then one `F.linear` (the reference of the Triton kernel)."""
+    weight = dequantize_gguf(qdata, qtype, (out_features, in_features), x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -8,7 +8,7 @@ from gguf.quants import dequantize, quantize
 
 from gguf_files import QUANT_TYPES, random_blocks
 from krea2_lite.gguf_file import BLOCK_TYPES
-from krea2_lite.quantize.gguf_dequant import dequantize_gguf
+from krea2_lite.kernels.gguf_dequant_torch import dequantize_gguf
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES)
