@@ -63,15 +63,20 @@ def random_model_state(cfg, seed: int = 0) -> dict[str, torch.Tensor]:
 def model_gguf(path: Path, state: dict[str, torch.Tensor], qtype: str, *, prefix: str = "", seed: int = 0,
                rename=None) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write `state` as a GGUF file: each 2-D weight whose rows hold whole `qtype` blocks as `qtype`
+    (`qtype` a type name, or a function of the official name giving one; a float type stores it so)
     (the package's quantizer where it has one, else valid random blocks), other 2-D tensors F16, 1-D F32.
     Returns the file and the reference: the package's dequantization of each stored tensor (official names)."""
     from gguf.quants import dequantize, quantize
 
-    block = BLOCK_TYPES[qtype][0]
+    type_of = qtype if callable(qtype) else (lambda name: qtype)
     tensors, reference = {}, {}
     for i, (name, value) in enumerate(state.items()):
         stored = (rename or (lambda k: k))(prefix + name)
-        if value.ndim == 2 and value.shape[1] % block == 0 and name.endswith(".weight"):
+        qtype = type_of(name)
+        if qtype in FLOAT_TYPES:
+            tensors[stored] = (qtype, value.to(FLOAT_TYPES[qtype]).numpy() if qtype != "BF16" else bf16_bytes(value))
+            reference[name] = value.to(FLOAT_TYPES[qtype]).float()
+        elif value.ndim == 2 and value.shape[1] % BLOCK_TYPES[qtype][0] == 0 and name.endswith(".weight"):
             kind = GGMLQuantizationType[qtype]
             try:
                 data = quantize(value.numpy(), kind)

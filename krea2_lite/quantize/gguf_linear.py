@@ -90,11 +90,17 @@ class StoredFormat:
         return model
 
 
+# Dequantized at load even when the file stores it in blocks: the input projection sets the model's
+# activation dtype (`Krea2Transformer.compute_dtype`) and is tiny.
+DEQUANTIZED_AT_LOAD = ("first",)
+
+
 def gguf_format(types: dict[str, str], model: nn.Module) -> StoredFormat:
     """The StoredFormat of a GGUF file whose official tensor names have the ggml `types`: every
-    nn.Linear of `model` whose weight is stored in a block type stays quantized."""
+    nn.Linear of `model` whose weight is stored in a block type stays quantized (but `first`)."""
     linears = {name: types[name + ".weight"] for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and types.get(name + ".weight") not in (None, "F32", "F16", "BF16")}
+               if isinstance(m, nn.Linear) and name not in DEQUANTIZED_AT_LOAD
+               and types.get(name + ".weight") not in (None, "F32", "F16", "BF16")}
     counts: dict[str, int] = {}
     for qtype in linears.values():
         counts[qtype] = counts.get(qtype, 0) + 1
