@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import Krea2Config, swiglu_width
+from .comfy_quant import SCALE_SUFFIXES, ComfyLayer, comfy_layers, is_comfy_quant
 from .gguf_file import GGUFFile, is_gguf, read_gguf
 from .errors import (CheckpointKeysError, Krea2LiteError, NotKrea2CheckpointError, SafetensorsSetError,
                      ShapeMismatchError)
@@ -104,6 +105,8 @@ class CheckpointSource:
     entries: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)
     diffusers_config: dict | None = None
     gguf: GGUFFile | None = None  # a GGUF file's reader (entries' dtypes are then ggml type names)
+    comfy: dict[str, ComfyLayer] | None = None  # a ComfyUI quantized file: its quantized layers ...
+    scales: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)  # ... and their scales
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Official-layout shapes (diffusers' (6, d) modulation tables flattened)."""
@@ -149,9 +152,44 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         stored = _renamed(stored, diffusers_to_official_key, location)
     if not all(k in stored for k in SIGNATURE_KEYS):
         raise NotKrea2CheckpointError(f"{location}: not a Krea 2 checkpoint ({_guess_family(keys)})")
+    stored, comfy, scales = _split_comfy(stored, location) if gguf is None else (stored, None, {})
     if gguf is None:
-        require_float(stored)  # every Krea 2 transformer tensor is floating point
-    return CheckpointSource(location, layout, stored, config, gguf)
+        quantized = {m + ".weight" for m in comfy or {}}
+        require_float({k: v for k, v in stored.items() if k not in quantized})  # Krea 2 tensors are floats
+    return CheckpointSource(location, layout, stored, config, gguf, comfy, scales)
+
+
+def _split_comfy(stored: dict, location: Path):
+    """(model tensors, ComfyUI quantized layers or None, their scale tensors) of a safetensors checkpoint."""
+    files = {file for file, _, _ in stored.values()}
+    metadata = open_safetensors(next(iter(files))).metadata() if len(files) == 1 else None
+    if not is_comfy_quant(stored, metadata):
+        return stored, None, {}
+
+    def read(name):
+        file, _, info = stored[name]
+        return read_tensor(file, info)
+
+    strip = _comfy_name(stored)
+    layers = comfy_layers(stored, metadata, str(location), read, strip)
+    scales = {layer.scale_key: stored[layer.scale_key] for layer in layers.values() if layer.scale_key}
+    for name, entry in list(stored.items()):  # a float weight's legacy scale_weight multiplies it
+        if name.endswith(".scale_weight") and name not in scales:
+            scales[name] = entry
+    model = {k: v for k, v in stored.items() if k not in scales and k != "scaled_fp8"
+             and not k.endswith(SCALE_SUFFIXES)}
+    return model, layers, scales
+
+
+def _comfy_name(stored: dict):
+    """How `_quantization_metadata` layer names map to official ones: the file's ComfyUI prefix
+    dropped, diffusers names rewritten."""
+    def strip(name: str) -> str:
+        for prefix in COMFY_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        return diffusers_to_official_key(name + ".weight")[:-len(".weight")]
+    return strip
 
 
 def _renamed(stored: dict, rename, location: Path) -> dict:

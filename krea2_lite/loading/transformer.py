@@ -22,6 +22,7 @@ from ..quantize.recipe import QuantSpec
 from ..quantize.stream import build_quantized_skeleton
 from ..safetensors_set import check_float_dtype
 from .files import find_weight_files, tensor_locations
+from .comfy import comfy_fill, comfy_format
 from .gguf import gguf_fill, gguf_stored_format
 from .paths import resolve_path
 from .stream import FloatPut, QuantizingPut, StoredPut, cast_meta_, placement, stream_groups, unloaded
@@ -55,6 +56,8 @@ def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
     config = infer_config(source.shapes(), theta=theta, where=str(source.location))
     if source.gguf is not None and quant is None:  # kept as stored: the planner counts the stored bytes
         return config, gguf_stored_format(source, config)
+    if source.comfy is not None and quant is None:
+        return config, comfy_format(source)
     return config, QuantSpec.parse(quant)
 
 
@@ -105,13 +108,16 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
                              "(quantize the float checkpoint instead, or pass quant=None)")
         return load_quantized_folder(location, place=place, dtype=dtype, progress=progress)
     source, config = open_float_checkpoint(location, config)
-    model = transformer_skeleton(config, spec, dtype) if spec is not None or source.gguf is None else None
+    community = source.gguf is not None or source.comfy is not None
+    model = transformer_skeleton(config, spec, dtype) if spec is not None or not community else None
     put = FloatPut(dtype) if spec is None else QuantizingPut(dtype, quantized_modules(model))
-    reader = None
+    reader, entries = None, source.entries
     if source.gguf is not None:  # GGUF: kept in its stored blocks, or dequantized for `quant`
         model, put, reader = gguf_fill(source, config, dtype, model, put)
+    elif source.comfy is not None:  # ComfyUI fp8 / int8: likewise
+        model, put, entries = comfy_fill(source, config, dtype, model, put)
     desc = "loading transformer" if spec is None else f"quantizing to {spec.name}"
-    for _ in stream_groups(model, source.entries, put, place=place, mmap=spec is None, progress=progress, desc=desc,
+    for _ in stream_groups(model, entries, put, place=place, mmap=spec is None, progress=progress, desc=desc,
                            reader=reader):
         pass
     _check_complete(model, source.location)

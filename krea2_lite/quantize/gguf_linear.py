@@ -24,6 +24,7 @@ from ..config import Krea2Config
 from ..gguf_file import BLOCK_TYPES
 from ..kernels.gguf_dequant_torch import dequantize_gguf
 from ..model import Krea2Transformer
+from .scaled_linear import swap_comfy_linears
 
 
 class GGUFLinear(nn.Module):
@@ -67,8 +68,9 @@ def swap_gguf_linears(model: nn.Module, types: dict[str, str], compute_dtype: to
 
 @dataclass(frozen=True)
 class StoredFormat:
-    """A transformer loaded as a community file stores it: `format` ("gguf"), the GGUF type of each
-    linear kept quantized ((module, type) pairs), and a short `name` for messages. Quacks like a
+    """A transformer loaded as a community file stores it: `format` "gguf" (`linears`: (module, GGUF
+    type) pairs) or "comfy" ((module, kind, block rows, block cols), see `scaled_linear`), and a short
+    `name` for messages. Quacks like a
     QuantSpec where the planner asks (`lowrank`, `activations`, `dtype`)."""
 
     format: str
@@ -85,7 +87,10 @@ class StoredFormat:
         """The meta-device model the loader fills (GGUF linears swapped in; float tensors not cast)."""
         with torch.device("meta"):
             model = Krea2Transformer(config)
-        swap_gguf_linears(model, dict(self.linears), dtype)
+        if self.format == "gguf":
+            swap_gguf_linears(model, dict(self.linears), dtype)
+        else:  # "comfy": (name, kind, block rows, block cols) per quantized layer
+            swap_comfy_linears(model, self.linears, dtype)
         model.stored_format = self
         return model
 
