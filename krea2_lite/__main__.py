@@ -32,6 +32,8 @@ FOLDER_PATTERN = "{stem}_{index:04d}.png"  # the file names when --output names 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m krea2_lite", description="Krea 2 image generation")
     sub = parser.add_subparsers(dest="command", required=True)
+    look = sub.add_parser("inspect", help="what a transformer file holds (format, types, config) and what it costs")
+    look.add_argument("path", metavar="FILE_OR_FOLDER")
     gen = sub.add_parser("generate", help="generate images from a prompt, a prompt file or a PNG's settings")
     gen.add_argument("prompt", nargs="?", help="text prompt (optional with --prompts or --from-png)")
     gen.add_argument("--prompts", metavar="FILE", help="a .txt file (one prompt a line) or .jsonl file (one JSON "
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer "
                      ".safetensors, or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds "
                      "on a CPU); required unless --from-png names it")
+    gen.add_argument("--transformer", metavar="FILE", help="a transformer file replacing --model's (GGUF, ComfyUI "
+                     "fp8 / int8, any safetensors layout, a quantized folder)")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -106,7 +110,7 @@ def png_settings(path: str) -> tuple[dict, dict]:
                 raise MetadataError(str(exc)) from None
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
-    load = {k: meta[k] for k in ("model", "variant", "quant", "dtype") if meta.get(k) is not None}
+    load = {k: meta[k] for k in ("model", "variant", "quant", "dtype", "transformer") if meta.get(k) is not None}
     if load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo"):
         raise MetadataError(f"{path}: unknown dtype / variant in the krea2_lite metadata: {load}")
     loras = meta.get("loras") or []
@@ -157,7 +161,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
     flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
-                 lora=args.lora or None)
+                 lora=args.lora or None, transformer=args.transformer)
     load.update({k: v for k, v in flags.items() if v is not None})
     if load.get("quant") == "none":
         load["quant"] = None
@@ -270,7 +274,8 @@ def load_pipeline(args: argparse.Namespace, load: dict):
     pipe = Krea2Pipeline.from_pretrained(load["model"], variant=load.get("variant"), device=args.device,
                                          dtype=DTYPES[load["dtype"]], text_encoder=args.text_encoder, vae=args.vae,
                                          quant=load.get("quant"), offload=args.offload, vram_gb=args.vram_gb,
-                                         host_ram_gb=args.ram_gb, progress=not args.quiet)
+                                         host_ram_gb=args.ram_gb, progress=not args.quiet,
+                                         transformer=load.get("transformer"))
     for path, scale in load["lora"]:
         pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     return pipe
@@ -314,6 +319,10 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.command == "inspect":
+        from .inspect_file import inspect
+
+        return run_cli(lambda: inspect(args.path))
     return run_cli(lambda: generate(args))  # one `error: …` line, exit 2 (cli_errors.py)
 
 

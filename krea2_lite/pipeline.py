@@ -170,6 +170,9 @@ class Krea2Pipeline:
                              progress=progress, prefetch=prefetch, host_ram_gb=host_ram_gb)
         # What the user named (a path, hub id or "demo"), recorded in every image's metadata.
         pipe.source = os.fspath(path_or_hub_id if path_or_hub_id is not None else transformer or "") or None
+        # A transformer that replaced the pipeline's own (a GGUF or ComfyUI file): recorded beside it.
+        pipe.transformer_source = os.fspath(transformer) if transformer is not None and path_or_hub_id is not None \
+            else None
         return pipe
 
     @classmethod
