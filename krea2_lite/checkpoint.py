@@ -108,6 +108,11 @@ class CheckpointSource:
     comfy: dict[str, ComfyLayer] | None = None  # a ComfyUI quantized file: its quantized layers ...
     scales: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)  # ... and their scales
 
+    @property
+    def format(self) -> str:
+        """The container as stored: "gguf", "comfy-quantized" (ComfyUI fp8 / int8) or "safetensors"."""
+        return "gguf" if self.gguf is not None else "comfy-quantized" if self.comfy is not None else "safetensors"
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Official-layout shapes (diffusers' (6, d) modulation tables flattened)."""
         out = {}

@@ -111,11 +111,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     community = source.gguf is not None or source.comfy is not None
     model = transformer_skeleton(config, spec, dtype) if spec is not None or not community else None
     put = FloatPut(dtype) if spec is None else QuantizingPut(dtype, quantized_modules(model))
-    reader, entries = None, source.entries
-    if source.gguf is not None:  # GGUF: kept in its stored blocks, or dequantized for `quant`
-        model, put, reader = gguf_fill(source, config, dtype, model, put)
-    elif source.comfy is not None:  # ComfyUI fp8 / int8: likewise
-        model, put, entries = comfy_fill(source, config, dtype, model, put)
+    model, put, entries, reader = community_fill(source, config, dtype, model, put)
     desc = "loading transformer" if spec is None else f"quantizing to {spec.name}"
     for _ in stream_groups(model, entries, put, place=place, mmap=spec is None, progress=progress, desc=desc,
                            reader=reader):
@@ -124,6 +120,19 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
                 config.layers, config.num_parameters() / 1e9)
     return model.eval()
+
+
+def community_fill(source: CheckpointSource, config: Krea2Config, dtype: torch.dtype, model, put):
+    """(model, put, entries, reader) for `stream_groups`: unchanged for a float checkpoint; for a GGUF
+    or ComfyUI quantized file either its stored skeleton (`model` None) or `model` / `put` fed with
+    dequantized tensors (quantizing it: `load_transformer(quant=...)`, the quantize CLI)."""
+    if source.gguf is not None:
+        model, put, reader = gguf_fill(source, config, dtype, model, put)
+        return model, put, source.entries, reader
+    if source.comfy is not None:
+        model, put, entries = comfy_fill(source, config, dtype, model, put)
+        return model, put, entries, None
+    return model, put, source.entries, None
 
 
 def _check_complete(model: torch.nn.Module, where) -> None:

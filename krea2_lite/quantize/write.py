@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import CheckpointSource
 from ..config import Krea2Config
 from ..loading.stream import QuantizingPut, model_groups, stream_groups
-from ..loading.transformer import quantized_modules, transformer_skeleton
+from ..loading.transformer import community_fill, quantized_modules, transformer_skeleton
 from .format import TRANSFORMER_DIR, group_state, write_quantization_map
 from .qlinear import QuantizedLinear
 from .recipe import QuantSpec
@@ -36,8 +36,9 @@ def write_transformer(source: CheckpointSource, config: Krea2Config, spec: Quant
               for key, t in group_state(model, group).items()]
     writer = ShardedWriter(folder / TRANSFORMER_DIR, "model", layout, max_shard_bytes)
     put = QuantizingPut(dtype, quantized_modules(model))
+    model, put, entries, reader = community_fill(source, config, dtype, model, put)  # GGUF / ComfyUI: dequantized
     try:
-        for group in stream_groups(model, source.entries, put, place=lambda g: CPU, mmap=False,
+        for group in stream_groups(model, entries, put, place=lambda g: CPU, mmap=False, reader=reader,
                                    progress=progress, desc=f"quantizing to {spec.name}"):
             for key, tensor in group_state(model, group).items():
                 writer.write(key, tensor)

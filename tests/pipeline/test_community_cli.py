@@ -61,3 +61,22 @@ def test_inspect_bad_file_is_one_error_line(tmp_path, capsys):
     assert main(["inspect", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "bad.gguf" in err[0]
+
+
+def test_quantize_cli_converts_community_files(files, tmp_path, single_thread):
+    import json
+
+    from factories import random_inputs
+    from krea2_lite.quantize.__main__ import main as quantize_main
+
+    for path, fmt in zip(files, ("gguf", "comfy-quantized")):
+        out = tmp_path / f"{fmt}-int8"
+        assert quantize_main(["--model", str(path), "--dtype", "int8", "--out", str(out), "--quiet"]) == 0
+        assert json.loads((out / "krea2_lite.json").read_text())["source"]["format"] == fmt
+        converted = load_transformer(out, dtype=torch.float32)
+        stored = load_transformer(path, dtype=torch.float32)  # the community file as stored
+        assert converted.blocks[0].attn.wq.dtype == "int8"
+        inputs = random_inputs(stored.config, 1, 3, 2, 2)
+        with torch.no_grad():
+            a, b = converted(*inputs), stored(*inputs)
+        assert (a - b).norm() / b.norm() < 0.02  # int8 of the dequantized weights, not of noise
