@@ -156,7 +156,7 @@ def selected(name: str, only: str, skip: str) -> bool:
 
 def run_checks(ctx, rec, section) -> None:
     from proof_isolate import ABORT_ENV
-    from proof_kernel_checks import attention_checks, qmatmul_checks, w8a8_checks
+    from proof_kernel_checks import attention_checks, gguf_checks, qmatmul_checks, w8a8_checks
     from proof_pipeline_checks import pipeline_checks
     from proof_timings import free
 
@@ -164,7 +164,7 @@ def run_checks(ctx, rec, section) -> None:
         from proof_isolate import run_isolated
 
         return run_isolated(ctx.args, rec, section, ctx.tmp)
-    for family in (pipeline_checks, qmatmul_checks, w8a8_checks, attention_checks):
+    for family in (pipeline_checks, qmatmul_checks, w8a8_checks, attention_checks, gguf_checks):
         for name, fn in family(ctx):
             if not selected(name, ctx.args.only_checks, ctx.args.skip_checks):
                 continue
