@@ -31,7 +31,8 @@ REFUSED = {"nvfp4": "needs FP4 tensor cores (RTX 50-series / Blackwell)",
            "convrot_w4a4": "a 4-bit activation format with no kernel here",
            "asym_w4a8_int8": "a 4-bit weight format with no kernel here",
            "awq_w4a16": "an AWQ format with no kernel here"}
-INSTEAD = "use a GGUF (Q8_0 / Q4_K) or float8_e4m3fn file, or quantize the bf16 file with `python -m krea2_lite.quantize`"
+INSTEAD = ("use a GGUF (Q8_0 / Q4_K) or float8_e4m3fn file, or quantize the bf16 file with "
+           "`python -m krea2_lite.quantize`")
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".scale_weight", ".scale_input", ".comfy_quant",
                   ".pre_quant_scale")
 

@@ -170,7 +170,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         orig = metadata.get(ORIG_SHAPE_KEY + t.name)
-        if isinstance(orig, list) and orig and int(np.prod(orig)) == int(np.prod(shape)) and t.tensor_type.name in FLOAT_TYPES:
+        float_type = t.tensor_type.name in FLOAT_TYPES
+        if float_type and isinstance(orig, list) and orig and int(np.prod(orig)) == int(np.prod(shape)):
             shape = tuple(int(d) for d in orig)  # city96's converter flattens some float tensors
         tensors[t.name] = GGUFTensor(t.tensor_type.name, shape, int(t.data_offset), int(t.data_offset) + int(t.n_bytes))
     arch = metadata.get("general.architecture")

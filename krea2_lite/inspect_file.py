@@ -68,7 +68,8 @@ def inspect_lines(path) -> list[str]:
     lines.append(f"config: {config.layers} blocks, width {config.features}, {config.heads}/{config.kvheads} heads, "
                  f"{config.num_parameters() / 1e6:.1f}M parameters")
     weights = transformer_weights(config, quant, torch.bfloat16)
-    lines.append(f"transformer in memory (bf16 compute): {_size(weights.total)} (one block {_size(max(weights.blocks))})")
+    lines.append(f"transformer in memory (bf16 compute): {_size(weights.total)} "
+                 f"(one block {_size(max(weights.blocks))})")
     lines.append(f"plans at 1024x1024 with CFG, {HOST_GB} GiB host RAM, the default Qwen3-VL-4B text encoder:")
     lines += [_plan_line(config, quant, gb) for gb in CARDS_GB]
     return lines

@@ -3,5 +3,5 @@
 from .dispatch import attention, backend_scope, fused_attention, gguf_linear, kernel_backend, qmatmul, w8a8_linear
 from .workspace import KernelWorkspace
 
-__all__ = ["KernelWorkspace", "attention", "backend_scope", "fused_attention", "gguf_linear", "kernel_backend", "qmatmul",
-           "w8a8_linear"]
+__all__ = ["KernelWorkspace", "attention", "backend_scope", "fused_attention", "gguf_linear", "kernel_backend",
+           "qmatmul", "w8a8_linear"]
