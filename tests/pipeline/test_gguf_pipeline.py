@@ -86,3 +86,13 @@ def test_lora_beside_gguf_layers(q8_file, tmp_path):
         torch.testing.assert_close(layer(x), base + x @ a.T @ b.T, rtol=1e-5, atol=1e-5)
         unload_lora(model)
         assert torch.equal(layer(x), base)
+
+
+def test_pipeline_replans_with_the_stored_bytes(q8_file):
+    pipe = Krea2Pipeline.from_pretrained("demo", transformer=q8_file, device="cpu", dtype=torch.float32,
+                                         progress=False)
+    config = pipe.transformer.config
+    stored = max(transformer_weights(config, pipe.transformer.stored_format, torch.float32).blocks)
+    dense = max(transformer_weights(config, None, torch.float32).blocks)
+    plan = pipe.plan(1.0, mode="none", width=64, height=64)  # what each call's re-plan counts
+    assert plan.parts["block"] == stored < dense
