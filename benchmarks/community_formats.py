@@ -1,6 +1,6 @@
 """Community files (GGUF, ComfyUI fp8) against this library's own quantized layers, on the CPU.
 
-`PYTHONPATH=. python benchmarks/community_formats.py [--width 6144] [--mlp 16384] [--tokens 64]
+`python -m benchmarks.community_formats [--width 6144] [--mlp 16384] [--tokens 64]
 [--repeats 5] [--skip-block] [--skip-demo]` prints three tables:
 
 1. layer time: one (mlp × width) linear (the 12.9B model's MLP up projection at full width) in bf16,
@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from krea2_lite import Krea2Config, load_transformer
-from krea2_lite.gguf_file import BLOCK_TYPES
+from krea2_lite.files.gguf_container import BLOCK_TYPES
 from krea2_lite.kernels.gguf_dequant_torch import dequantize_gguf
 from krea2_lite.model.rope import rope_tables
 from krea2_lite.model.transformer import SingleStreamBlock

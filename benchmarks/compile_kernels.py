@@ -6,8 +6,8 @@ unsupported op, a dot tile below the hardware minimum, too much shared memory) f
 on a user's GPU. It proves nothing about speed or numerical results on the GPU; the interpreter
 tests check the arithmetic.
 
-    python benchmarks/compile_kernels.py                  # all targets, every config (minutes)
-    python benchmarks/compile_kernels.py --quick          # sm_80 and sm_90, first config of each
+    python -m benchmarks.compile_kernels                  # all targets, every config (minutes)
+    python -m benchmarks.compile_kernels --quick          # sm_80 and sm_90, first config of each
 """
 
 from __future__ import annotations
@@ -16,20 +16,18 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from krea2_lite.kernels import act_quant_triton as aq  # noqa: E402
-from krea2_lite.kernels import qmatmul_triton as qm  # noqa: E402
-from krea2_lite.kernels import w8a8_triton as wt  # noqa: E402
-from krea2_lite.kernels.configs import act_quant_configs, qmatmul_configs, w8a8_configs  # noqa: E402
+from krea2_lite.kernels import act_quant_triton as aq
+from krea2_lite.kernels import qmatmul_triton as qm
+from krea2_lite.kernels import w8a8_triton as wt
+from krea2_lite.kernels.configs import act_quant_configs, qmatmul_configs, w8a8_configs
 
 TARGETS = {"sm_80": (8, 0), "sm_86": (8, 6), "sm_89": (8, 9), "sm_90": (9, 0)}
 

@@ -1,6 +1,6 @@
 """Quantization quality on trained weights: the demo model at int8 / fp8 / int4 against fp32.
 
-`python benchmarks/demo_quality.py` loads the shipped demo (`Krea2Pipeline.from_pretrained("demo")`)
+`python -m benchmarks.demo_quality` loads the shipped demo (`Krea2Pipeline.from_pretrained("demo")`)
 once per row and generates the same images: --prompts held-out prompts (attribute tuples never
 drawn in training, `krea2_lite.demo.dataset.held_out_prompts`) × --seeds seeds, at the folder's
 default steps / CFG / 64×64, on the CPU, one batch per seed.

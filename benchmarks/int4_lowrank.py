@@ -1,6 +1,6 @@
 """int4 with a low-rank correction (int4-lr{r}) against plain int4 on one full-width block.
 
-`python benchmarks/int4_lowrank.py [--rank 32] [--tokens 128] [--repeats 5]` builds one Krea 2
+`python -m benchmarks.int4_lowrank [--rank 32] [--tokens 128] [--repeats 5]` builds one Krea 2
 transformer block at the released width (6144, MLP 16384) in float32 with *structured* weights
 (see `structured_weight`), quantizes its eight linears to int4 and to int4-lr{rank}, and prints:
   - the relative output error of each linear (random inputs, vs its float32 output) and of the
@@ -16,6 +16,7 @@ Random weights have a flat spectrum, for which no rank-r branch helps; trained w
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import sys
@@ -24,33 +25,13 @@ import time
 import torch
 import torch.nn as nn
 
+from benchmarks.common import alternate
 from krea2_lite.config import Krea2Config
 from krea2_lite.model.rope import rope_tables
 from krea2_lite.model.transformer import SingleStreamBlock
 from krea2_lite.quantize.lowrank import LowRankQuantizedLinear
 from krea2_lite.quantize.qlinear import QuantizedLinear
-
-
-def structured_weight(out: int, inp: int, seed: int, *, energy: float = 2.0, decay: float = 1.0,
-                      directions: int = 512, outliers: int = 4, gain: float = 10.0, sigma: float = 0.02
-                      ) -> torch.Tensor:
-    """An (out, in) float32 weight shaped like a trained one.
-
-    W = Σ_k s_k·u_k·v_kᵀ + N, then `outliers` random input columns × `gain`:
-      u_k, v_k   Gaussian directions (k < `directions`), s_k ∝ (k+1)^−decay (a power-law spectrum),
-                 scaled so ‖Σ s_k u_k v_kᵀ‖² = energy·‖N‖² (the structured part carries
-                 energy/(1+energy) of the weight before the outliers: 2/3 by default);
-      N          i.i.d. Gaussian noise of std `sigma` (a full-rank floor no low-rank branch can take);
-      outliers   whole input columns scaled by `gain` (the channels that inflate int4 groups).
-    """
-    g = torch.Generator().manual_seed(seed)
-    k = min(directions, out, inp)
-    s = (1 + torch.arange(k, dtype=torch.float32)) ** -decay
-    s *= math.sqrt(energy) * sigma / float(s.square().sum().sqrt())  # E‖Σ s u vᵀ‖² = Σs²·out·in
-    w = (torch.randn(out, k, generator=g) * s) @ torch.randn(k, inp, generator=g)
-    w += torch.randn(out, inp, generator=g) * sigma
-    w[:, torch.randperm(inp, generator=g)[:outliers]] *= gain
-    return w
+from krea2_lite.quantize.synthetic import structured_weight
 
 
 def log(message: str) -> None:
@@ -155,12 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         update = reference - x
         block_errors = {mode: rel(block(x, vec, rope) - x, update) for mode, (block, _) in modes.items()}
         log(f"block errors: {block_errors}")
-        times = {mode: math.inf for mode in modes}
-        for _ in range(args.repeats):  # alternate the modes: CPU timings here are bimodal
-            for mode, (block, _) in modes.items():
-                start = time.perf_counter()
-                block(x, vec, rope)
-                times[mode] = min(times[mode], time.perf_counter() - start)
+        # alternate the modes: CPU timings here are bimodal; the minimum, in seconds
+        samples = alternate({mode: functools.partial(block, x, vec, rope) for mode, (block, _) in modes.items()},
+                            "cpu", args.repeats)
+        times = {mode: min(ms) / 1e3 for mode, ms in samples.items()}
     report(args, config, modes, layer_errors, block_errors, times)
     return 0
 

@@ -1,11 +1,11 @@
 """Data-free int4 rounding: min-max vs optimum-quanto's HQQ vs the MSE clip search (the default).
 
-`python benchmarks/int4_rounding.py [--demo-images]` quantizes weights to int4 (groups of 128, bf16
+`python -m benchmarks.int4_rounding [--demo-images]` quantizes weights to int4 (groups of 128, bf16
 scales, krea2_lite's `quantize_weight_tensors`) and prints each method's relative weight error
 ‖dequant(Q) − W‖/‖W‖ — which is also the expected relative output error for isotropic inputs —
 and its quantization time, on:
   - the trained demo transformer's quantized linears (real trained weights, 128–384 wide),
-  - structured 2048×2048 weights (benchmarks/int4_lowrank.py's generator),
+  - structured 2048×2048 weights (krea2_lite.quantize.synthetic, as benchmarks/int4_lowrank.py),
   - i.i.d. Gaussian 2048×2048 weights,
   - one 16384×6144 Gaussian weight (the size of the 12.9B model's MLP layers: time only matters here);
 with --demo-images, also the demo's images (benchmarks/demo_quality.py's PSNR and prompt agreement)
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import platform
 import time
 from pathlib import Path
@@ -32,8 +31,10 @@ import torch
 from optimum.quanto.tensor import optimizers
 from optimum.quanto.tensor.packed import PackedTensor
 
+from benchmarks import demo_quality
 from krea2_lite.kernels.qmatmul_torch import dequantize_weight
 from krea2_lite.quantize import QuantSpec, qlinear
+from krea2_lite.quantize.synthetic import structured_weight
 
 METHODS = ("minmax", "hqq", "mse-clip")
 
@@ -80,7 +81,7 @@ def demo_weights() -> list[torch.Tensor]:
     from krea2_lite.quantize.recipe import DEFAULT_INCLUDE
 
     state = load_file(Path(demo_init).parent / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
-    from krea2_lite.checkpoint import diffusers_to_official_key
+    from krea2_lite.files.checkpoint import diffusers_to_official_key
 
     import fnmatch
 
@@ -91,13 +92,6 @@ def demo_weights() -> list[torch.Tensor]:
         if value.ndim == 2 and name.endswith(".weight") and quantized:
             out.append(value.float())
     return out
-
-
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 def weight_table() -> None:
     g = torch.Generator().manual_seed(0)
     sets = {"demo transformer (trained)": demo_weights(),
-            "structured 2048²": [load_bench("int4_lowrank").structured_weight(2048, 2048, seed=s) for s in range(2)],
+            "structured 2048²": [structured_weight(2048, 2048, seed=s) for s in range(2)],
             "Gaussian 2048²": [torch.randn(2048, 2048, generator=g) for _ in range(2)],
             "Gaussian 16384×6144": [torch.randn(16384, 6144, generator=g)]}
     print(f"\nint4 (groups of 128, bf16 scales) relative weight error and CPU seconds to quantize, "
@@ -139,13 +133,12 @@ def weight_table() -> None:
 def demo_rows(args) -> None:
     import functools
 
-    quality = load_bench("demo_quality")
     rows = {"fp32 (reference)": (torch.float32, None)}
     rows.update({f"int4 {m}": (torch.float32, QuantSpec("int4", rounding=library_rounding(m)),
                                functools.partial(rounding, m)) for m in METHODS})
     rows.update({f"int4-lr{r} {m}": (torch.float32, QuantSpec("int4", lowrank=r, rounding=m))
                  for r in args.ranks for m in ("minmax", "mse-clip")})
-    quality.run(rows, args.prompts, args.seeds, args.threads)
+    demo_quality.run(rows, args.prompts, args.seeds, args.threads)
 
 
 if __name__ == "__main__":

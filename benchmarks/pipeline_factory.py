@@ -5,7 +5,7 @@ SAME folder, so they read the same files. Random weights cost exactly what train
 
 Presets (transformer · text encoder · VAE · on-disk dtype):
 
-  tiny    tests/factories.py `tiny_diffusers_pipeline()`: Krea2Config.tiny(txtdim 32, txtlayers 12,
+  tiny    benchmarks/builders.py `tiny_diffusers_pipeline()`: Krea2Config.tiny(txtdim 32, txtlayers 12,
           channels 16) · tiny Qwen3-VL (36 layers, hidden 32) · tiny Qwen-Image VAE (base_dim 16,
           one res block) · float32. A few MB; for tests and plumbing, not for conclusions.
   medium  Krea2Config.medium() (features 768, 4 blocks, 6 heads / 2 kv, txtdim 256, txtlayers 12,
@@ -21,7 +21,7 @@ Presets (transformer · text encoder · VAE · on-disk dtype):
           tower: the real 4.44B less the 151936-row embedding). Meant for a GPU machine: on a
           machine without CUDA it is refused.
 
-Vocabulary: every preset uses the small byte-level BPE trained by tests/factories.py
+Vocabulary: every preset uses the small byte-level BPE trained by benchmarks/builders.py
 (`train_tokenizer`, ≤ 512 tokens) and an embedding table of that size instead of Qwen's 151936
 rows. The table is only gathered from (one row per token), so its size changes load time and
 memory by ~0.8 GB bf16 at the full width and compute not at all.
@@ -29,8 +29,8 @@ memory by ~0.8 GB bf16 at the full width and compute not at all.
 Folders are cached under --workdir (default: $KREA2_BENCH_DIR or <tmp>/krea2_lite_bench) as
 `<preset>-v<FACTORY_VERSION>`, written under a temporary name and renamed when complete.
 
-  python benchmarks/pipeline_factory.py --preset medium            # prints the folder
-  python benchmarks/pipeline_factory.py --preset tiny --out /tmp/tiny_pipe --force
+  python -m benchmarks.pipeline_factory --preset medium            # prints the folder
+  python -m benchmarks.pipeline_factory --preset tiny --out /tmp/tiny_pipe --force
 """
 
 from __future__ import annotations
@@ -44,19 +44,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # tests/factories.py: test code, reused on purpose
+import torch
 
-import torch  # noqa: E402
+from benchmarks.builders import PIPELINE_CONFIG, VOCAB, official_scheduler, tiny_diffusers_pipeline, \
+    tiny_qwen3vl_config, train_tokenizer
+from benchmarks.common import PRESETS
+from krea2_lite import Krea2Config
+from krea2_lite.files.checkpoint import diffusers_transformer_kwargs
 
-from krea2_lite import Krea2Config  # noqa: E402
-from krea2_lite.checkpoint import diffusers_transformer_kwargs  # noqa: E402
-
-PRESETS = ("tiny", "medium", "full")
 FACTORY_VERSION = 1
 STAMP = "bench_factory.json"
-DEFAULT_RESOLUTION = {"tiny": 64, "medium": 256, "full": 1024}
 
 
 class PresetUnavailable(RuntimeError):
@@ -66,7 +63,7 @@ class PresetUnavailable(RuntimeError):
 def check_preset(preset: str, device: str | torch.device) -> None:
     """Refuse `full` where it cannot sensibly run."""
     if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
     if preset == "full" and (torch.device(device).type != "cuda" or not torch.cuda.is_available()):
         raise PresetUnavailable(
             "preset 'full' is the released shape (12.8B transformer + Qwen3-VL-4B, ~34 GB of bf16 "
@@ -91,8 +88,6 @@ def usable_device(device: str, preset: str) -> tuple[torch.device | None, int]:
 
 def transformer_config(preset: str) -> Krea2Config:
     if preset == "tiny":
-        from factories import PIPELINE_CONFIG
-
         return PIPELINE_CONFIG
     if preset == "medium":
         return Krea2Config.medium(txtdim=256, txtlayers=12)
@@ -101,8 +96,6 @@ def transformer_config(preset: str) -> Krea2Config:
 
 def qwen3vl_config(preset: str):
     from transformers import Qwen3VLConfig
-
-    from factories import VOCAB, tiny_qwen3vl_config
 
     if preset == "tiny":
         return tiny_qwen3vl_config()
@@ -189,8 +182,6 @@ def build_pipeline(preset: str, seed: int = 0, device: str | torch.device | None
     """The diffusers Krea2Pipeline object of `preset` (Raw: is_distilled False), weights on the CPU."""
     from diffusers import Krea2Pipeline
 
-    from factories import official_scheduler, tiny_diffusers_pipeline, train_tokenizer
-
     if preset == "tiny":
         return tiny_diffusers_pipeline(seed=seed)
     build_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -251,7 +242,7 @@ def ensure_preset(preset: str, workdir: str | os.PathLike | None = None, seed: i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=PRESETS, required=True)
+    ap.add_argument("--preset", choices=list(PRESETS), required=True)
     ap.add_argument("--out", type=Path, help="folder to write (default: the cached folder under --workdir)")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,7 @@ quantized at once (the float model never exists whole), caps the process's CUDA 
 `--resolution` (compacted text, no CFG). Weight-only matmuls here are the plain-torch reference
 path (dequantize, then cuBLAS); Triton kernels for them are separate work.
 
-  python benchmarks/quantized_step.py --dtype int8 --budget-gb 16
+  python -m benchmarks.quantized_step --dtype int8 --budget-gb 16
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from krea2_lite import Krea2Config, QuantSpec  # noqa: E402
-from krea2_lite.quantize.stream import build_quantized_skeleton  # noqa: E402
-from krea2_lite.quantize import QuantizedLinear  # noqa: E402
-from krea2_lite.sampling import positions  # noqa: E402
+from benchmarks.common import PRESETS, time_ms
+from krea2_lite import QuantSpec
+from krea2_lite.quantize.skeleton import build_quantized_skeleton
+from krea2_lite.quantize import QuantizedLinear
+from krea2_lite.sampling import positions
 
-PRESETS = {"tiny": Krea2Config.tiny(), "medium": Krea2Config.medium(), "full": Krea2Config.krea2()}
 
 
 def build(cfg, spec, device, dtype):
@@ -77,17 +74,8 @@ def main() -> int:
         ctx = torch.randn(1, args.text_tokens, cfg.txtlayers, cfg.txtdim, device=device, dtype=dtype)
         t = torch.full((1,), 0.5, device=device, dtype=dtype)
         pos = positions(args.text_tokens, side, side, device=device)
-        times = []
         with torch.no_grad():
-            model(img, ctx, t, pos)
-            for _ in range(args.repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(img, ctx, t, pos)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - start) * 1e3)
+            times = time_ms(lambda: model(img, ctx, t, pos), device, args.repeats, warmup=1)
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"| {name} | {qdtype} | {budget:g} | {weights:.2f} | {statistics.median(times):.1f} | {peak:.2f} |",

@@ -8,30 +8,25 @@ Each case runs krea2_lite with KREA2_LITE_KERNELS=torch (SDPA) and =triton (fuse
 only) and diffusers, alternating, medians over repeats after warm-up. Prints a Markdown table
 naming the device; --json writes the rows.
 
-  python benchmarks/transformer_step.py --device cuda --preset full --resolution 1024
-  python benchmarks/transformer_step.py --device cpu --preset tiny
+  python -m benchmarks.transformer_step --device cuda --preset full --resolution 1024
+  python -m benchmarks.transformer_step --device cpu --preset tiny
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import torch  # noqa: E402
+import torch
 
-from krea2_lite import Krea2Config, Krea2Transformer  # noqa: E402
-from krea2_lite.sampling import positions  # noqa: E402
+from benchmarks.common import PRESETS, alternate, device_name, markdown_table, write_json
+from krea2_lite import Krea2Config, Krea2Transformer
+from krea2_lite.sampling import positions
 
-PRESETS = {"tiny": Krea2Config.tiny(), "medium": Krea2Config.medium(), "full": Krea2Config.krea2()}
 
 
 def build_models(cfg: Krea2Config, device: torch.device, dtype: torch.dtype, with_peer: bool):
@@ -49,7 +44,7 @@ def build_models(cfg: Krea2Config, device: torch.device, dtype: torch.dtype, wit
         from diffusers import Krea2Transformer2DModel
         from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
 
-        from krea2_lite.checkpoint import diffusers_transformer_kwargs
+        from krea2_lite.files.checkpoint import diffusers_transformer_kwargs
 
         with torch.device("meta"):
             peer = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))
@@ -74,23 +69,6 @@ def make_inputs(cfg, device, dtype, resolution, txt_len, real_tokens, batch):
         text_mask = torch.zeros(batch, txt_len, dtype=torch.bool, device=device)
         text_mask[:, :real_tokens] = True
     return img, ctx, t, pos, text_mask
-
-
-def timer(device):
-    if device.type == "cuda":
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    return run
 
 
 def main() -> int:
@@ -121,7 +99,6 @@ def main() -> int:
             with_peer = False
     ours, peer = build_models(cfg, device, dtype, with_peer)
     weights_gb = sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e9
-    run = timer(device)
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     rows = []
     cases = [("padded 512", 512, args.real_tokens), ("compact", args.real_tokens, args.real_tokens)]
@@ -138,7 +115,6 @@ def main() -> int:
             systems[f"krea2_lite ({backend})"] = fn
         if peer is not None:
             systems["diffusers"] = lambda: peer(img, ctx, t, pos, encoder_attention_mask=text_mask, return_dict=False)
-        times = {name: [] for name in systems}
         peaks = {}
         with torch.no_grad():
             for name, fn in systems.items():
@@ -149,9 +125,7 @@ def main() -> int:
                     torch.cuda.reset_peak_memory_stats()
                     fn()
                     peaks[name] = torch.cuda.max_memory_allocated() / 1e9
-            for _ in range(args.repeats):  # alternate systems within each repeat
-                for name, fn in systems.items():
-                    times[name].append(run(fn))
+            times = alternate(systems, device, args.repeats)  # systems alternate within each repeat
         base = statistics.median(times["krea2_lite (torch)"])
         ref = statistics.median(times["diffusers"]) if "diffusers" in times else None
         for name, ts in times.items():
@@ -165,21 +139,14 @@ def main() -> int:
                              peak_gb=round(peaks[name], 2) if name in peaks else None))
     print(f"\n{device_name(device)} · preset {args.preset} ({weights_gb:.1f} GB weights) · {dtype} · "
           f"{args.resolution}² · medians of {args.repeats}\n")
-    print("| batch | case | system | text tokens | median ms | vs diffusers | peak GB |")
-    print("|---:|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['batch']} | {r['case']} | {r['backend']} | {r['text_tokens']} | {r['median_ms']} | "
-              f"{r['vs_diffusers'] if r['vs_diffusers'] is not None else '–'} | "
-              f"{r['peak_gb'] if r['peak_gb'] is not None else '–'} |")
+    print(markdown_table(["batch", "case", "system", "text tokens", "median ms", "vs diffusers", "peak GB"],
+                         [[r["batch"], r["case"], r["backend"], r["text_tokens"], r["median_ms"],
+                           r["vs_diffusers"] if r["vs_diffusers"] is not None else "–",
+                           r["peak_gb"] if r["peak_gb"] is not None else "–"] for r in rows],
+                         align="rllrrrr"))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

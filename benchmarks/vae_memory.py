@@ -11,9 +11,9 @@ Each case runs in a fresh subprocess so its peak is its own:
 
 Usage::
 
-    python benchmarks/vae_memory.py                       # 1024x1024, fp32 + bf16, untiled + tiled
-    python benchmarks/vae_memory.py --devices cpu --dtypes fp32 --json vae_cpu.json
-    python benchmarks/vae_memory.py --size 2048 --tile 64 --overlap 16
+    python -m benchmarks.vae_memory                       # 1024x1024, fp32 + bf16, untiled + tiled
+    python -m benchmarks.vae_memory --devices cpu --dtypes fp32 --json vae_cpu.json
+    python -m benchmarks.vae_memory --size 2048 --tile 64 --overlap 16
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def worker(case: dict) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import time_ms
     from krea2_lite.model.vae import QwenImageVAEConfig, QwenImageVAEDecoder
 
     dtype = getattr(torch, DTYPES[case["dtype"]])
@@ -84,14 +84,7 @@ def worker(case: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(case["repeats"]):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            img = model.decode(latents, **kw)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            del img
+        times = [ms / 1e3 for ms in time_ms(lambda: model.decode(latents, **kw), device, case["repeats"])]
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["decode_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         out["reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
@@ -168,8 +161,10 @@ def main() -> None:
                         "repeats": args.repeats, "channels_last": args.channels_last}
                 t0 = time.perf_counter()
                 try:
-                    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)],
-                                          capture_output=True, text=True, timeout=args.timeout)
+                    proc = subprocess.run([sys.executable, "-m", "benchmarks.vae_memory", "--worker", json.dumps(case)],
+                                          capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
+                                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                              [str(ROOT), os.environ.get("PYTHONPATH", "")])})
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     if proc.returncode or not lines:
                         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]

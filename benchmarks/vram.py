@@ -25,9 +25,9 @@ for the small presets), output size. Then the load time and peak memory of
 each in a fresh subprocess. int4 needs optimum-quanto's C++ extension: it is built/loaded once
 before anything is timed.
 
-  python benchmarks/vram.py --device cpu --preset tiny
-  python benchmarks/vram.py --device cpu --preset medium --resolution 256 --steps 2 --json vram_medium.json
-  python benchmarks/vram.py --device cuda --preset full --resolution 1024 --steps 2 --quant int8
+  python -m benchmarks.vram --device cpu --preset tiny
+  python -m benchmarks.vram --device cpu --preset medium --resolution 256 --steps 2 --json vram_medium.json
+  python -m benchmarks.vram --device cuda --preset full --resolution 1024 --steps 2 --quant int8
 """
 
 from __future__ import annotations
@@ -44,14 +44,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline_factory import usable_device, ensure_preset, folder_size  # noqa: E402
-from speed import (SEED, Ours, Peer, StageClock, TorchaoPeer, add_common_args, check_common_args,  # noqa: E402
-                   device_name, model_dtype, peer_classes, peer_note, prewarm_quant, proc_status, sync)
+from benchmarks.common import device_name, model_dtype, sync
+from benchmarks.pipeline_factory import ensure_preset, folder_size, usable_device
+from benchmarks.systems import (SEED, Ours, Peer, StageClock, TorchaoPeer, add_common_args, check_common_args,
+                                peer_classes, peer_note, prewarm_quant, proc_status)
 
 MARK = "@@VRAM_RESULT@@ "
 CHILDREN = {cls.name: cls for cls in (Ours, Peer, TorchaoPeer)}
@@ -126,7 +125,7 @@ def child_load(args) -> dict:
 
 
 def run_child(args, child: str, folder: Path, quant: str | None = None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--folder", str(folder),
+    cmd = [sys.executable, "-m", "benchmarks.vram", "--child", child, "--folder", str(folder),
            "--device", args.device, "--preset", args.preset, "--quant", quant or args.quant,
            "--resolution", str(args.resolution), "--steps", str(args.steps), "--guidance", str(args.guidance),
            "--max-sequence-length", str(args.max_sequence_length), "--offload", args.offload]
@@ -134,7 +133,8 @@ def run_child(args, child: str, folder: Path, quant: str | None = None) -> dict:
         cmd += ["--vram-gb", str(args.vram_gb)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     results = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
     if proc.returncode != 0 or not results:
         raise RuntimeError(f"child {child} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -10,10 +10,10 @@
            with outlier channels injected into the residual stream (rows of the input projection
            `first` scaled by --outlier-scale)
 
-    python benchmarks/w8a8_error.py                      # linears + tiny, full width (minutes on 2 cores)
-    python benchmarks/w8a8_error.py --what block         # one full-width block (~2 GB RAM, slower)
-    python benchmarks/w8a8_error.py --what tiny --json out.json
-    python benchmarks/w8a8_error.py --width 512 --hidden 1024   # quick check at small width
+    python -m benchmarks.w8a8_error                      # linears + tiny, full width (minutes on 2 cores)
+    python -m benchmarks.w8a8_error --what block         # one full-width block (~2 GB RAM, slower)
+    python -m benchmarks.w8a8_error --what tiny --json out.json
+    python -m benchmarks.w8a8_error --width 512 --hidden 1024   # quick check at small width
 
 Rows: weight-only int8 (reference point), int8 W8A8, int8 W8A8 + rotation (block 128), fp8 W8A8,
 fp8 W8A8 + rotation. Everything runs in fp32 with KREA2_LITE_KERNELS=torch, so the numbers are the
@@ -30,13 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ["KREA2_LITE_KERNELS"] = "torch"
 
-import torch  # noqa: E402
+import torch
 
-from krea2_lite import Krea2Config, Krea2Transformer, QuantSpec, load_transformer  # noqa: E402
-from krea2_lite.quantize import QuantizedLinear  # noqa: E402
+from krea2_lite import Krea2Config, Krea2Transformer, QuantSpec, load_transformer
+from krea2_lite.quantize import QuantizedLinear
 
 VARIANTS = {  # label -> QuantSpec
     "int8 weight-only": QuantSpec("int8"),

@@ -1,6 +1,5 @@
 """krea2_lite: run the Krea 2 image transformer exactly, small and fast."""
 
-from .loading.transformer import load_transformer
 from .config import Krea2Config
 from .metadata import read_png_metadata, save_png
 from .model import Krea2Transformer
@@ -13,9 +12,14 @@ __all__ = ["Krea2Config", "Krea2Pipeline", "Krea2Transformer", "QuantSpec", "loa
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in transformers (the text encoder); import it only when asked for.
+    # The loading layer and the pipeline pull in transformers (the text encoder, ~2 s): `import krea2_lite`
+    # imports them only when one of these is asked for.
     if name == "Krea2Pipeline":
         from .pipeline import Krea2Pipeline
 
         return Krea2Pipeline
+    if name == "load_transformer":
+        from .loading import load_transformer
+
+        return load_transformer
     raise AttributeError(f"module 'krea2_lite' has no attribute {name!r}")

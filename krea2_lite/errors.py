@@ -34,6 +34,10 @@ class ShapeMismatchError(Krea2LiteError, ValueError):
     """A tensor whose shape disagrees with the config (explicit or inferred)."""
 
 
+class FormatVersionError(Krea2LiteError, ValueError):
+    """A quantized folder written by a newer krea2_lite (or not a krea2_lite folder at all)."""
+
+
 class DeviceMemoryError(Krea2LiteError, MemoryError):
     """The GPU ran out of memory during generation; the message says where and what to try."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -19,29 +18,26 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import arguments
-from .errors import DeviceMemoryError, MemoryPlanError
-from .finite import check_decoded, check_schedule
+from . import checks
+from .errors import DeviceMemoryError, MemoryPlanError, ShapeMismatchError
+from .finite_checks import check_decoded, check_schedule
 from .kernels import backend_scope
 from .kernels.workspace import release_workspaces
 from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
 from .loading.text_encoder import load_text_encoder
 from .loading.transformer import load_transformer
-from .model.vae import load_vae_decoder
+from .loading.vae import load_vae_decoder
 from .lora import lora_bytes
 from .offload import plan_memory
 from .offload.planner import available_host_bytes
 from .offload.sizes import module_pinned_bytes
-from .offload.manager import Offloader
-from .safetensors_set import check_float_dtype
+from .offload.apply_plan import Offloader
+from .files.dtypes import check_float_dtype
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 from .variants import VARIANTS, VariantDefaults
 
 logger = logging.getLogger("krea2_lite")
 
-MAX_SIDE = 4096  # pixels; Turbo is trained up to 2k, beyond 4k attention cost explodes
-SIZE_MULTIPLE = 16  # VAE factor 8 × patch 2
-OFFLOAD_MODES = ("auto", "none", "model", "sequential")
 REPLAN_FACTOR = 0.8  # after a CUDA out-of-memory error, plan again for this share of the last peak
 
 
@@ -65,14 +61,6 @@ def text_encoder_shape(encoder) -> dict:
     return dict(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
                 kvheads=c.num_key_value_heads, headdim=getattr(c, "head_dim", None) or c.hidden_size //
                 c.num_attention_heads, vocab=c.vocab_size, layers=c.num_hidden_layers)
-
-
-def _check_load_arguments(offload: str, vram_gb, variant) -> None:
-    if offload not in OFFLOAD_MODES:
-        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-    arguments.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(VARIANTS)} or None, got {variant!r}")
 
 
 def _first_plan(spec: PipelineSpec, budget: float | None, offload: str, encoder, decoder, *, dtype, prefetch,
@@ -108,8 +96,7 @@ class Krea2Pipeline:
     def __init__(self, transformer, text_encoder, vae, *, variant: str = "raw",
                  shift: dict | None = None, vae_tile: int | str | None = "auto",
                  defaults: VariantDefaults | None = None, default_size: tuple[int, int] = (1024, 1024)):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        checks.check_variant(variant, optional=False)
         self.transformer = transformer
         self.text_encoder = text_encoder
         self.vae = vae
@@ -158,10 +145,12 @@ class Krea2Pipeline:
         `host_ram_gb` GiB of host RAM (default: what the OS reports available now, MemAvailable). The
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
-        _check_load_arguments(offload, vram_gb, variant)
-        arguments.check_gib("host_ram_gb", host_ram_gb)
+        checks.check_offload(offload)
+        checks.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
+        checks.check_variant(variant)
+        checks.check_gib("host_ram_gb", host_ram_gb)
         dtype = check_float_dtype(dtype)
-        device = arguments.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = checks.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if host_ram_gb is None:  # read before anything is loaded: the plan counts what the pipeline will hold
             host_ram_gb = available_host_bytes() / (1 << 30)
         spec = resolve_pipeline(path_or_hub_id, variant=variant, quant=quant, transformer=transformer,
@@ -190,8 +179,8 @@ class Krea2Pipeline:
         # (no native bf16 on most desktop CPUs), and the decoder is small.
         decoder = load_vae_decoder(spec.vae, device=load_device, dtype=dtype if device.type == "cuda" else torch.float32)
         if spec.config.channels != decoder.config.z_dim:
-            raise ValueError(f"the transformer works on {spec.config.channels} latent channels but the VAE at "
-                             f"{spec.vae} has z_dim={decoder.config.z_dim}")
+            raise ShapeMismatchError(f"the transformer works on {spec.config.channels} latent channels but the "
+                                     f"VAE at {spec.vae} has z_dim={decoder.config.z_dim}")
         plan, budget, device_blocks = None, None, None
         if planned:
             budget = _budget_gib(vram_gb, device)
@@ -286,25 +275,6 @@ class Krea2Pipeline:
         unload_lora(self.transformer, name)
 
     # ---- generation ------------------------------------------------------------------------
-    def _check_size(self, name: str, value) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int number of pixels, got {value!r}")
-        if value <= 0 or value > MAX_SIDE:
-            raise ValueError(f"{name} must be in 1..{MAX_SIDE} pixels, got {value}")
-        rounded = SIZE_MULTIPLE * math.ceil(value / SIZE_MULTIPLE)
-        if rounded != value:
-            warnings.warn(f"{name}={value} is not a multiple of {SIZE_MULTIPLE}; using {rounded}", stacklevel=3)
-        return rounded
-
-    @staticmethod
-    def _prompt_list(name: str, value, expected: int | None = None) -> list[str]:
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
-            raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
-        if expected is not None and len(items) != expected:
-            raise ValueError(f"{name} has {len(items)} entries but there are {expected} prompts")
-        return list(items)
-
     def noise(self, count: int, height: int, width: int, seed: int) -> torch.Tensor:
         """Initial noise (count, channels, height/8, width/8), image i drawn from seed + i on the CPU."""
         shape = (1, self.transformer.config.channels, height // 8, width // 8)
@@ -340,29 +310,28 @@ class Krea2Pipeline:
 
     def _validate(self, prompt, *, negative_prompt, width, height, steps, guidance, mu, seed, num_images, latents,
                   max_sequence_length) -> "_Call":
-        """Every argument checked (bounds and messages in arguments.py) and defaults filled in."""
-        prompts = self._prompt_list("prompt", prompt)
-        width = self._check_size("width", self.default_size[0] if width is None else width)
-        height = self._check_size("height", self.default_size[1] if height is None else height)
-        steps = arguments.check_steps(self.defaults.steps if steps is None else steps)
-        guidance = arguments.check_number("guidance", self.defaults.guidance if guidance is None else guidance,
-                                          0.0, arguments.MAX_GUIDANCE)
-        num_images = arguments.check_int("num_images", num_images, 1, arguments.MAX_IMAGES)
-        max_sequence_length = arguments.check_max_sequence_length(max_sequence_length, self.text_encoder)
-        mu = arguments.check_mu(mu)
+        """Every argument checked (bounds and messages in checks.py) and defaults filled in."""
+        prompts = checks.check_prompts("prompt", prompt)
+        width = checks.rounded_side("width", self.default_size[0] if width is None else width)
+        height = checks.rounded_side("height", self.default_size[1] if height is None else height)
+        steps = checks.check_steps(self.defaults.steps if steps is None else steps)
+        guidance = checks.check_guidance(self.defaults.guidance if guidance is None else guidance)
+        num_images = checks.check_num_images(num_images)
+        max_sequence_length = checks.check_max_sequence_length(max_sequence_length, self.text_encoder)
+        mu = checks.check_mu(mu)
         negatives = None
         if guidance > 0:
-            negatives = self._prompt_list("negative_prompt", "" if negative_prompt is None else negative_prompt)
+            negatives = checks.check_prompts("negative_prompt", "" if negative_prompt is None else negative_prompt)
             if len(negatives) == 1 and len(prompts) > 1:
                 negatives = negatives * len(prompts)
-            self._prompt_list("negative_prompt", negatives, expected=len(prompts))
+            checks.check_prompts("negative_prompt", negatives, expected=len(prompts))
         total = len(prompts) * num_images
-        seed = arguments.check_seed(seed, total)
+        seed = checks.check_seed(seed, total)
         if latents is None:
             noise = self.noise(total, height, width, seed)
         else:
-            noise = arguments.check_latents(latents, (total, self.transformer.config.channels, height // 8,
-                                                      width // 8))
+            noise = checks.check_latents(latents, (total, self.transformer.config.channels, height // 8,
+                                                   width // 8))
         from .metadata import image_metadata
 
         # mu None here means "from the size" unless the variant pins it; seed None: the caller's own noise.

@@ -7,7 +7,7 @@ import torch
 from krea2_lite.model.text_encoder import PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX
 
 from krea2_lite import Krea2Config
-from krea2_lite.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
+from krea2_lite.files.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
 
 
 diffusers_kwargs = diffusers_transformer_kwargs  # Krea2Transformer2DModel's arguments for a shape
@@ -159,18 +159,6 @@ def qwen3vl_hub_folder(folder):
     return folder
 
 
-def load_benchmark(name: str):
-    """Import `benchmarks/<name>.py` as a module (the benchmarks folder is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def assert_free_space_estimate(folder, spec, config) -> None:
     """The quantize CLI's free-space estimate for `folder` (written with `spec` from a `config`
     checkpoint): its exact part equals the tensor bytes written (up to quanto's two 4-byte activation
@@ -181,8 +169,8 @@ def assert_free_space_estimate(folder, spec, config) -> None:
     import torch
 
     from krea2_lite.offload.sizes import transformer_weights
-    from krea2_lite.quantize.__main__ import estimate_bytes
-    from krea2_lite.quantize.format import folder_size, read_manifest
+    from krea2_lite.cli.quantize import estimate_bytes
+    from krea2_lite.files.quantized_folder import folder_size, read_manifest
 
     data = 0
     for file in (folder / "transformer").glob("*.safetensors"):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
-from krea2_lite.gguf_file import BLOCK_TYPES, FLOAT_TYPES
+from krea2_lite.files.gguf_container import BLOCK_TYPES, FLOAT_TYPES
 
 # Byte offsets of each block's float16 scales (d, and dmin / m where the type has one).
 SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),

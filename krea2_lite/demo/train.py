@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import dataset
-from ..jsonfile import read_json
+from ..files.jsonfile import read_json
 
 SEED_OFFSETS = {"tokenizer": 0, "text": 1, "vae": 2, "vae_data": 3, "data": 4, "transformer": 5}
 VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
@@ -408,7 +408,7 @@ def write_folder(out: Path, text_root: Path, vae, model, data: dict, defaults: d
     from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
     from transformers import AutoTokenizer, Qwen3VLModel
 
-    from ..checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
+    from ..files.checkpoint import diffusers_to_official_key, diffusers_transformer_kwargs
 
     cfg = model.config
     reference = Krea2Transformer2DModel(**diffusers_transformer_kwargs(cfg))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..gguf_file import BLOCK_TYPES, FLOAT_TYPES
+from ..files.gguf_container import BLOCK_TYPES, FLOAT_TYPES
 
 QK_K = 256
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointSource
-from ..comfy_quant import check_scale, scale_blocks
+from ..files.checkpoint import CheckpointSource
+from ..files.comfy_layouts import check_scale, scale_blocks
 from ..config import Krea2Config
 from ..quantize.gguf_linear import StoredFormat
 from ..quantize.scaled_linear import set_comfy_weight
-from .stream import cast_meta_
+from .fill import cast_meta_
 
 
 def comfy_format(source: CheckpointSource) -> StoredFormat:
@@ -81,7 +81,7 @@ class ComfyPut:
 
 
 def comfy_fill(source: CheckpointSource, config: Krea2Config, dtype: torch.dtype, model: nn.Module | None, put):
-    """(model, put, entries) for `stream_groups` from a ComfyUI quantized checkpoint. `model` None: the
+    """(model, put, entries) for `fill_groups` from a ComfyUI quantized checkpoint. `model` None: the
     stored skeleton and its put (around `put`, the float one); else `model` / `put` (a quantizing
     skeleton) receive every layer dequantized."""
     fmt = comfy_format(source)

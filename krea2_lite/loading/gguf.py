@@ -1,10 +1,10 @@
-"""Fill a transformer from a GGUF file, through the one fill routine (`stream.stream_groups`).
+"""Fill a transformer from a GGUF file, through the one fill routine (`fill.fill_groups`).
 
 As stored (quant=None): each linear whose weight is in a block type becomes a `GGUFLinear` holding
 the file's bytes (memory-mapped on the CPU, copied once to a device); float tensors and any other
 quantized tensor (rare: a norm scale) are dequantized / cast by the dtype policy like a safetensors
 checkpoint's. With `quant` (int8, int4, …): every tensor is dequantized as it streams and quantized
-by `QuantizingPut` (what the quantize CLI uses to convert a GGUF file, block by block).
+by `QuantizingSetter` (what the quantize CLI uses to convert a GGUF file, block by block).
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointSource
+from ..files.checkpoint import CheckpointSource
 from ..config import Krea2Config
-from ..gguf_file import GGUFFile
+from ..files.gguf_container import GGUFFile
 from ..kernels.gguf_dequant_torch import dequantize_gguf
 from ..model import Krea2Transformer
 from ..quantize.gguf_linear import GGUFLinear, StoredFormat, gguf_format
-from .files import TensorInfo
-from .stream import FloatPut, cast_meta_, set_tensor
+from ..files.safetensors_headers import TensorInfo
+from .fill import FloatSetter, cast_meta_, set_tensor
 
 
 class GGUFTensorReader:
-    """`stream_groups`' reader for a GGUF file: a kept-quantized linear weight as its stored bytes
+    """`fill_groups`' reader for a GGUF file: a kept-quantized linear weight as its stored bytes
     (`keep` names them), everything else as a float tensor (float types straight from the map)."""
 
     def __init__(self, gguf: GGUFFile, names: dict[str, str], keep: set[str]):
@@ -41,9 +41,9 @@ class GGUFTensorReader:
         pass  # the map stays open: kept tensors on the CPU are views of it
 
 
-class GGUFPut(FloatPut):
+class GGUFPut(FloatSetter):
     """A GGUFLinear's weight → its `qdata` (the stored bytes, moved only if the device is not the CPU);
-    every other tensor as FloatPut."""
+    every other tensor as FloatSetter."""
 
     def __init__(self, dtype: torch.dtype, linears: dict[str, GGUFLinear]):
         super().__init__(dtype)
@@ -65,7 +65,7 @@ def gguf_stored_format(source: CheckpointSource, config: Krea2Config) -> StoredF
 
 
 def gguf_fill(source: CheckpointSource, config: Krea2Config, dtype: torch.dtype, model: nn.Module | None, put):
-    """(model, put, reader) for `stream_groups` from a GGUF checkpoint. `model` None: the stored
+    """(model, put, reader) for `fill_groups` from a GGUF checkpoint. `model` None: the stored
     skeleton (GGUFLinear where the file keeps a linear quantized) and its put; else `model` / `put`
     (a quantizing skeleton) are kept and every tensor is read dequantized."""
     names = {key: name for name, (_, key, _) in source.entries.items()}

@@ -13,15 +13,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import arguments
+from ..checks import check_shift, folder_defaults
 from ..config import Krea2Config
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..model.text_encoder import DEFAULT_SELECT_LAYERS
 from ..quantize.recipe import QuantSpec
 from ..sampling import DEFAULT_SHIFT
 from ..variants import VARIANTS, VariantDefaults
-from .files import read_json
-from .paths import resolve_path
+from ..files.jsonfile import read_json
+from ..files.paths import resolve_path
 from .transformer import TRANSFORMER_PATTERNS, describe_transformer
 
 logger = logging.getLogger("krea2_lite")
@@ -134,8 +134,8 @@ def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=N
     transformer, text_encoder, vae, root, index = _components(root, index, manifest, transformer, text_encoder, vae)
     transformer = resolve_path(transformer, TRANSFORMER_PATTERNS)
     config, spec = describe_transformer(transformer, quant)  # what the user named, checked first
-    # A folder's own sampling defaults and native size (the demo's), validated (arguments.py).
-    own = arguments.folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
+    # A folder's own sampling defaults and native size (the demo's), validated (checks.py).
+    own = folder_defaults(index.get("krea2_lite") or {}, str(root or transformer))
     defaults = None
     if variant is None and "steps" in own and "guidance" in own:
         defaults = VariantDefaults(steps=int(own["steps"]), guidance=float(own["guidance"]), mu=own.get("mu"))
@@ -143,7 +143,7 @@ def resolve_pipeline(path_or_hub_id=None, *, variant: str | None = None, quant=N
     if root is not None:
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         scheduler = _json_if_present(scheduler_file, "scheduler config")
-        shift = arguments.check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
+        shift = check_shift({k: scheduler[k] for k in DEFAULT_SHIFT if k in scheduler}, str(scheduler_file))
     return PipelineSpec(
         transformer=transformer,
         text_encoder=resolve_path(text_encoder or DEFAULT_TEXT_ENCODER, TEXT_ENCODER_PATTERNS),

@@ -22,9 +22,12 @@ from ..model.text_encoder import (DEFAULT_PREFIX_TOKENS, DEFAULT_SELECT_LAYERS, 
                                   PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX, Krea2TextEncoder,
                                   validate_select_layers)
 from ..quantize.recipe import QuantSpec
-from ..safetensors_set import check_float_dtype, require_float
-from .files import TensorInfo, find_weight_files, read_json, refuse_pickle, tensor_locations
-from .stream import set_tensor, stream_groups, unloaded
+from ..files.dtypes import check_float_dtype
+from ..files.jsonfile import read_json
+from ..files.safetensors_headers import TensorInfo, require_float
+from ..files.weight_files import find_weight_files, refuse_pickle, tensor_locations
+from .fill import fill_groups, set_tensor, unloaded
+from .text_encoder_folder import QUANT_INFO_FILE, resolve_load_spec
 
 _ACCEPTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_text")
 # Where the language model sits in the checkpoints we read, most specific first:
@@ -46,11 +49,15 @@ def read_text_config(folder: Path) -> tuple[Qwen3VLTextConfig, dict]:
         raise NotKrea2CheckpointError(
             f"{config_file}: model_type {model_type!r} (architectures {raw.get('architectures')}) is not a Qwen3-VL "
             f"text encoder; Krea 2 uses Qwen3-VL-4B-Instruct (model_type one of {_ACCEPTED_MODEL_TYPES})")
-    if model_type == "qwen3_vl":
-        if not isinstance(raw.get("text_config"), dict):
-            raise NotKrea2CheckpointError(f"{config_file}: qwen3_vl config without a text_config")
-        return Qwen3VLConfig.from_dict(raw).text_config, raw
-    return Qwen3VLTextConfig.from_dict(raw), raw
+    if model_type == "qwen3_vl" and not isinstance(raw.get("text_config"), dict):
+        raise NotKrea2CheckpointError(f"{config_file}: qwen3_vl config without a text_config")
+    try:
+        if model_type == "qwen3_vl":
+            return Qwen3VLConfig.from_dict(raw).text_config, raw
+        return Qwen3VLTextConfig.from_dict(raw), raw
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # transformers does not name the file
+        raise CorruptCheckpointError(f"{config_file}: not a valid Qwen3-VL config ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]})") from None
 
 
 def resolve_folders(path: Path, tokenizer_path: str | Path | None = None) -> tuple[Path, Path]:
@@ -73,7 +80,7 @@ def resolve_folders(path: Path, tokenizer_path: str | Path | None = None) -> tup
     return path, None
 
 
-class TextPut:
+class TextEncoderSetter:
     """Puts the text encoder's tensors: "copy" (floats cast to dtype; stored quantized values kept
     exactly, their scales in the module's dtype) or "quantize" (a float weight quantized as read)."""
 
@@ -184,7 +191,7 @@ def load_text_encoder(
     ``path`` is a diffusers pipeline ``text_encoder/`` folder (a saved ``Qwen3VLModel``; its tokenizer
     is the sibling ``tokenizer/``), a pipeline root holding both, a Qwen3-VL hub folder (a
     ``Qwen3VLForConditionalGeneration`` checkpoint with its tokenizer files alongside), or a folder
-    written by ``krea2_lite.quantize.text_encoder.save_text_encoder``. Sharded checkpoints
+    written by ``krea2_lite.loading.text_encoder_folder.save_text_encoder``. Sharded checkpoints
     (``model.safetensors.index.json``) are supported; pickle weights are refused.
 
     ``prefix_tokens`` / ``suffix_tokens`` default to the reference constants 34 / 5; pass ``None`` to
@@ -201,7 +208,7 @@ def load_text_encoder(
     encoder, entries, put = prepare_text_encoder(Path(path), device=device, dtype=dtype, select_layers=select_layers,
                                                  prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
                                                  tokenizer_path=tokenizer_path, quant=quant)
-    for _ in stream_groups(encoder.text_model, entries, put, place=lambda group: device, mmap=True,
+    for _ in fill_groups(encoder.text_model, entries, put, place=lambda group: device, mmap=True,
                            progress=False, desc="loading text encoder"):
         pass
     left = unloaded(encoder)
@@ -212,10 +219,10 @@ def load_text_encoder(
 
 def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype, select_layers=DEFAULT_SELECT_LAYERS,
                          prefix_tokens=DEFAULT_PREFIX_TOKENS, suffix_tokens=DEFAULT_SUFFIX_TOKENS,
-                         tokenizer_path=None, quant=None) -> tuple[Krea2TextEncoder, dict, TextPut]:
+                         tokenizer_path=None, quant=None) -> tuple[Krea2TextEncoder, dict, TextEncoderSetter]:
     """A meta-built encoder (quantized modules swapped in, tokenizer attached), the tensors to stream
-    into its text model {name: (file, key, info)}, and how to put them: `stream_groups`' arguments."""
-    from ..quantize.text_encoder import QUANT_INFO_FILE, resolve_load_spec, swap_for_loading
+    into its text model {name: (file, key, info)}, and how to put them: `fill_groups`' arguments."""
+    from ..quantize.text_encoder import swap_for_loading
 
     check_float_dtype(dtype)
     model_folder, tokenizer_folder = resolve_folders(path, tokenizer_path)
@@ -235,7 +242,8 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
                                    suffix_tokens=DEFAULT_SUFFIX_TOKENS if suffix_tokens is None else suffix_tokens)
     encoder.source_config = raw_config
     needed = {name: prefix + name for name in encoder.state_dict_keys()}  # float names, before any swap
-    quantized = swap_for_loading(encoder, spec, saved_modules, dtype) if spec is not None else {}
+    quantized = (swap_for_loading(encoder, spec, saved_modules, dtype, where=str(model_folder / QUANT_INFO_FILE))
+                 if spec is not None else {})
     keys, how = plan_reads(encoder, needed, quantized, saved_modules is not None)
     missing = sorted(key for key in keys.values() if key not in found)
     if missing:
@@ -246,4 +254,4 @@ def prepare_text_encoder(path: Path, *, device: torch.device, dtype: torch.dtype
     require_float(found, [key for name, key in keys.items() if how[name] == "quantize" or not name.endswith(".qdata")])
     _check_shapes(encoder.text_model, entries, how)
     _attach_tokenizer(encoder, tokenizer_folder, prefix_tokens, suffix_tokens)
-    return encoder, entries, TextPut(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})
+    return encoder, entries, TextEncoderSetter(encoder, how, dtype, {n: f"{f}: {k}" for n, (f, k, _) in entries.items()})

@@ -11,21 +11,21 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointSource, check_keys_and_shapes, check_diffusers_config, infer_config, open_checkpoint
 from ..config import Krea2Config
 from ..errors import CheckpointKeysError, CorruptCheckpointError, ShapeMismatchError
+from ..files.checkpoint import CheckpointSource, open_checkpoint
+from ..files.dtypes import check_float_dtype
+from ..files.paths import resolve_path
+from ..files.quantized_folder import MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_quantized_folder, read_manifest
+from ..files.weight_files import find_weight_files, tensor_locations
 from ..model import Krea2Transformer
-from ..quantize.format import (MANIFEST, TRANSFORMER_DIR, TRANSFORMER_NAME, is_quantized_folder, manifest_spec,
-                               read_manifest)
 from ..quantize.qlinear import QuantizedLinear
 from ..quantize.recipe import QuantSpec
-from ..quantize.stream import build_quantized_skeleton
-from ..safetensors_set import check_float_dtype
-from .files import find_weight_files, tensor_locations
+from ..quantize.skeleton import build_quantized_skeleton
 from .comfy import comfy_fill, comfy_format
+from .fill import FloatSetter, QuantizingSetter, StoredSetter, cast_meta_, fill_groups, placement, unloaded
 from .gguf import gguf_fill, gguf_stored_format
-from .paths import resolve_path
-from .stream import FloatPut, QuantizingPut, StoredPut, cast_meta_, placement, stream_groups, unloaded
+from .transformer_config import check_diffusers_config, check_keys_and_shapes, infer_config
 
 logger = logging.getLogger("krea2_lite")
 
@@ -45,12 +45,38 @@ def open_float_checkpoint(location: Path, config: Krea2Config | None = None) -> 
     return source, config
 
 
+def manifest_spec(folder: Path, manifest: dict) -> QuantSpec:
+    """The manifest's `quant` recipe; a missing or invalid one (a hand-edited dtype, rounding, rank)
+    is a CorruptCheckpointError naming the manifest."""
+    try:
+        return QuantSpec.from_dict(manifest["quant"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'quant' recipe ({exc})") from None
+
+
+def manifest_config(folder: Path, manifest: dict) -> Krea2Config:
+    """The manifest's model `config`; a missing or invalid one is a CorruptCheckpointError naming the manifest."""
+    try:
+        return Krea2Config.from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: invalid 'config' ({type(exc).__name__}: {exc})") from None
+
+
+def manifest_modules(folder: Path, manifest: dict) -> list[str]:
+    """The quantized module names the manifest lists (`quant.modules`), checked to be names."""
+    modules = manifest.get("quant", {}).get("modules") if isinstance(manifest.get("quant"), dict) else None
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: 'quant.modules' must be a list of module names, "
+                                     f"got {modules!r:.80}")
+    return modules
+
+
 def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
     """(Krea2Config, QuantSpec or None) of a transformer checkpoint, from its headers / manifest only."""
     location = resolve_path(path, TRANSFORMER_PATTERNS)
     if is_quantized_folder(location):
         manifest = read_manifest(location)
-        return Krea2Config.from_dict(manifest["config"]), manifest_spec(location, manifest)
+        return manifest_config(location, manifest), manifest_spec(location, manifest)
     source = open_checkpoint(location)
     theta = float((source.diffusers_config or {}).get("rope_theta", Krea2Config.theta))
     config = infer_config(source.shapes(), theta=theta, where=str(source.location))
@@ -82,7 +108,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                      quant=None, progress: bool | None = None,
                      device_blocks: Collection[int] | None = None) -> Krea2Transformer:
-    """Load a Krea 2 transformer from any supported layout (see `krea2_lite.checkpoint`).
+    """Load a Krea 2 transformer from any supported layout (see `krea2_lite.files.checkpoint`).
 
     The model is built on the meta device and each tensor is streamed from its file straight
     into place, a block at a time, cast on its own: norm scales and modulation tables stay float32,
@@ -110,11 +136,11 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
     source, config = open_float_checkpoint(location, config)
     community = source.gguf is not None or source.comfy is not None
     model = transformer_skeleton(config, spec, dtype) if spec is not None or not community else None
-    put = FloatPut(dtype) if spec is None else QuantizingPut(dtype, quantized_modules(model))
+    put = FloatSetter(dtype) if spec is None else QuantizingSetter(dtype, quantized_modules(model))
     model, put, entries, reader = community_fill(source, config, dtype, model, put)
     desc = "loading transformer" if spec is None else f"quantizing to {spec.name}"
-    for _ in stream_groups(model, entries, put, place=place, mmap=spec is None, progress=progress, desc=desc,
-                           reader=reader):
+    for _ in fill_groups(model, entries, put, place=place, mmap=spec is None, progress=progress, desc=desc,
+                         reader=reader):
         pass
     _check_complete(model, source.location)
     logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
@@ -123,7 +149,7 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
 
 
 def community_fill(source: CheckpointSource, config: Krea2Config, dtype: torch.dtype, model, put):
-    """(model, put, entries, reader) for `stream_groups`: unchanged for a float checkpoint; for a GGUF
+    """(model, put, entries, reader) for `fill_groups`: unchanged for a float checkpoint; for a GGUF
     or ComfyUI quantized file either its stored skeleton (`model` None) or `model` / `put` fed with
     dequantized tensors (quantizing it: `load_transformer(quant=...)`, the quantize CLI)."""
     if source.gguf is not None:
@@ -163,9 +189,8 @@ def load_quantized_folder(folder: Path, *, place, dtype: torch.dtype, progress: 
     """Rebuild the quantized transformer of a folder written by `python -m krea2_lite.quantize`
     (a single `model.safetensors`, or shards with their index)."""
     manifest = read_manifest(folder)
-    config = Krea2Config.from_dict(manifest["config"])
-    quant = manifest["quant"]
-    model = transformer_skeleton(config, manifest_spec(folder, manifest), dtype, modules=quant["modules"], log=False)
+    config, spec = manifest_config(folder, manifest), manifest_spec(folder, manifest)
+    model = transformer_skeleton(config, spec, dtype, modules=manifest_modules(folder, manifest), log=False)
     weights_dir = folder / TRANSFORMER_DIR
     if not weights_dir.is_dir():
         raise CorruptCheckpointError(f"{weights_dir}: missing (the folder is incomplete)")
@@ -184,8 +209,8 @@ def load_quantized_folder(folder: Path, *, place, dtype: torch.dtype, progress: 
         if tuple(info.shape) != expected:
             raise ShapeMismatchError(f"{file}: '{key}' has shape {tuple(info.shape)}, the manifest's "
                                      f"config expects {expected}")
-    put = StoredPut(dtype, targets, exact)
-    for _ in stream_groups(model, entries, put, place=place, mmap=True, progress=progress,
+    put = StoredSetter(dtype, targets, exact)
+    for _ in fill_groups(model, entries, put, place=place, mmap=True, progress=progress,
                            desc="loading quantized transformer"):
         pass
     _check_complete(model, folder)

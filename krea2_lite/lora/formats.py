@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..checkpoint import PICKLE_SUFFIXES, open_safetensors, read_safetensors_header, resolve_path
+from ..files.paths import resolve_path
+from ..files.safetensors_headers import open_safetensors, read_safetensors_header
+from ..files.weight_files import PICKLE_SUFFIXES
 from ..errors import JsonFileError, LoraError, UnsafeCheckpointFormatError
-from ..jsonfile import parse_json, read_json
+from ..files.jsonfile import parse_json, read_json
 from .names import ModuleIndex, split_key, unsupported_kind, why_unknown
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from ..checkpoint import diffusers_to_official_key
+from ..files.checkpoint import diffusers_to_official_key
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.")
 # `lora_` alone: some trainers write `lora_transformer_blocks_0_…` for diffusers names.

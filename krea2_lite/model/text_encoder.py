@@ -34,8 +34,6 @@ import copy
 import logging
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -43,8 +41,6 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLTextRotaryEmbedding
 
-if TYPE_CHECKING:  # imported lazily at run time: plain float loads never import optimum-quanto
-    from ..quantize.recipe import QuantSpec
 
 __all__ = [
     "DEFAULT_SELECT_LAYERS",
@@ -53,7 +49,6 @@ __all__ = [
     "DEFAULT_PREFIX_TOKENS",
     "DEFAULT_SUFFIX_TOKENS",
     "Krea2TextEncoder",
-    "load_text_encoder",  # re-exported from krea2_lite.loading (see __getattr__ below)
 ]
 
 logger = logging.getLogger("krea2_lite")
@@ -118,7 +113,7 @@ class Krea2TextEncoder(nn.Module):
         # or the loader).
         self.full_text_config = copy.deepcopy(text_config)
         self.source_config: dict | None = None
-        self.quant_spec: QuantSpec | None = None
+        self.quant_spec = None  # a QuantSpec once quantize/ has swapped its linears
         self.quantized_modules: list[str] = []
         self.prompt_template_prefix = PROMPT_TEMPLATE_PREFIX
         self.prompt_template_suffix = PROMPT_TEMPLATE_SUFFIX
@@ -271,12 +266,3 @@ class Krea2TextEncoder(nn.Module):
         mask = batch["attention_mask"].to(device)
         return hidden[:, self.prefix_tokens:], mask[:, self.prefix_tokens:]
 
-
-def __getattr__(name: str):
-    # `load_text_encoder` lived here before the loading layer; this keeps old imports working without
-    # the model file depending on its loader (the import runs only when the old name is asked for).
-    if name == "load_text_encoder":
-        from ..loading.text_encoder import load_text_encoder
-
-        return load_text_encoder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

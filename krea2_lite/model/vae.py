@@ -15,46 +15,26 @@ with head dim = channels, res) -> up blocks (``num_res_blocks + 1`` residual blo
 upsampler on all but the last) -> RMS norm -> SiLU -> ``conv_out`` -> clamp to [-1, 1].
 
 Parameter names equal diffusers' state-dict keys (``decoder.conv_in.weight`` ...), so weights
-stream in by name.  The encoder and ``quant_conv`` are neither built nor read.  This module never
-imports diffusers.
+stream in by name (``krea2_lite.loading.vae.load_vae_decoder``).  The encoder and ``quant_conv`` are
+neither built nor read.  This module never imports diffusers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-
-from ..loading.files import PICKLE_SUFFIXES, find_weight_files, open_safetensors
-from ..errors import (
-    CheckpointKeysError,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    NotKrea2CheckpointError,
-    SafetensorsSetError,
-    ShapeMismatchError,
-    UnsafeCheckpointFormatError,
-)
-from ..jsonfile import read_json
-from ..safetensors_set import check_float_dtype, read_weight_map
 
 __all__ = [
     "QwenImageVAEConfig",
     "QwenImageVAEDecoder",
-    "load_vae_decoder",
     "tile_spans",
 ]
-
-_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_CLASS_NAME = "AutoencoderKLQwenImage"
 
 # Default tiling (in latents): a 64-latent tile is 512 px, overlapping its neighbours by 16 latents.
 DEFAULT_TILE = 64
@@ -343,7 +323,7 @@ class QwenImageVAEDecoder(nn.Module):
 
         On CPUs without native bf16 (AVX2), PyTorch runs NCHW bf16/fp16 convolutions on a slow
         fallback (~100x slower than fp32); with channels-last kernels oneDNN takes them (~3x fp32).
-        :func:`load_vae_decoder` does this for half precision on CPU.
+        :func:`krea2_lite.loading.vae.load_vae_decoder` does this for half precision on CPU.
         """
         return self.to(memory_format=torch.channels_last)
 
@@ -439,128 +419,3 @@ class QwenImageVAEDecoder(nn.Module):
         if z.ndim != 4 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"expected latents (B, {self.config.z_dim}, h, w), got shape {tuple(z.shape)}")
         return z
-
-
-# --------------------------------------------------------------------------------------------
-# loading
-# --------------------------------------------------------------------------------------------
-def _is_skipped_key(key: str) -> bool:
-    """Checkpoint tensors the image decoder never needs (and never reads)."""
-    return key.startswith(("encoder.", "quant_conv.")) or (key.startswith("decoder.") and ".time_conv." in key)
-
-
-def _resolve_folder(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointNotFoundError(f"VAE folder not found: {p}")
-    if p.is_file():
-        if p.suffix.lower() in PICKLE_SUFFIXES:
-            raise UnsafeCheckpointFormatError(
-                f"{p}: pickle-based checkpoints are refused (never unpickled); pass a diffusers vae/ folder "
-                f"holding config.json and {_WEIGHTS_NAME}")
-        raise CheckpointNotFoundError(
-            f"{p} is a file; pass the diffusers vae/ folder (config.json + {_WEIGHTS_NAME})")
-    if not (p / "config.json").is_file() and (p / "vae" / "config.json").is_file():
-        p = p / "vae"  # a whole pipeline folder was given
-    if not (p / "config.json").is_file():
-        raise CheckpointNotFoundError(f"{p}: no config.json (expected a diffusers vae/ folder)")
-    return p
-
-
-def _read_config(folder: Path) -> QwenImageVAEConfig:
-    data = read_json(folder / "config.json", what="VAE config")
-    cls = data.get("_class_name")
-    if cls is not None and cls != _CLASS_NAME:
-        raise NotKrea2CheckpointError(f"{folder}: config is for {cls!r}, expected {_CLASS_NAME!r}")
-    try:
-        return QwenImageVAEConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{folder / 'config.json'}: {exc}") from exc
-
-
-def _weight_files(folder: Path) -> list[Path] | dict[str, Path]:
-    """The safetensors file list, or for a sharded save the key -> shard map of its index."""
-    weights = find_weight_files(folder, preferred=_WEIGHTS_NAME, single=True, what=_WEIGHTS_NAME)
-    return weights.weight_map if weights.weight_map is not None else weights.files
-
-
-def _few(keys: Iterable[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def _convert(key: str, tensor: torch.Tensor, shape: torch.Size, file: Path) -> torch.Tensor:
-    """Checkpoint tensor -> this module's layout: causal-3D kernels keep their last temporal slice,
-    (C, 1, 1, 1) norm gammas become (C, 1, 1)."""
-    if tensor.ndim == 5 and len(shape) == 4:
-        tensor = tensor[:, :, -1]
-    elif key.endswith(".gamma") and tensor.shape != shape and tensor.numel() == math.prod(shape):
-        tensor = tensor.reshape(shape)
-    if tensor.shape != shape:
-        raise ShapeMismatchError(
-            f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {tuple(shape)}")
-    return tensor
-
-
-def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> QwenImageVAEDecoder:
-    """Build the decoder of a diffusers ``vae/`` folder and stream in its weights.
-
-    Only ``post_quant_conv.*`` and ``decoder.*`` are read (``encoder.*``, ``quant_conv.*`` and the
-    unused ``time_conv`` weights never are); the module is built on the meta device and the tensors
-    are assigned directly, converted to ``dtype`` on ``device``.  Returns the module in eval mode
-    with ``requires_grad`` off.
-    """
-    check_float_dtype(dtype)
-    folder = _resolve_folder(path)
-    config = _read_config(folder)
-    with torch.device("meta"):
-        model = QwenImageVAEDecoder(config, dtype=dtype)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-
-    files = _weight_files(folder)
-    handles: dict[Path, Any] = {}
-    try:
-        if isinstance(files, dict):  # sharded: the index says where each key is
-            location = files
-        else:
-            location = {}
-            for file in files:
-                handles[file] = open_safetensors(file)
-                location.update((k, file) for k in handles[file].keys())
-        present = {k for k in location if not _is_skipped_key(k)}
-        missing, unexpected = set(expected) - present, present - set(expected)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing: {_few(missing)}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
-            raise CheckpointKeysError(
-                f"{folder}: weights do not match a Qwen-Image VAE decoder with this config.json; "
-                + "; ".join(parts))
-
-        state: dict[str, torch.Tensor] = {}
-        for key in sorted(expected, key=lambda k: (str(location[k]), k)):
-            file = location[key]
-            if file not in handles:
-                handles[file] = open_safetensors(file)
-            try:
-                tensor = handles[file].get_tensor(key)
-            except SafetensorError as exc:
-                raise CorruptCheckpointError(f"{file}: cannot read tensor {key!r} ({exc})") from exc
-            except Exception as exc:  # a key the index lists but the shard lacks
-                raise CheckpointKeysError(f"{folder}: {file.name} has no tensor {key!r} ({exc})") from exc
-            if not tensor.is_floating_point():  # an int / bool tensor would be cast and used
-                raise SafetensorsSetError(f"{file}: tensor {key!r} is {tensor.dtype}; the VAE expects floating point")
-            tensor = _convert(key, tensor, expected[key], file)
-            state[key] = tensor.to(device=device, dtype=dtype).contiguous()
-            del tensor
-    finally:
-        handles.clear()
-
-    model.load_state_dict(state, strict=True, assign=True)
-    if model.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        model.use_channels_last()
-    return model.eval().requires_grad_(False)

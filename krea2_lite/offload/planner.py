@@ -40,13 +40,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Krea2Config
-from ..arguments import check_gib
-from ..errors import MemoryPlanError
+from ..checks import TEMPLATE_PREFIX_TOKENS, TEXT_ENCODER_PLACES, check_plan_request
+from ..errors import ArgumentError, MemoryPlanError
 from . import sizes
 
 GiB = 1 << 30
-MODES = ("none", "model", "sequential", "auto")
-TEXT_PLACES = ("device", "swap", "reload", "cpu")
 # Outside PyTorch's allocator the card also holds the CUDA context and cuBLAS/Triton workspaces
 # (~0.3–0.6 GiB), and the caching allocator fragments: keep this much of the budget free.
 RESERVE_BYTES = GiB // 2
@@ -152,15 +150,15 @@ class _Costs:
     prefetch: int
     reserve: int
     host_reserve: int
-    act: int
-    te: int
-    te_pinned: int
-    te_act: int
-    te_largest: int
-    te_read: int
+    act: int                      # the transformer's activations
+    text_encoder: int             # the text encoder's weights
+    text_encoder_pinned: int      # its pinned host copy
+    text_encoder_act: int         # its activations
+    text_encoder_largest: int     # its largest tensor (in flight while a reload plan re-reads it)
+    text_encoder_read: int        # what a reload plan reads from its files per call
     vae: int
-    vae_act: dict
-    extra: int
+    vae_act: dict                 # VAE activations by tile (None: untiled)
+    extra: int                    # what else stays on the device (LoRA branches)
 
 
 def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, height: int = 1024, *,
@@ -194,49 +192,39 @@ def plan_memory(config: Krea2Config, quant, vram_gb: float, width: int = 1024, h
     fits, with `.limit` "device", "host" or "both" and the closest plan for each budget (also as
     `.closest_on_device` / `.closest_on_host`).
     """
-    if mode not in MODES:
-        raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
-    if vram_gb is None and mode == "auto":
-        raise ValueError("vram_gb=None needs a named mode ('none', 'model', 'sequential'): 'auto' plans to a budget")
-    # finite, positive, ≤ 1 PiB (arguments.py): inf overflowed int(vram_gb * GiB)
-    vram_gb, host_ram_gb = check_gib("vram_gb", vram_gb), check_gib("host_ram_gb", host_ram_gb)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-        raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
-    if text_encoder_place is not None and text_encoder_place not in TEXT_PLACES:
-        raise ValueError(f"text_encoder_place must be one of {TEXT_PLACES} or None, got {text_encoder_place!r}")
-    if text_encoder_place == "reload" and not text_encoder_reloadable:
-        raise ValueError("text_encoder_place='reload' needs a text encoder that can be re-read from its files")
+    vram_gb, host_ram_gb = check_plan_request(mode, vram_gb, host_ram_gb, prefetch, text_encoder_place,
+                                              text_encoder_reloadable)  # checks.py
     budget = int(vram_gb * GiB) if vram_gb is not None else 0
     if reserve_bytes is None:  # capped at a tenth so that tiny test budgets stay plannable
         reserve_bytes = min(RESERVE_BYTES + int(RESERVE_FRACTION * budget), budget // 10)
     image_tokens = math.ceil(height / 16) * math.ceil(width / 16)
-    te_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
+    text_bytes = sizes.text_encoder_weight_bytes(dtype) if text_encoder_bytes is None else text_encoder_bytes
     if text_encoder_pinned_bytes is None:  # the shape's tensors, scaled to the encoder's actual bytes
         shape_bytes = sizes.text_encoder_weight_bytes(dtype, text_encoder_shape)
         text_encoder_pinned_bytes = math.ceil(sizes.text_encoder_pinned_bytes(dtype, text_encoder_shape)
-                                              * te_bytes / shape_bytes)
+                                              * text_bytes / shape_bytes)
     costs = _Costs(
         config=config, weights=sizes.transformer_weights(config, quant, dtype), budget=budget,
         host_limit=int(host_ram_gb * GiB) if host_ram_gb is not None else available_host_bytes(),
         prefetch=prefetch, reserve=reserve_bytes, host_reserve=host_reserve_bytes,
         act=sizes.transformer_activation_bytes(config, num_images * (2 if cfg else 1), image_tokens,
                                                max_sequence_length, dtype, quant),
-        te=te_bytes, te_pinned=text_encoder_pinned_bytes,
-        te_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + 34, dtype,
+        text_encoder=text_bytes, text_encoder_pinned=text_encoder_pinned_bytes,
+        text_encoder_act=sizes.text_encoder_activation_bytes(2 if cfg else 1, max_sequence_length + TEMPLATE_PREFIX_TOKENS, dtype,
                                                    shape=text_encoder_shape, quantized=text_encoder_quantized),
-        te_largest=min(te_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
-        te_read=te_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
+        text_encoder_largest=min(text_bytes, sizes.text_encoder_largest_tensor_bytes(dtype, text_encoder_shape)),
+        text_encoder_read=text_bytes if text_encoder_read_bytes is None else text_encoder_read_bytes,
         vae=sizes.vae_weight_bytes(dtype) if vae_weight_bytes is None else vae_weight_bytes,
         vae_act={tile: sizes.vae_activation_bytes(vae_base_dim, height, width, num_images, dtype,
                                                   None if tile is None else tile * 8)
                  for tile in (None, VAE_TILE_PIXELS // 8)},
         extra=extra_device_bytes)
-    places = [p for p in TEXT_PLACES
+    places = [p for p in TEXT_ENCODER_PLACES
               if text_encoder_place in (None, p) and (p != "reload" or text_encoder_reloadable)]
     kinds = ("none", "model", "sequential") if mode == "auto" else (mode,)
     candidates = list(_full(costs, mode, places) if vram_gb is None else _candidates(costs, kinds, places))
     if not candidates:
-        raise ValueError(f"text_encoder_place={text_encoder_place!r} is not a placement of mode {mode!r}")
+        raise ArgumentError(f"text_encoder_place={text_encoder_place!r} is not a placement of mode {mode!r}")
     for plan in candidates:
         if (vram_gb is None or plan.peak_bytes <= budget) and plan.host_bytes <= costs.host_limit:
             return plan
@@ -251,28 +239,29 @@ def _build(c: _Costs, kind: str, streamed: int, text: str, leaves: bool, tile: i
     slots = min(c.prefetch + 1, len(streamed_ids))
     resident = c.weights.fixed + sum(blocks[i] for i in resident_ids) + c.extra
     slot_bytes = slots * max((blocks[i] for i in streamed_ids), default=0)
-    te_stays = c.te if text == "device" else 0
-    encode = (0 if text == "cpu" else c.te + c.te_act) + (0 if leaves else resident) + c.vae
-    sample = resident + slot_bytes + c.act + c.vae + te_stays
-    decode = resident + slot_bytes + c.vae + c.vae_act[tile] + te_stays
+    text_stays = c.text_encoder if text == "device" else 0
+    encode = (0 if text == "cpu" else c.text_encoder + c.text_encoder_act) + (0 if leaves else resident) + c.vae
+    sample = resident + slot_bytes + c.act + c.vae + text_stays
+    decode = resident + slot_bytes + c.vae + c.vae_act[tile] + text_stays
     phases = {"encode": encode + c.reserve, "sample": sample + c.reserve, "decode": decode + c.reserve}
     w = c.weights
-    held = (sum(w.pinned_streamed[i] for i in streamed_ids) + {"swap": c.te_pinned, "cpu": c.te}.get(text, 0)
+    held = (sum(w.pinned_streamed[i] for i in streamed_ids) + {"swap": c.text_encoder_pinned, "cpu": c.text_encoder}.get(text, 0)
             + c.host_reserve)
     if leaves:  # the resident part's tensors, each pinned on its own (LoRA branches included)
         held += w.pinned_fixed + sum(w.pinned_swapped[i] for i in resident_ids) + c.extra
-    in_flight = {"cpu": c.te_act, "reload": c.te_largest}.get(text, 0)
+    in_flight = {"cpu": c.text_encoder_act, "reload": c.text_encoder_largest}.get(text, 0)
     host_phases = {"encode": held + in_flight, "sample": held, "decode": held}
     return MemoryPlan(mode=kind, budget_bytes=c.budget, resident_blocks=resident_ids, streamed_blocks=streamed_ids,
                       prefetch=c.prefetch, text_encoder=text, transformer_leaves_for_encoding=leaves, vae_tile=tile,
                       peak_bytes=max(phases.values()), host_bytes=max(host_phases.values()), phases=phases,
                       parts=dict(transformer_fixed=c.weights.fixed, block=max(blocks),
-                                 transformer_total=c.weights.total, activations=c.act, text_encoder=c.te, text_encoder_activations=c.te_act,
+                                 transformer_total=c.weights.total, activations=c.act, text_encoder=c.text_encoder,
+                                 text_encoder_activations=c.text_encoder_act,
                                  vae_weights=c.vae, vae_activations=c.vae_act[tile], reserve=c.reserve,
                                  extra=c.extra, slots=slot_bytes, host_reserve=c.host_reserve,
-                                 text_encoder_pinned=c.te_pinned),
+                                 text_encoder_pinned=c.text_encoder_pinned),
                       host_budget_bytes=c.host_limit, host_phases=host_phases,
-                      text_reload_bytes=c.te_read if text == "reload" else 0)
+                      text_reload_bytes=c.text_encoder_read if text == "reload" else 0)
 
 
 def _candidates(c: _Costs, kinds: tuple[str, ...], places: list[str]):
@@ -335,7 +324,7 @@ def _refusal(candidates: list[MemoryPlan], c: _Costs, vram_gb, mode: str, shape:
             f"no {named}plan fits both {vram_gb:g} GiB of device memory and {host} at {shape} ({either}): "
             f"{device_need}, and {host_need}; {device_fix}, or {host_fix}\n"
             f"closest on device memory:\n{least_device}\nclosest on host memory:\n{least_host}", limit="both")
-    # For callers that report the gap (benchmarks/plan_table.py): the plan needing the least device memory
+    # For callers that report the gap (krea2_lite/offload/plan_table.py): the plan needing the least device memory
     # among those that fit the host (all plans if none does), and the converse.
     error.closest_on_device, error.closest_on_host = least_device, least_host
     return error

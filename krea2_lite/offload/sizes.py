@@ -35,8 +35,8 @@ def pinned_size(nbytes: int) -> int:
 
 def flat_size(sizes) -> int:
     """Bytes of one flat buffer holding tensors of these byte sizes, each at an ALIGN boundary
-    (offload.binding.FlatLayout, the streamed blocks' host and device buffers)."""
-    from .binding import ALIGN
+    (offload.tensor_slots.FlatLayout, the streamed blocks' host and device buffers)."""
+    from .tensor_slots import ALIGN
 
     return sum(-(-n // ALIGN) * ALIGN for n in sizes)
 
@@ -47,7 +47,7 @@ def tensor_sizes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> lis
     Quantized layers count their stored tensors as they are; float parameters count at `dtype`,
     except norm scales and modulation tables, which the loader keeps in float32.
     """
-    from ..checkpoint import keeps_fp32
+    from ..files.checkpoint import keeps_fp32
     from ..quantize.qlinear import QuantizedLinear
 
     out = []
@@ -97,7 +97,7 @@ def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> Trans
     from ..model import Krea2Transformer
     from ..quantize import QuantSpec
     from ..quantize.qlinear import QuantizedLinear
-    from ..quantize.stream import build_quantized_skeleton
+    from ..quantize.skeleton import build_quantized_skeleton
 
     spec = None if hasattr(quant, "skeleton") else QuantSpec.parse(quant)
     if hasattr(quant, "skeleton"):  # a community file kept as stored (quantize.gguf_linear.StoredFormat)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .binding import tensor_slots
+from .tensor_slots import tensor_slots
 
 
 class ModuleSwap:

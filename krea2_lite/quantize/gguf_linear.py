@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..config import Krea2Config
-from ..gguf_file import BLOCK_TYPES
+from ..files.gguf_container import BLOCK_TYPES
 from ..kernels.gguf_dequant_torch import dequantize_gguf
 from ..model import Krea2Transformer
 from .scaled_linear import swap_comfy_linears

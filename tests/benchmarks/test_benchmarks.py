@@ -1,5 +1,5 @@
-"""benchmarks/speed.py and benchmarks/vram.py run end to end on the tiny preset (CPU) and write rows
-for both systems. Both share one tiny pipeline folder (built once by benchmarks/pipeline_factory.py)."""
+"""`python -m benchmarks.speed` and `python -m benchmarks.vram` run end to end on the tiny preset (CPU) and
+write rows for both systems. Both share one tiny pipeline folder (built once by benchmarks.pipeline_factory)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ def workdir(tmp_path_factory):
 def run_script(name: str, workdir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("KREA2_LITE_KERNELS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--workdir", str(workdir), *args],
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--workdir", str(workdir), *args],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -29,7 +29,7 @@ def run_script(name: str, workdir: Path, *args: str, timeout: int = 300) -> subp
 
 def test_speed_tiny_cpu(workdir):
     out = workdir / "speed.json"
-    proc = run_script("speed.py", workdir, "--device", "cpu", "--preset", "tiny", "--steps", "2", "--repeats", "1",
+    proc = run_script("speed", workdir, "--device", "cpu", "--preset", "tiny", "--steps", "2", "--repeats", "1",
                       "--json", str(out))
     rows = json.loads(out.read_text())
     assert {r["system"] for r in rows} == {"krea2_lite", "diffusers"}
@@ -45,7 +45,7 @@ def test_speed_tiny_cpu(workdir):
 
 def test_vram_tiny_cpu(workdir):
     out = workdir / "vram.json"
-    proc = run_script("vram.py", workdir, "--device", "cpu", "--preset", "tiny", "--steps", "1", "--json", str(out))
+    proc = run_script("vram", workdir, "--device", "cpu", "--preset", "tiny", "--steps", "1", "--json", str(out))
     rows = json.loads(out.read_text())
     pipeline = [r for r in rows if r["kind"] == "pipeline"]
     assert {r["system"] for r in pipeline} == {"krea2_lite", "diffusers"}
@@ -63,22 +63,22 @@ def test_vram_tiny_cpu(workdir):
 
 
 @pytest.mark.parametrize("script, args, message", [
-    ("speed.py", ["--offload", "cpu"], "invalid choice: 'cpu'"),
-    ("vram.py", ["--device", "cpu", "--preset", "full"], "meant for a GPU machine"),
+    ("speed", ["--offload", "cpu"], "invalid choice: 'cpu'"),
+    ("vram", ["--device", "cpu", "--preset", "full"], "meant for a GPU machine"),
 ])
 def test_bad_flags_are_refused(script, args, message, workdir):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--workdir", str(workdir), *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--workdir", str(workdir), *args],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
 def test_offload_benchmark_smoke_run_on_cpu():
     """Every block streamed on the CPU: the script checks the output equals the resident one."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offload.py"), "--device", "cpu", "--preset",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_offload", "--device", "cpu", "--preset",
                            "tiny", "--resolution", "64", "--repeats", "1", "--quant", "int4"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.endswith("× |")]
     assert len(rows) == 1 and "| 0 | 2 |" in rows[0], proc.stdout  # tiny: 0 resident, 2 streamed

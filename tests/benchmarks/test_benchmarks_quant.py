@@ -1,4 +1,4 @@
-"""benchmarks/speed.py with --quant: the diffusers peer is quantized by optimum-quanto at the same weight type."""
+"""`python -m benchmarks.speed` with --quant: the diffusers peer is quantized by optimum-quanto at the same weight type."""
 
 import json
 import os
@@ -22,7 +22,7 @@ def test_speed_int8_has_a_quanto_quantized_diffusers_row(workdir):
     out = workdir / "speed.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("KREA2_LITE_KERNELS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--workdir", str(workdir),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--workdir", str(workdir),
                            "--device", "cpu", "--preset", "tiny", "--quant", "int8", "--steps", "1", "--repeats", "1",
                            "--warmup", "0", "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
@@ -46,12 +46,11 @@ def test_speed_int8_has_a_quanto_quantized_diffusers_row(workdir):
 
 def test_the_peer_really_is_quanto_quantized(workdir):
     """The row's label is backed by the model: the peer's transformer linears are quanto QLinear, int8."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
     from optimum.quanto import QLinear, qint8
-    from speed import Peer
 
-    from pipeline_factory import ensure_preset
+    from benchmarks.pipeline_factory import ensure_preset
+    from benchmarks.systems import Peer
 
     folder = ensure_preset("tiny", workdir)
     peer = Peer(folder=folder, device=torch.device("cpu"), quant="int8-w8a8-rot", steps=1, guidance=0.0,

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_proof.py: the CPU dry run (`--device cpu --preset tiny`) runs every check and every timing
+"""The GPU proof (`python -m benchmarks.gpu_proof`): the CPU dry run (`--device cpu --preset tiny`) runs every check and every timing
 row at a tiny shape, so the script a lent GPU runs unattended cannot rot; and the auto table it derives."""
 
 import json
@@ -25,7 +25,7 @@ def result(tmp_path_factory):
     env.pop("KREA2_LITE_KERNELS", None)
     env.pop("KREA2_LITE_TUNING", None)
     # A generous budget: on a shared machine nothing may be skipped for time (alone it takes ~1 min).
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_proof.py"), "--device", "cpu", "--preset",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_proof", "--device", "cpu", "--preset",
                            "tiny", "--json", str(out), "--budget-s", "1500"],
                           capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -101,21 +101,20 @@ def test_goals_markdown_and_sections(result):
     assert "checks ok" in stdout
 
 
-def proof_main(monkeypatch, *argv):
-    """gpu_proof.main in this process (no second torch import), with benchmarks/ on the path only meanwhile."""
-    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])  # the script adds more; all undone
-    import gpu_proof
+def proof_main(*argv):
+    """The proof's main in this process (no second torch import)."""
+    from benchmarks.gpu_proof.runner import main
 
-    return gpu_proof.main(list(argv))
+    return main(list(argv))
 
 
-def test_a_cpu_result_never_fills_the_table(result, tmp_path, monkeypatch, capsys):
+def test_a_cpu_result_never_fills_the_table(result, tmp_path, capsys):
     table = tmp_path / "tuning.json"
-    assert proof_main(monkeypatch, "--table-from", str(result[1]), "--write-table", str(table)) == 0
+    assert proof_main("--table-from", str(result[1]), "--write-table", str(table)) == 0
     assert "not from a GPU" in capsys.readouterr().out and not table.exists()
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    assert proof_main(monkeypatch, "--table-from", str(bad)) == 2
+    assert proof_main("--table-from", str(bad)) == 2
     assert str(bad) in capsys.readouterr().err
 
 
@@ -124,11 +123,9 @@ def layer(kernel, quant, choice, tokens, ms):
                 choice=choice, tokens=tokens, ms=ms)
 
 
-def test_table_entry_takes_the_fastest_correct_choice(tmp_path, monkeypatch):
+def test_table_entry_takes_the_fastest_correct_choice(tmp_path):
+    from benchmarks.gpu_proof.layers import derive_entry
     from krea2_lite.kernels import tuning
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # undone after the test: benchmarks/ stays off the path
-    from proof_layers import derive_entry
 
     rows = []
     for m, (triton, torch_ms) in {64: (1.0, 2.0), 512: (1.5, 2.0), 4160: (9.0, 6.0)}.items():
@@ -149,7 +146,7 @@ def test_table_entry_takes_the_fastest_correct_choice(tmp_path, monkeypatch):
     path = tmp_path / "tuning.json"
     proof = tmp_path / "proof.json"
     proof.write_text(json.dumps(result))
-    assert proof_main(monkeypatch, "--table-from", str(proof), "--write-table", str(path)) == 0
+    assert proof_main("--table-from", str(proof), "--write-table", str(path)) == 0
     rules = tuning.lookup(tuning.validate(tuning.read_table(path), str(path)), "NVIDIA H200", (9, 0))
     assert tuning.choose(rules, "qmatmul", "int8", 100) == "triton"
     assert tuning.choose(rules, "qmatmul", "int8", 8320) == "torch"
@@ -162,7 +159,7 @@ def test_a_check_that_kills_its_process_is_recorded_and_the_rest_still_run(tmp_p
     out = tmp_path / "proof.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "1",
            "GPU_PROOF_ABORT_AT": "w8a8/int8/auto"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_proof.py"), "--device", "cpu", "--json",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_proof", "--device", "cpu", "--json",
                            str(out), "--sections", "checks", "--isolate", "on", "--no-peer", "--budget-s", "900",
                            "--only-checks", "qmatmul/int8/auto,w8a8/int8/auto,attention/auto"],
                           capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
@@ -186,10 +183,9 @@ def test_quanto_peer_waits_for_the_extension_build_within_the_section(tmp_path, 
 
     import torch
 
-    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
-    import proof_quanto
-    from proof_record import Budget, Recorder
-    from proof_report import markdown
+    from benchmarks.gpu_proof import quanto as proof_quanto
+    from benchmarks.gpu_proof.record import Budget, Recorder
+    from benchmarks.gpu_proof.report import markdown
 
     runs, killed = [], []
 

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from gguf_files import QUANT_TYPES, random_blocks
-from krea2_lite.gguf_file import BLOCK_TYPES
+from krea2_lite.files.gguf_container import BLOCK_TYPES
 from krea2_lite.kernels.gguf_dequant_torch import dequantize_gguf
 
 

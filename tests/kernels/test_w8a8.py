@@ -30,7 +30,7 @@ from krea2_lite.kernels.w8a8_torch import (dequant_matmul, int8_mm_exact, scaled
                                            w8a8_matmul_torch)
 from krea2_lite.kernels.w8a8_triton import w8a8_matmul_triton, w8a8_supports
 from krea2_lite.quantize import QuantizedLinear, QuantSpec
-from krea2_lite.quantize.format import read_manifest, required_version
+from krea2_lite.files.quantized_folder import read_manifest, required_version
 from factories import diffusers_transformer, official_state_dict, random_inputs
 
 
@@ -382,7 +382,7 @@ def test_w8a8_model_triton_equals_torch(source, inputs, quant, monkeypatch):
 
 
 def test_rotated_w8a8_folder_round_trip(source, inputs, tmp_path, monkeypatch):
-    from krea2_lite.quantize.__main__ import main as quantize_cli
+    from krea2_lite.cli.quantize import main as quantize_cli
 
     monkeypatch.setenv("KREA2_LITE_KERNELS", "torch")
     out = tmp_path / "q8rot"
@@ -407,41 +407,6 @@ def test_rotated_w8a8_folder_round_trip(source, inputs, tmp_path, monkeypatch):
     # W8A8 without rotation stays a version-1 folder (older readers run it weight-only, correctly)
     assert required_version({"quant": QuantSpec.parse("int8-w8a8").to_dict()}) == 1
     assert required_version({"quant": QuantSpec("int8").to_dict()}) == 1
-
-
-# ---------------------------------------------------------------- benchmark scripts import on CPU
-def _run_script(*args):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / args[0]), *map(str, args[1:])],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
-def test_kernel_benchmark_skips_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("has CUDA: the benchmark would run")
-    assert "skipped: needs CUDA" in _run_script("kernels.py", "--only", "matmul", "--tokens", "16")
-
-
-@pytest.mark.slow
-def test_error_script_runs_small():
-    out = _run_script("w8a8_error.py", "--what", "linears", "--width", "256", "--hidden", "512", "--tokens", "16",
-                      "--threads", "1")
-    assert "| mlp down 256×512 | 16 | int8 W8A8 + rotation |" in out
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_gpu_targets():
-    """Every quantized-matmul kernel compiles to a cubin for sm_80 and sm_90 (no GPU needed)."""
-    out = _run_script("compile_kernels.py", "--quick")
-    assert "0 failure(s)" in out and out.count("| ok,") >= 20
 
 
 # ---------------------------------------------------------------- GPU only

@@ -68,7 +68,7 @@ def mapped_from(address: int) -> str | None:
 
 @pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusers"])
 def test_comfyui_and_diffusers_names(tmp_path, state, prefix):
-    from krea2_lite.checkpoint import _DIFFUSERS_INFIXES, _DIFFUSERS_PREFIXES
+    from krea2_lite.files.checkpoint import _DIFFUSERS_INFIXES, _DIFFUSERS_PREFIXES
 
     def to_diffusers(key):
         for new, old in _DIFFUSERS_PREFIXES:
@@ -157,7 +157,7 @@ def test_architecture_is_read_but_shapes_decide(tmp_path, state):
     from gguf_files import write_gguf as write
 
     path, _ = model_gguf(tmp_path / "m.gguf", state, "Q8_0")
-    from krea2_lite.gguf_file import read_gguf
+    from krea2_lite.files.gguf_container import read_gguf
 
     assert read_gguf(path).architecture == "krea2"
     tensors = {k: (t.qtype, read_gguf(path).raw(k).numpy()) for k, t in read_gguf(path).tensors.items()}

@@ -16,7 +16,6 @@ worst of int8 / fp8 / int4):
 import json
 import math
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -473,7 +472,8 @@ def test_corrupt_file_and_folder_with_several_files(source, tmp_path):
 # ---- pipeline and CLI --------------------------------------------------------------------------
 
 def test_cli_lora_argument_parsing(tmp_path):
-    from krea2_lite.__main__ import build_parser, lora_argument
+    from krea2_lite.cli.generate_settings import lora_argument
+    from krea2_lite.cli.subcommands import build_parser
 
     assert lora_argument("style.safetensors") == ("style.safetensors", 1.0)
     assert lora_argument("style.safetensors:0.5") == ("style.safetensors", 0.5)
@@ -511,7 +511,7 @@ def pipeline_lora(folder):
 def test_pipeline_verbs_and_cli_apply_the_lora(pipeline_folder, tmp_path):
     from PIL import Image
 
-    from krea2_lite.__main__ import main
+    from krea2_lite.cli.subcommands import main
     from krea2_lite.pipeline import Krea2Pipeline
 
     path = pipeline_lora(tmp_path)
@@ -575,27 +575,3 @@ def test_device_memory_added_is_the_lora_weights_only(source, tmp_path, cuda_dev
     slack = 512 * 2 * len(shapes)  # the caching allocator rounds every tensor up to 512 bytes
     assert lora <= added <= lora + slack
     assert peak <= lora + slack
-
-
-def test_benchmark_script_runs_on_tiny_cpu(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lora.py"
-    spec = importlib.util.spec_from_file_location("lora_benchmark", script)
-    bench = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)
-    try:  # in-process: a subprocess would spend ~10 s importing optimum-quanto
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path[:] = saved  # the script puts benchmarks/ first on the path; keep it out of other tests
-    out = tmp_path / "lora.json"
-    assert bench.main(["--device", "cpu", "--preset", "tiny", "--resolution", "64", "--dtype", "int4", "--rank", "4",
-                       "--repeats", "1", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())
-    with torch.device("meta"):
-        shapes = linear_names(Krea2Transformer(Krea2Config.tiny()))
-    expected = sum(4 * (o + i) * 4 for n, (o, i) in shapes.items() if n.startswith("blocks."))  # fp32 on CPU
-    assert row["lora_mb"] == pytest.approx(expected / 1e6)
-    assert row["quant"] == "int4" and row["quantized_unchanged"] is True and row["added_mb"] is None
-    assert row["step_ms"] > 0 and row["lora_step_ms"] > 0 and "| CPU | tiny | int4 | 4 |" in capsys.readouterr().out

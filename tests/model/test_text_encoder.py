@@ -17,13 +17,14 @@ import torch
 from safetensors import safe_open as real_safe_open
 from safetensors.torch import save_file
 
-import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
+import krea2_lite.files.safetensors_headers as files_mod  # where every safetensors file is opened
 import krea2_lite.model.text_encoder as te
 from factories import CAPTIONS, NUM_LAYERS, VOCAB, tiny_qwen3vl_config, train_tokenizer
 from krea2_lite.errors import (CheckpointKeysError, CheckpointNotFoundError, NotKrea2CheckpointError,
                                ShapeMismatchError, UnsafeCheckpointFormatError)
+from krea2_lite.loading.text_encoder import load_text_encoder
 from krea2_lite.model.text_encoder import (DEFAULT_SELECT_LAYERS, PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_SUFFIX,
-                                           Krea2TextEncoder, load_text_encoder)
+                                           Krea2TextEncoder)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""Qwen-Image VAE decoder (krea2_lite.model.vae) against diffusers' AutoencoderKLQwenImage.
+"""Qwen-Image VAE decoder (krea2_lite.model.vae, loaded by krea2_lite.loading.vae) against diffusers' AutoencoderKLQwenImage.
 
 A tiny random diffusers VAE is saved once per module; every test loads it through our loader.
 """
@@ -24,13 +24,13 @@ from krea2_lite.errors import (  # noqa: E402
     ShapeMismatchError,
     UnsafeCheckpointFormatError,
 )
-import krea2_lite.loading.files as files_mod  # noqa: E402  # where every safetensors file is opened
+import krea2_lite.files.safetensors_headers as files_mod  # noqa: E402  # where every safetensors file is opened
 from krea2_lite.model import vae as vae_mod  # noqa: E402
 from factories import tiny_vae  # noqa: E402
+from krea2_lite.loading.vae import load_vae_decoder  # noqa: E402
 from krea2_lite.model.vae import (  # noqa: E402
     QwenImageVAEConfig,
     QwenImageVAEDecoder,
-    load_vae_decoder,
     tile_spans,
 )
 

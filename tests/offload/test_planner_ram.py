@@ -236,7 +236,7 @@ def test_from_pretrained_checks_host_ram(bad):
 # ---- the CLI flag ------------------------------------------------------------------------------
 
 def test_cli_ram_gb_is_checked_and_reaches_the_planner(capsys):
-    from krea2_lite.__main__ import main
+    from krea2_lite.cli.subcommands import main
 
     argv = ["generate", "a red circle", "--model", "demo", "--device", "cpu", "--quiet"]
     assert main(argv + ["--ram-gb", "nan"]) == 2

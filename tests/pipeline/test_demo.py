@@ -73,7 +73,7 @@ def test_demo_follows_held_out_prompts(demo):
 
 
 def test_cli_model_demo_writes_a_native_size_image(tmp_path, single_thread):
-    from krea2_lite.__main__ import main
+    from krea2_lite.cli.subcommands import main
 
     out = tmp_path / "demo.png"
     assert main(["generate", "a small red circle on a blue background", "--model", "demo", "--dtype", "fp32",

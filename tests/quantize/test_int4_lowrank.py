@@ -17,6 +17,7 @@ from krea2_lite.lora.adapters import layer_loras
 from krea2_lite.quantize import QuantSpec
 from krea2_lite.quantize.lowrank import LowRankQuantizedLinear, split_low_rank
 from krea2_lite.quantize.recipe import select_linears
+from krea2_lite.quantize.synthetic import structured_weight
 from factories import assert_free_space_estimate, diffusers_transformer, official_state_dict, random_inputs
 
 CFG = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
@@ -74,7 +75,7 @@ def test_rank_larger_than_a_layer_refused(source):
 
 @pytest.mark.parametrize("rank,match", [("0", "--lowrank: .*at least 1"), ("100000", "lowrank=100000 is larger")])
 def test_cli_refuses_bad_rank_in_one_line(source, tmp_path, capsys, rank, match):
-    from krea2_lite.quantize.__main__ import main
+    from krea2_lite.cli.quantize import main
 
     assert main(["--model", str(source), "--dtype", "int4", "--lowrank", rank, "--out", str(tmp_path / "q"),
                  "--quiet"]) == 2
@@ -86,7 +87,7 @@ def test_cli_refuses_bad_rank_in_one_line(source, tmp_path, capsys, rank, match)
 def test_folder_equals_on_the_fly(source, on_the_fly, inputs, tmp_path):
     """`--dtype int4 --lowrank R` writes the branch as bf16 tensors of the layer's state dict, records the
     rank in the manifest, and the folder gives exactly the on-the-fly output."""
-    from krea2_lite.quantize.__main__ import main
+    from krea2_lite.cli.quantize import main
 
     out = tmp_path / "q"
     assert main(["--model", str(source), "--dtype", "int4", "--lowrank", str(RANK), "--out", str(out),
@@ -168,18 +169,12 @@ def test_planner_counts_the_branch():
     assert lr.total - int4.total == branch
 
 
-def _bench():
-    from factories import load_benchmark
-
-    return load_benchmark("int4_lowrank")
-
-
 def test_alternation_never_worse_than_the_plain_svd():
     """The alternation keeps its best iterate, so refining never loses to the plain SVD's branch; and
     either branch leaves much less int4 error than none."""
     from krea2_lite.quantize.lowrank import _int4_error
 
-    w = _bench().structured_weight(256, 512, seed=3)
+    w = structured_weight(256, 512, seed=3)
     errors = {}
     for iterations in (0, 3):
         before = w.clone()
@@ -192,9 +187,8 @@ def test_alternation_never_worse_than_the_plain_svd():
 
 def test_error_ratio_on_structured_weights(tmp_path, inputs):
     """A tiny model whose quantized linears have structured weights (decaying spectrum + outlier
-    input columns, benchmarks/int4_lowrank.py's generator): int4-lr16's output error vs fp32 is at most
+    input columns, krea2_lite.quantize.synthetic, as benchmarks/int4_lowrank.py): int4-lr16's output error vs fp32 is at most
     0.6× plain int4's (measured: see the assertion message)."""
-    bench = _bench()
     state = official_state_dict(diffusers_transformer(CFG, seed=2))
     with torch.device("meta"):
         from krea2_lite import Krea2Transformer
@@ -203,7 +197,7 @@ def test_error_ratio_on_structured_weights(tmp_path, inputs):
     chosen, _ = select_linears(model, QuantSpec("int4"), log=False)
     for i, name in enumerate(chosen):
         out, inp = state[f"{name}.weight"].shape
-        state[f"{name}.weight"] = bench.structured_weight(out, inp, seed=i, sigma=1 / math.sqrt(inp))
+        state[f"{name}.weight"] = structured_weight(out, inp, seed=i, sigma=1 / math.sqrt(inp))
     path = tmp_path / "structured.safetensors"
     save_file(state, path)
     with torch.no_grad():

@@ -11,10 +11,11 @@ import torch
 from krea2_lite import Krea2Config, load_transformer
 from krea2_lite.kernels.qmatmul_torch import dequantize_weight
 from krea2_lite.quantize import QuantSpec
-from krea2_lite.quantize.format import read_manifest
+from krea2_lite.files.quantized_folder import read_manifest
 from krea2_lite.quantize.int4_rounding import CLIP_RATIOS, mse_clip_scale_shift
 from krea2_lite.quantize.qlinear import quantize_weight_tensors
-from factories import load_benchmark, random_inputs
+from krea2_lite.quantize.synthetic import structured_weight
+from factories import random_inputs
 
 CFG = Krea2Config.tiny(features=256, heads=8, kvheads=2, txtdim=128, txtheads=4, txtkvheads=4)
 
@@ -30,7 +31,7 @@ def group_errors(w: torch.Tensor, rounding: str) -> torch.Tensor:
 def test_never_worse_per_group_and_better_overall(kind):
     g = torch.Generator().manual_seed(3)
     if kind == "structured":
-        w = load_benchmark("int4_lowrank").structured_weight(256, 512, seed=3)
+        w = structured_weight(256, 512, seed=3)
     else:
         w = torch.randn(256, 512, generator=g)
         if kind == "outliers":

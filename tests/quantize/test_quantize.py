@@ -18,7 +18,8 @@ from krea2_lite import Krea2Config, load_transformer
 from krea2_lite.errors import CheckpointKeysError, CorruptCheckpointError
 from krea2_lite.quantize import QuantizedLinear, QuantSpec
 from krea2_lite.quantize import qlinear as qlinear_mod
-from krea2_lite.quantize.format import FormatVersionError, read_manifest
+from krea2_lite.errors import FormatVersionError
+from krea2_lite.files.quantized_folder import read_manifest
 from krea2_lite.quantize.recipe import select_linears
 from factories import assert_free_space_estimate, random_inputs
 
@@ -216,7 +217,7 @@ def test_killed_mid_write_leaves_nothing_and_the_next_run_succeeds(tmp_path):
 def test_not_enough_disk_space(source, tmp_path, monkeypatch):
     import shutil
 
-    from krea2_lite.quantize import __main__ as cli
+    from krea2_lite.cli import quantize as cli
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
     assert cli.main(["--model", str(source), "--dtype", "int8", "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -280,7 +281,7 @@ def test_streaming_peak_rss_stays_bounded(tmp_path):
 @pytest.mark.slow
 def test_full_width_block_error_per_dtype():
     """One released-width (6144) block, random N(0, 0.02) weights, 64 tokens. Measured with 256
-    tokens (benchmarks/quantize.py): int8 0.83%, fp8 2.4%, int4 9.1% of the output norm."""
+    tokens (benchmarks/bench_quantize.py): int8 0.83%, fp8 2.4%, int4 9.1% of the output norm."""
     from krea2_lite.model.transformer import SingleStreamBlock
 
     cfg = Krea2Config.krea2()

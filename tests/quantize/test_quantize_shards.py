@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from factories import diffusers_transformer, official_state_dict, random_inputs
 from krea2_lite import Krea2Config, load_transformer
-from krea2_lite.quantize import __main__ as cli
-from krea2_lite.quantize.format import read_manifest
-from krea2_lite.quantize.shards import ShardedWriter, parse_size, plan_shards
+from krea2_lite.cli import quantize as cli
+from krea2_lite.files.quantized_folder import read_manifest
+from krea2_lite.files.shard_writer import ShardedWriter, parse_size, plan_shards
 
 pytest.importorskip("optimum.quanto")
 
@@ -156,7 +156,7 @@ def test_writer_refuses_a_tensor_out_of_plan(tmp_path):
 
 def test_blocks_go_where_the_placement_says():
     """device_blocks: the listed blocks on the device, the other blocks in host memory, the rest on the device."""
-    from krea2_lite.loading.stream import placement
+    from krea2_lite.loading.fill import placement
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     place = placement(cuda, {1, 2})
@@ -176,8 +176,8 @@ def qwen_source(tmp_path_factory):
 def test_text_encoder_written_layer_by_layer_equals_the_saved_one(qwen_source, tmp_path, quant):
     """The CLI's streaming text-encoder writer gives the tensors `save_text_encoder` writes, in shards."""
     from krea2_lite.loading import load_text_encoder
-    from krea2_lite.quantize.text_encoder import save_text_encoder
-    from krea2_lite.quantize.write import write_text_encoder
+    from krea2_lite.loading.text_encoder_folder import save_text_encoder
+    from krea2_lite.loading.quantized_writer import write_text_encoder
 
     whole = load_text_encoder(qwen_source, dtype=torch.bfloat16, quant=quant)
     save_text_encoder(whole, tmp_path / "saved")

@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors import safe_open as real_safe_open
 
-import krea2_lite.loading.files as files_mod  # where every safetensors file is opened
+import krea2_lite.files.safetensors_headers as files_mod  # where every safetensors file is opened
 import krea2_lite.quantize.text_encoder as qte
 from factories import tiny_qwen3vl_config
 from krea2_lite.loading.text_encoder import load_text_encoder
 from krea2_lite.quantize.qlinear import STORAGE_DTYPES, QuantizedLinear
 from krea2_lite.quantize.recipe import QuantSpec
-from krea2_lite.quantize.text_encoder import quantize_text_encoder_, save_text_encoder
+from krea2_lite.loading.text_encoder_folder import save_text_encoder
+from krea2_lite.quantize.text_encoder import quantize_text_encoder_
 
 pytest.importorskip("optimum.quanto")
 

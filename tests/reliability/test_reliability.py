@@ -2,7 +2,7 @@
 message names the cause, and leaves nothing half-written.
 
 The rest of the battery lives with the feature it guards:
-  loading        tests/loading/test_checkpoint.py (missing path, empty folder, .ckpt/.pt/.pth/.bin refused
+  loading        tests/files/test_checkpoint.py (missing path, empty folder, .ckpt/.pt/.pth/.bin refused
                  unopened, zero-byte, truncated, corrupt header, FLUX, missing/unexpected tensors,
                  explicit-config shape), tests/model/test_text_encoder.py (another text-encoder family,
                  .bin), tests/model/test_vae.py (VAE config and key mismatches)
@@ -14,23 +14,23 @@ The rest of the battery lives with the feature it guards:
                  is a DeviceMemoryError; no plan fits / not enough host RAM → MemoryPlanError)
 
 Round two (issue 20), one file per class of fault:
-  JSON           tests/reliability/test_reliability_json.py (krea2_lite/jsonfile.py: not JSON, wrong JSON type,
+  JSON           tests/reliability/test_reliability_json.py (krea2_lite/files/jsonfile.py: not JSON, wrong JSON type,
                  missing keys, not UTF-8 in model_index.json, scheduler, transformer / text encoder /
                  VAE config.json, tokenizer files, shard index, manifest, PEFT adapter_config.json)
-  safetensors    tests/reliability/test_reliability_safetensors.py (krea2_lite/safetensors_set.py: a tensor in two
+  safetensors    tests/reliability/test_reliability_safetensors.py (krea2_lite/files/: a tensor in two
                  unindexed files, weight_map obeyed, index naming a tensor its shard lacks, byte length vs
                  shape × dtype on the float and the quantizing path, int / bool tensors where floats
                  belong in transformer, text encoder and VAE, ComfyUI double names, dtype= arguments)
-  arguments      tests/reliability/test_reliability_arguments.py (krea2_lite/arguments.py: steps, seeds, mu,
+  arguments      tests/test_checks.py (krea2_lite/checks.py: steps, seeds, mu,
                  max_sequence_length, guidance, num_images, latents type / device, vram_gb, device,
                  a folder's own defaults, scheduler shift settings)
-  finite         tests/reliability/test_reliability_finite.py (krea2_lite/finite.py: NaN/inf VAE statistics and
+  finite         tests/reliability/test_reliability_finite.py (krea2_lite/finite_checks.py: NaN/inf VAE statistics and
                  weights, a degenerate schedule, decoder overflow, the transformer's NaN step)
-  paths          tests/reliability/test_reliability_paths.py (krea2_lite/quantize/output_dir.py: --out equal to,
+  paths          tests/cli/test_quantize_output.py (krea2_lite/cli/quantize_output.py: --out equal to,
                  containing, inside the source, through symlinks, `.`, `~`, "", `/`; --force on foreign
                  folders and files; SIGINT / SIGTERM cleanup; --include of biased linears; quantized
                  folders keep the source's defaults)
-  CLI / order    tests/reliability/test_reliability_cli.py (krea2_lite/cli_errors.py: one `error:` line and exit 2;
+  CLI / order    tests/cli/test_error_contract.py (krea2_lite/cli/error_contract.py: one `error:` line and exit 2;
                  exit 1 for internal errors; KREA2_LITE_DEBUG; the named model checked before defaults)
 """
 
@@ -42,7 +42,7 @@ import torch
 
 from krea2_lite.errors import DeviceMemoryError
 from krea2_lite.pipeline import Krea2Pipeline
-from krea2_lite.quantize import __main__ as quantize_cli
+from krea2_lite.cli import quantize as quantize_cli
 from factories import CAPTIONS, tiny_diffusers_pipeline
 
 

@@ -1,4 +1,4 @@
-"""Reliability battery, JSON: every JSON file krea2_lite reads is parsed by `krea2_lite.jsonfile`;
+"""Reliability battery, JSON: every JSON file krea2_lite reads is parsed by `krea2_lite.files.jsonfile`;
 damage gives a JsonFileError (a CorruptCheckpointError) naming the file and what was wrong, never
 a bare JSONDecodeError / AttributeError / KeyError, and the folder is left as it was."""
 
@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from krea2_lite.checkpoint import open_checkpoint
+from krea2_lite.files.checkpoint import open_checkpoint
 from krea2_lite.loading.transformer import load_transformer
 from krea2_lite.errors import CheckpointNotFoundError, CorruptCheckpointError, JsonFileError, LoraError
-from krea2_lite.jsonfile import read_json
+from krea2_lite.files.jsonfile import read_json
 from krea2_lite.pipeline import Krea2Pipeline
 from reliability_fixtures import copy_of, pipeline_folder, snapshot
 

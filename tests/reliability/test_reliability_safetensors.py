@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from krea2_lite.checkpoint import open_checkpoint
+from krea2_lite.files.checkpoint import open_checkpoint
 from krea2_lite.loading.transformer import load_transformer
 from krea2_lite.errors import ArgumentError, SafetensorsSetError
 from krea2_lite.loading.text_encoder import load_text_encoder
-from krea2_lite.model.vae import load_vae_decoder
+from krea2_lite.loading.vae import load_vae_decoder
 from krea2_lite.pipeline import Krea2Pipeline
-from krea2_lite.quantize import __main__ as quantize_cli
+from krea2_lite.cli import quantize as quantize_cli
 from reliability_fixtures import copy_of, official_file, official_state, pipeline_folder, rewrite_header, snapshot
 
 

@@ -1,0 +1,141 @@
+"""The settings of `generate`'s jobs, in layers, each overriding the one before: the image given to
+--from-png (its krea2_lite metadata), then the flags given on the command line, then a --prompts
+file's per-line overrides. Every job is checked (`checks.check_call_settings`, the pipeline's own
+rules) before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+
+import torch
+
+from .. import checks
+from ..errors import ArgumentError, MetadataError, PromptFileError
+from ..metadata import read_png_metadata
+from ..quantize import QuantSpec
+from ..quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
+from .prompt_files import check_value, read_prompt_file
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTS = (*QUANT_DTYPES, *QUANT_SHORTCUTS)  # every string QuantSpec.parse accepts, from the library itself
+
+# A trailing ":number" is the scale; any other ':' belongs to the path (C:\..., odd file names).
+_LORA_SCALE = re.compile(r"^(?P<path>.+):(?P<scale>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
+
+
+# ---- flag types (argparse calls these; an error exits 2 with argparse's message) --------------
+def lora_argument(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` → (path, scale). A path that exists as written is taken whole."""
+    match = _LORA_SCALE.match(text)
+    if match is None or os.path.exists(text):
+        return text, 1.0
+    return match.group("path"), float(match.group("scale"))
+
+
+def quant_argument(text: str) -> str:
+    """--quant: 'none' or any quant string the library parses (checked here, so a typo exits 2 at once)."""
+    if text != "none":
+        try:
+            QuantSpec.parse(text)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a quant type ({exc})") from None
+    return text
+
+
+# ---- --from-png, then flags, then prompt-file lines --------------------------------------------
+def png_settings(path: str) -> tuple[dict, dict]:
+    """(call settings, load settings) stored in a krea2_lite PNG; MetadataError names the file."""
+    meta = read_png_metadata(path)
+    call = {"prompt": meta["prompt"]}
+    for key in ("negative_prompt", "seed", "steps", "guidance", "mu", "width", "height"):
+        if meta.get(key) is not None:
+            try:
+                call.update(check_value(key, meta[key], f"{path} (krea2_lite metadata)"))
+            except PromptFileError as exc:
+                raise MetadataError(str(exc)) from None
+    if "seed" not in call:
+        raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
+    load = {k: meta[k] for k in ("model", "variant", "quant", "dtype", "transformer") if meta.get(k) is not None}
+    if load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo"):
+        raise MetadataError(f"{path}: unknown dtype / variant in the krea2_lite metadata: {load}")
+    loras = meta.get("loras") or []
+    if not isinstance(loras, list) or not all(isinstance(lo, dict) and isinstance(lo.get("name"), str)
+                                              and isinstance(lo.get("scale"), (int, float)) for lo in loras):
+        raise MetadataError(f"{path}: 'loras' in the krea2_lite metadata must be a list of {{name, scale}}")
+    load["lora"] = [(lo["name"], float(lo["scale"])) for lo in loras]
+    if "quant" in load:
+        load["quant"] = _png_quant(load["quant"], path)
+    return call, load
+
+
+def _png_quant(value, path: str):
+    """A stored quant: one of the library's strings, or a QuantSpec dict (a custom recipe; int4 always).
+    A bare int4 string was written before PNGs recorded int4's rounding, when it was min-max: it comes
+    back as min-max, so the image regenerates exactly."""
+    try:
+        if isinstance(value, str) and (value in QUANTS or LOWRANK_NAME.fullmatch(value)):
+            spec = QuantSpec.parse(value)
+            return dataclasses.replace(spec, rounding="minmax") if spec.dtype == "int4" else value
+        if isinstance(value, dict):
+            return QuantSpec.from_dict(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MetadataError(f"{path}: the quant recipe in the krea2_lite metadata is not valid ({exc})") from None
+    raise MetadataError(f"{path}: unknown quant {value!r} in the krea2_lite metadata; expected one of {QUANTS}")
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(call settings, load settings): the --from-png image's, overridden by the flags given."""
+    call, load = png_settings(args.from_png) if args.from_png else ({}, {})
+    given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                 guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images)
+    call.update({k: v for k, v in given.items() if v is not None})
+    call.setdefault("seed", 0)
+    call.setdefault("num_images", 1)
+    flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
+                 lora=args.lora or None, transformer=args.transformer)
+    load.update({k: v for k, v in flags.items() if v is not None})
+    if load.get("quant") == "none":
+        load["quant"] = None
+    if not load.get("model"):
+        raise ArgumentError("--model is required (or --from-png with an image that names its model)")
+    load.setdefault("dtype", "fp32" if load["model"] == "demo" else "bf16")
+    load.setdefault("lora", [])
+    return call, load
+
+
+def build_jobs(args: argparse.Namespace, call: dict) -> list[dict]:
+    """One dict of pipeline-call settings per prompt: the prompt file's lines over `call`, or `call`."""
+    if args.prompts and args.prompt is not None:
+        raise ArgumentError("give a prompt or --prompts FILE, not both")
+    if not args.prompts:
+        if not call.get("prompt"):
+            raise ArgumentError("a prompt is needed (or --prompts FILE, or --from-png FILE)")
+        return [dict(call)]
+    return [{**call, **line} for line in read_prompt_file(args.prompts)]  # each keeps its "line" number
+
+
+def check_jobs(args: argparse.Namespace, jobs: list[dict]) -> None:
+    """The pipeline's bounds that do not depend on the model (steps, CFG, mu, seed, image count, size),
+    checked for every job before the model loads: a typo costs a second, not a 12.9B load. A prompt-file
+    line is named in the error."""
+    for job in jobs:
+        with errors_name_the_line(args, job):
+            checks.check_call_settings(steps=job.get("steps"), guidance=job.get("guidance"), mu=job.get("mu"),
+                                       num_images=job["num_images"], seed=job["seed"], width=job.get("width"),
+                                       height=job.get("height"))
+
+
+@contextlib.contextmanager
+def errors_name_the_line(args: argparse.Namespace, job: dict):
+    """An ArgumentError about a prompt-file job becomes a PromptFileError naming the file and the line."""
+    try:
+        yield
+    except ArgumentError as exc:
+        if "line" not in job:
+            raise
+        raise PromptFileError(f"{args.prompts}:{job['line']}: {exc}") from exc

@@ -1,0 +1,104 @@
+"""Prompt files for `python -m krea2_lite generate --prompts FILE`.
+
+`.txt`: one prompt a line; blank lines are skipped. `.jsonl`: one JSON object a line, with a
+"prompt" and any of the per-line overrides in OVERRIDES (blank lines skipped). Every problem is a
+PromptFileError naming the file and the line, raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from ..errors import PromptFileError
+
+# key: (kind, what the message says is expected)
+OVERRIDES = {
+    "negative_prompt": ("str", "a string"),
+    "seed": ("int", "an integer"),
+    "steps": ("positive", "a positive integer"),
+    "num_images": ("positive", "a positive integer"),
+    "width": ("positive", "a positive integer (pixels)"),
+    "height": ("positive", "a positive integer (pixels)"),
+    "cfg": ("number", "a number >= 0"),
+    "guidance": ("number", "a number >= 0"),
+    "mu": ("float", "a finite number"),
+    "size": ("size", 'a "WIDTHxHEIGHT" string such as "768x512"'),
+}
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[dict]:
+    """[{"prompt": str, "line": n, <overrides>}, ...] in file order; `cfg` is returned as "guidance"
+    and `size` as width / height."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        raise PromptFileError(f"{path}: expected a .txt file (one prompt a line) or a .jsonl file (one JSON "
+                              "object a line), not a .json document")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise PromptFileError(f"{path}: cannot read the prompt file ({exc.strerror or exc})") from None
+    jsonl = path.suffix.lower() == ".jsonl"
+    jobs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        job = _parse_json_line(line, where) if jsonl else {"prompt": line.strip()}
+        job["line"] = number
+        jobs.append(job)
+    if not jobs:
+        raise PromptFileError(f"{path}: no prompts (the file is empty or only blank lines)")
+    return jobs
+
+
+def _parse_json_line(line: str, where: str) -> dict:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(f"{where}: bad JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise PromptFileError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, "
+                              f"got {type(data).__name__}")
+    prompt = data.pop("prompt", None)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptFileError(f"{where}: 'prompt' must be a non-empty string")
+    unknown = sorted(set(data) - set(OVERRIDES))
+    if unknown:
+        raise PromptFileError(f"{where}: unknown key {unknown[0]!r}; a line may set 'prompt' and "
+                              + ", ".join(repr(k) for k in OVERRIDES))
+    if "cfg" in data and "guidance" in data:
+        raise PromptFileError(f"{where}: 'cfg' and 'guidance' are the same setting; give one")
+    if "size" in data and ("width" in data or "height" in data):
+        raise PromptFileError(f"{where}: 'size' and 'width'/'height' say the same thing; give one")
+    job = {"prompt": prompt}
+    for key, value in data.items():
+        job.update(check_value(key, value, where))
+    return job
+
+
+def check_value(key: str, value, where: str) -> dict:
+    """{setting: value} for one override `key` (cfg → guidance, size → width + height), or a
+    PromptFileError saying at `where` what was expected."""
+    kind, expected = OVERRIDES[key]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_number = (is_int or isinstance(value, float)) and math.isfinite(value)
+    ok = {"str": isinstance(value, str), "int": is_int, "positive": is_int and value > 0,
+          "number": is_number and value >= 0, "float": is_number,
+          "size": isinstance(value, str) and _SIZE.match(value) is not None}[kind]
+    if not ok:
+        raise PromptFileError(f"{where}: {key!r} must be {expected}, got {json.dumps(value)}")
+    if kind == "size":
+        width, height = (int(v) for v in _SIZE.match(value).groups())
+        if not width or not height:
+            raise PromptFileError(f"{where}: {key!r} must be {expected}, got {json.dumps(value)}")
+        return {"width": width, "height": height}
+    if key == "cfg":
+        return {"guidance": float(value)}
+    return {key: float(value) if kind in ("number", "float") else value}
