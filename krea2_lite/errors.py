@@ -121,3 +121,13 @@ class DiskSpaceError(HubError, OSError):
 class ImageInputError(ArgumentError):
     """An input image or mask (image=, mask_image=, outpaint=; --image, --mask) that cannot be read or
     does not fit the call (aspect ratio, all-black mask, size); the message names the file or argument."""
+
+
+class GGUFFileError(CorruptCheckpointError):
+    """A GGUF file that cannot be read as stored: truncated, duplicate tensor names, a tensor whose
+    bytes do not fit its type and shape. Names the file and the tensor."""
+
+
+class UnsupportedFormatError(Krea2LiteError, ValueError):
+    """A quantized format krea2_lite does not run (an unknown GGUF tensor type, a ComfyUI format such
+    as nvfp4 on a card without it). Names the tensor or layer and the format."""

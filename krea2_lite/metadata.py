@@ -53,10 +53,13 @@ def pipeline_metadata(pipe) -> dict:
     from .lora import loaded_loras
 
     quantization = getattr(pipe.transformer, "quantization", None)
-    return dict(model=getattr(pipe, "source", None), revision=getattr(pipe, "revision", None), variant=pipe.variant,
-                quant=quant_label(quantization.spec if quantization is not None else None),
-                loras=[dict(name=name, scale=scale) for name, scale in loaded_loras(pipe.transformer).items()],
-                dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
+    shared = dict(model=getattr(pipe, "source", None), revision=getattr(pipe, "revision", None), variant=pipe.variant,
+                  quant=quant_label(quantization.spec if quantization is not None else None),
+                  loras=[dict(name=name, scale=scale) for name, scale in loaded_loras(pipe.transformer).items()],
+                  dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
+    if getattr(pipe, "transformer_source", None):  # `--transformer FILE` replaced the model's own
+        shared["transformer"] = pipe.transformer_source
+    return shared
 
 
 def image_metadata(pipe, *, prompts: list[str], negatives: list[str] | None, num_images: int, seed: int | None,

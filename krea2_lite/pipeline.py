@@ -177,6 +177,9 @@ class Krea2Pipeline:
         # What the user named (a path, hub id or "demo"), recorded in every image's metadata.
         pipe.source = os.fspath(path_or_hub_id if path_or_hub_id is not None else transformer or "") or None
         pipe.revision = spec.revision  # the hub commit actually loaded (None for a local model)
+        # A transformer that replaced the pipeline's own (a GGUF or ComfyUI file): recorded beside it.
+        pipe.transformer_source = os.fspath(transformer) if transformer is not None and path_or_hub_id is not None \
+            else None
         return pipe
 
     @classmethod
@@ -226,7 +229,9 @@ class Krea2Pipeline:
         if host_ram_gb is None:
             host_ram_gb = (self.plan_request or {}).get("host_ram_gb")
         quantization = getattr(self.transformer, "quantization", None)
-        return plan_memory(self.transformer.config, quantization.spec if quantization else None, vram_gb,
+        # A community file kept as stored (GGUF, ComfyUI) is counted by its stored bytes.
+        quant = getattr(self.transformer, "stored_format", None) or (quantization.spec if quantization else None)
+        return plan_memory(self.transformer.config, quant, vram_gb,
                            width, height, mode=mode, dtype=self.dtype,
                            cfg=self.defaults.guidance > 0 if cfg is None else cfg, num_images=num_images,
                            text_encoder_bytes=tensor_bytes(self.text_encoder),

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 
 from benchmarks.gpu_proof.isolate import ABORT_ENV, run_isolated
-from benchmarks.gpu_proof.kernel_checks import attention_checks, qmatmul_checks, w8a8_checks
+from benchmarks.gpu_proof.kernel_checks import attention_checks, gguf_checks, qmatmul_checks, w8a8_checks
 from benchmarks.gpu_proof.pipeline_checks import pipeline_checks
 from benchmarks.gpu_proof.timings import free
 
-FAMILIES = (pipeline_checks, qmatmul_checks, w8a8_checks, attention_checks)
+FAMILIES = (pipeline_checks, qmatmul_checks, w8a8_checks, attention_checks, gguf_checks)
 
 
 def selected(name: str, only: str, skip: str) -> bool:

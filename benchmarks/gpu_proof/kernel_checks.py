@@ -100,6 +100,44 @@ def qmatmul_checks(ctx):
             yield f"qmatmul/{dtype}/{backend}", check
 
 
+def _gguf_blocks(qtype: str, N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """Valid GGUF blocks (random bits, small fp16 d / dmin where the type keeps them)."""
+    from krea2_lite.files.gguf_container import BLOCK_TYPES
+
+    block, size = BLOCK_TYPES[qtype]
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (N, K // block, size), dtype=torch.uint8, generator=g)
+    d = (torch.rand(N, K // block, 1, generator=g) * 0.01 + 0.002).half().view(torch.uint8)
+    for offset in {"Q8_0": (0,), "Q4_K": (0, 2)}[qtype]:
+        data[..., offset:offset + 2] = d.reshape(N, K // block, 2)
+    return data.reshape(N, -1)
+
+
+def gguf_checks(ctx):
+    """GGUF Q8_0 / Q4_K dequant-matmul (issue 25) on the device vs the CPU torch reference."""
+    from krea2_lite import kernels
+    from krea2_lite.kernels.gguf_dequant_torch import gguf_linear_torch
+    from krea2_lite.kernels.gguf_triton import gguf_matmul_supports
+
+    s = shapes(ctx)
+    K, N = max(256, s["K"] // 256 * 256), s["N"]
+    for qtype in ("Q8_0", "Q4_K"):
+        for backend in ("triton", "auto"):
+            def check(qtype=qtype, backend=backend):
+                qdata, x = _gguf_blocks(qtype, N, K), _x(ctx, s["M"], K)
+                bias = torch.randn(N, generator=torch.Generator().manual_seed(3)).to(ctx.dtype)
+                ref = gguf_linear_torch(x.float(), qdata, qtype, N, K, bias.float())
+                dev = [t.to(ctx.device) for t in (x, qdata, bias)]
+                if backend == "triton":
+                    reason = gguf_matmul_supports(dev[0], dev[1], qtype, N, K, dev[2])
+                    if reason is not None:
+                        return False, f"the Triton kernel declined the input: {reason}"
+                with kernels_backend(backend):
+                    out = kernels.gguf_linear(dev[0], dev[1], qtype, N, K, dev[2])
+                return verdict(rel_err(out, ref), tolerance(ctx), f"M={s['M']} K={K} N={N} {ctx.dtype}")
+            yield f"gguf_linear/{qtype}/{backend}", check
+
+
 def _w8a8_case(ctx, act: str, rotate: int, seed: int = 0):
     s = shapes(ctx)
     qdata, scale, _, _, bias = _weights(ctx, act, s["N"], s["K"], rotate, seed)

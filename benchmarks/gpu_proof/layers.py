@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from benchmarks.common import time_ms
 from benchmarks.gpu_proof.kernel_checks import kernels_backend
 
-CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant"), "int4-lr": ("auto",)}
+CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant"), "int4-lr": ("auto",),
+           "gguf_linear": ("torch", "triton")}
 LOWRANK = 32
-QTYPES = {"qmatmul": ("int8", "fp8", "int4"), "w8a8": ("int8", "fp8")}
+QTYPES = {"qmatmul": ("int8", "fp8", "int4"), "w8a8": ("int8", "fp8"), "gguf_linear": ("Q8_0", "Q4_K")}
 MARGIN = 0.97  # a non-default choice must be at least 3% faster to replace the default
 
 
@@ -87,6 +88,12 @@ def _layer_fns(ctx, N: int, K: int):
         q, s, _ = (None if t is None else t.to(ctx.device) for t in quantize_weight_tensors(w, qtype, None, ctx.dtype))
         fns[("w8a8", qtype)] = (lambda x, a=(q, s, None, qtype): kernels.w8a8_linear(x, *a))
     fns[("int4-lr", f"int4-lr{LOWRANK}")] = _lowrank_layer(ctx, w, N, K)
+    from benchmarks.gpu_proof.kernel_checks import _gguf_blocks
+
+    # GGUF community files (issue 25); random valid blocks: the cost does not depend on the values.
+    for qtype in [t for t in QTYPES["gguf_linear"] if K % (256 if t == "Q4_K" else 32) == 0]:
+        q = _gguf_blocks(qtype, N, K).to(ctx.device)
+        fns[("gguf_linear", qtype)] = (lambda x, q=q, qtype=qtype: kernels.gguf_linear(x, q, qtype, N, K))
     return fns
 
 

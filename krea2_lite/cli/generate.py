@@ -34,6 +34,8 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
                      "on a CPU); required unless --from-png names it")
     gen.add_argument("--revision", help="hub branch, tag or commit of --model (default: a --from-png image's "
                      "recorded commit, else main)")
+    gen.add_argument("--transformer", metavar="FILE", help="a transformer file replacing --model's (GGUF, ComfyUI "
+                     "fp8 / int8, any safetensors layout, a quantized folder)")
     gen.add_argument("--text-encoder", help="Qwen3-VL folder or hub id (when --model is a single file)")
     gen.add_argument("--vae", help="Qwen-Image vae/ folder (when --model is a single file)")
     gen.add_argument("--variant", choices=["raw", "turbo"], help="sampling defaults (Raw: 52 steps, CFG 3.5; "
@@ -82,7 +84,7 @@ def load_pipeline(args: argparse.Namespace, load: dict):
                                          dtype=DTYPES[load["dtype"]], text_encoder=args.text_encoder, vae=args.vae,
                                          quant=load.get("quant"), offload=args.offload, vram_gb=args.vram_gb,
                                          host_ram_gb=args.ram_gb, progress=not args.quiet,
-                                         revision=load.get("revision"))
+                                         revision=load.get("revision"), transformer=load.get("transformer"))
     for path, scale in load["lora"]:
         pipe.load_lora(path, scale=scale, name=path)  # the path: unique even when file names repeat
     return pipe

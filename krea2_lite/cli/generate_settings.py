@@ -73,7 +73,7 @@ def png_settings(path: str) -> tuple[dict, dict]:
         call["cache"] = _png_cache(meta["cache"], path)
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
-    load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype") if meta.get(k) is not None}
+    load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype", "transformer") if meta.get(k) is not None}
     if (load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo")
             or not isinstance(load.get("revision", ""), str)):
         raise MetadataError(f"{path}: unknown dtype / variant / revision in the krea2_lite metadata: {load}")
@@ -121,7 +121,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     call.setdefault("seed", 0)
     call.setdefault("num_images", 1)
     flags = dict(model=args.model, variant=args.variant, dtype=args.dtype, quant=args.quant,
-                 lora=args.lora or None, revision=args.revision)
+                 lora=args.lora or None, revision=args.revision, transformer=args.transformer)
     if args.model is not None and args.revision is None:
         load.pop("revision", None)  # the image's commit belongs to the image's model
     load.update({k: v for k, v in flags.items() if v is not None})

@@ -155,7 +155,7 @@ def quantize_to_folder(args: argparse.Namespace) -> Path:
                     components.setdefault("pipeline", {})[key] = index[key]
         write_manifest(tmp, {
             "library_version": __version__,
-            "source": {"path": str(src), "layout": source.layout,
+            "source": {"path": str(src), "layout": source.layout, "format": source.format,
                        "files": [{"name": f.name, "bytes": f.stat().st_size} for f in source_files]},
             "config": model.config.to_dict(),
             "quant": {**spec.to_dict(), "modules": model.quantization.modules, "kept": model.quantization.kept},

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import generate, serve
+from . import generate, inspect, serve
 from .error_contract import run_cli
 
-SUBCOMMANDS = (generate, serve)
+SUBCOMMANDS = (generate, inspect, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

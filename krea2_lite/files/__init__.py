@@ -10,6 +10,8 @@
   weight_files.py        which safetensors files hold a model (index, shards, single file; pickles
                          refused) and their headers → {key: (file, TensorInfo)}
   checkpoint.py          transformer checkpoint layouts (official / ComfyUI / diffusers) → official names
+  gguf_container.py      GGUF files (the `gguf` package's reader): types, shapes, byte ranges checked
+  comfy_layouts.py       ComfyUI quantized safetensors: which layers, which format, scale checks
   quantized_folder.py    the quantized folder's names and manifest
   shard_writer.py        safetensors shards written as tensors arrive
   small_tensor_file.py   a small safetensors file read whole (training caches, checkpoints)

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NotKrea2CheckpointError, SafetensorsSetError
+from .comfy_layouts import SCALE_SUFFIXES, ComfyLayer, comfy_layers, is_comfy_quant
+from .gguf_container import GGUFFile, is_gguf, read_gguf
 from .jsonfile import read_json
 from .paths import resolve_path
-from .safetensors_headers import TensorInfo, require_float
+from .safetensors_headers import TensorInfo, open_safetensors, read_tensor, require_float
 from .weight_files import find_weight_files, tensor_locations
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -93,6 +95,14 @@ class CheckpointSource:
     layout: str  # "official" | "comfyui" | "diffusers"
     entries: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)
     diffusers_config: dict | None = None
+    gguf: GGUFFile | None = None  # a GGUF file's reader (entries' dtypes are then ggml type names)
+    comfy: dict[str, ComfyLayer] | None = None  # a ComfyUI quantized file: its quantized layers ...
+    scales: dict[str, tuple[Path, str, TensorInfo]] = field(default_factory=dict)  # ... and their scales
+
+    @property
+    def format(self) -> str:
+        """The container as stored: "gguf", "comfy-quantized" (ComfyUI fp8 / int8) or "safetensors"."""
+        return "gguf" if self.gguf is not None else "comfy-quantized" if self.comfy is not None else "safetensors"
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Official-layout shapes (diffusers' (6, d) modulation tables flattened)."""
@@ -118,8 +128,13 @@ def _transformer_weights(location: Path):
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
     """Locate and validate a Krea 2 transformer checkpoint; reads headers only."""
     location = resolve_path(path, parts=("transformer",))
-    weights, config = _transformer_weights(location)
-    stored = {key: (file, key, info) for key, (file, info) in tensor_locations(weights).items()}
+    gguf = None
+    if location.is_file() and (is_gguf(location) or location.suffix.lower() == ".gguf"):
+        gguf, config = read_gguf(location), None  # recognised by its magic; a bad one is named here
+        stored = {key: (location, key, TensorInfo(t.qtype, t.shape, t.start, t.end)) for key, t in gguf.tensors.items()}
+    else:
+        weights, config = _transformer_weights(location)
+        stored = {key: (file, key, info) for key, (file, info) in tensor_locations(weights).items()}
 
     layout = "official"
     keys = list(stored)
@@ -133,8 +148,44 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         stored = _renamed(stored, diffusers_to_official_key, location)
     if not all(k in stored for k in SIGNATURE_KEYS):
         raise NotKrea2CheckpointError(f"{location}: not a Krea 2 checkpoint ({_guess_family(keys)})")
-    require_float(stored)  # every Krea 2 transformer tensor is floating point
-    return CheckpointSource(location, layout, stored, config)
+    stored, comfy, scales = _split_comfy(stored, location) if gguf is None else (stored, None, {})
+    if gguf is None:
+        quantized = {m + ".weight" for m in comfy or {}}
+        require_float({k: v for k, v in stored.items() if k not in quantized})  # Krea 2 tensors are floats
+    return CheckpointSource(location, layout, stored, config, gguf, comfy, scales)
+
+
+def _split_comfy(stored: dict, location: Path):
+    """(model tensors, ComfyUI quantized layers or None, their scale tensors) of a safetensors checkpoint."""
+    files = {file for file, _, _ in stored.values()}
+    metadata = open_safetensors(next(iter(files))).metadata() if len(files) == 1 else None
+    if not is_comfy_quant(stored, metadata):
+        return stored, None, {}
+
+    def read(name):
+        file, _, info = stored[name]
+        return read_tensor(file, info)
+
+    strip = _comfy_name(stored)
+    layers = comfy_layers(stored, metadata, str(location), read, strip)
+    scales = {layer.scale_key: stored[layer.scale_key] for layer in layers.values() if layer.scale_key}
+    for name, entry in list(stored.items()):  # a float weight's legacy scale_weight multiplies it
+        if name.endswith(".scale_weight") and name not in scales:
+            scales[name] = entry
+    model = {k: v for k, v in stored.items() if k not in scales and k != "scaled_fp8"
+             and not k.endswith(SCALE_SUFFIXES)}
+    return model, layers, scales
+
+
+def _comfy_name(stored: dict):
+    """How `_quantization_metadata` layer names map to official ones: the file's ComfyUI prefix
+    dropped, diffusers names rewritten."""
+    def strip(name: str) -> str:
+        for prefix in COMFY_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        return diffusers_to_official_key(name + ".weight")[:-len(".weight")]
+    return strip
 
 
 def _renamed(stored: dict, rename, location: Path) -> dict:

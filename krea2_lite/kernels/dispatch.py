@@ -215,6 +215,27 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
     return qmatmul_torch(x, qdata, scale, shift, dtype, group, out_features, in_features, bias)
 
 
+def gguf_linear(x: torch.Tensor, qdata: torch.Tensor, qtype: str, out_features: int, in_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ + bias with W stored as GGUF blocks (`GGUFLinear`). The Triton dequant-matmul
+    (`gguf_triton`, Q8_0 and Q4_K) with KREA2_LITE_KERNELS=triton or where the tuning table says it
+    wins; otherwise `gguf_linear_torch` (dequantize the layer in fp32 on its device, then `F.linear`).
+    Like `qmatmul`, `auto` keeps the torch path until the kernel has been validated on a GPU."""
+    from .gguf_dequant_torch import gguf_linear_torch
+
+    backend = kernel_backend()
+    if backend == "auto" and auto_choice("gguf_linear", qtype, x) == "triton":
+        backend = "triton"
+    if backend == "triton" and use_triton("gguf_linear", x, qdata):
+        from .gguf_triton import gguf_matmul_supports, gguf_matmul_triton
+
+        reason = gguf_matmul_supports(x, qdata, qtype, out_features, in_features, bias)
+        if reason is None:
+            return gguf_matmul_triton(x, qdata, qtype, out_features, in_features, bias)
+        log_fallback("gguf_linear", reason)
+    return gguf_linear_torch(x, qdata, qtype, out_features, in_features, bias)
+
+
 # Token counts from which dequantize-to-x.dtype + cuBLAS beats the int8 GEMM, per GPU capability
 # (major, minor). Fill from `benchmarks/bench_kernels.py` runs; absent = never.
 DEQUANT_MIN_TOKENS: dict[tuple[int, int], int] = {}

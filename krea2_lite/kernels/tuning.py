@@ -37,8 +37,8 @@ from ..errors import Krea2LiteError
 FORMAT = "krea2_lite.kernel_tuning"
 VERSION = 1
 TABLE_PATH = Path(__file__).with_name("tuning.json")
-CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant")}
-QTYPES = {"qmatmul": ("int8", "fp8", "int4"), "w8a8": ("int8", "fp8")}
+CHOICES = {"qmatmul": ("torch", "triton"), "w8a8": ("torch", "triton", "dequant"), "gguf_linear": ("torch", "triton")}
+QTYPES = {"qmatmul": ("int8", "fp8", "int4"), "w8a8": ("int8", "fp8"), "gguf_linear": ("Q8_0", "Q4_K")}
 
 
 class TuningTableError(Krea2LiteError, ValueError):

@@ -160,17 +160,18 @@ class TensorReader:
 
 
 def fill_groups(model: nn.Module, entries: dict[str, Entry], put, *, place: Callable[[str], torch.device],
-                  mmap: bool, progress: bool | None = None, desc: str = "loading") -> Iterator[str]:
+                mmap: bool, progress: bool | None = None, desc: str = "loading", reader=None) -> Iterator[str]:
     """Fill `model` (built on the meta device) from `entries` {model name: (file, key, info)}, one
     group at a time in module order; yields each group's name once all its tensors are in place.
-    Within a group tensors are read in file order."""
+    Within a group tensors are read in file order. `reader` (file, key, info) → tensor replaces the
+    safetensors reader (a GGUF file's, `loading.gguf`)."""
     from tqdm.auto import tqdm
 
     by_group: dict[str, list[str]] = {}
     for name in entries:
         by_group.setdefault(group_of(name), []).append(name)
     order = [g for g in model_groups(model) if g in by_group] + [g for g in by_group if g not in model_groups(model)]
-    reader = TensorReader(mmap)
+    reader = reader or TensorReader(mmap)
     bar = tqdm(total=len(entries), desc=desc, unit="tensor", leave=False,
                disable=(not progress) if progress is not None else None)
     try:

@@ -22,7 +22,7 @@ from ..quantize.recipe import QuantSpec
 from .fill import QuantizingSetter, fill_groups, model_groups
 from .text_encoder import prepare_text_encoder
 from .text_encoder_folder import check_saveable, text_state, write_text_encoder_files
-from .transformer import quantized_modules, transformer_skeleton
+from .transformer import community_fill, quantized_modules, transformer_skeleton
 
 CPU = torch.device("cpu")
 
@@ -65,8 +65,9 @@ def write_transformer(source: CheckpointSource, config: Krea2Config, spec: Quant
               for key, t in group_state(model, group).items()]
     writer = ShardedWriter(folder / TRANSFORMER_DIR, "model", layout, max_shard_bytes)
     put = QuantizingSetter(dtype, quantized_modules(model))
+    model, put, entries, reader = community_fill(source, config, dtype, model, put)  # GGUF / ComfyUI: dequantized
     try:
-        for group in fill_groups(model, source.entries, put, place=lambda g: CPU, mmap=False,
+        for group in fill_groups(model, entries, put, place=lambda g: CPU, mmap=False, reader=reader,
                                    progress=progress, desc=f"quantizing to {spec.name}"):
             for key, tensor in group_state(model, group).items():
                 writer.write(key, tensor)

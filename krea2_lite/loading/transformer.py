@@ -22,7 +22,9 @@ from ..model import Krea2Transformer
 from ..quantize.qlinear import QuantizedLinear
 from ..quantize.recipe import QuantSpec
 from ..quantize.skeleton import build_quantized_skeleton
+from .comfy import comfy_fill, comfy_format
 from .fill import FloatSetter, QuantizingSetter, StoredSetter, cast_meta_, fill_groups, placement, unloaded
+from .gguf import gguf_fill, gguf_stored_format
 from .transformer_config import check_diffusers_config, check_keys_and_shapes, infer_config
 
 logger = logging.getLogger("krea2_lite")
@@ -77,7 +79,12 @@ def describe_transformer(path, quant) -> tuple[Krea2Config, QuantSpec | None]:
         return manifest_config(location, manifest), manifest_spec(location, manifest)
     source = open_checkpoint(location)
     theta = float((source.diffusers_config or {}).get("rope_theta", Krea2Config.theta))
-    return infer_config(source.shapes(), theta=theta, where=str(source.location)), QuantSpec.parse(quant)
+    config = infer_config(source.shapes(), theta=theta, where=str(source.location))
+    if source.gguf is not None and quant is None:  # kept as stored: the planner counts the stored bytes
+        return config, gguf_stored_format(source, config)
+    if source.comfy is not None and quant is None:
+        return config, comfy_format(source)
+    return config, QuantSpec.parse(quant)
 
 
 def transformer_skeleton(config: Krea2Config, spec: QuantSpec | None, dtype: torch.dtype,
@@ -127,15 +134,31 @@ def load_transformer(path: str | os.PathLike, *, config: Krea2Config | None = No
                              "(quantize the float checkpoint instead, or pass quant=None)")
         return load_quantized_folder(location, place=place, dtype=dtype, progress=progress)
     source, config = open_float_checkpoint(location, config)
-    model = transformer_skeleton(config, spec, dtype)
+    community = source.gguf is not None or source.comfy is not None
+    model = transformer_skeleton(config, spec, dtype) if spec is not None or not community else None
     put = FloatSetter(dtype) if spec is None else QuantizingSetter(dtype, quantized_modules(model))
+    model, put, entries, reader = community_fill(source, config, dtype, model, put)
     desc = "loading transformer" if spec is None else f"quantizing to {spec.name}"
-    for _ in fill_groups(model, source.entries, put, place=place, mmap=spec is None, progress=progress, desc=desc):
+    for _ in fill_groups(model, entries, put, place=place, mmap=spec is None, progress=progress, desc=desc,
+                         reader=reader):
         pass
     _check_complete(model, source.location)
     logger.info("loaded %s layout from %s: %d blocks, %.2fB parameters", source.layout, source.location,
                 config.layers, config.num_parameters() / 1e9)
     return model.eval()
+
+
+def community_fill(source: CheckpointSource, config: Krea2Config, dtype: torch.dtype, model, put):
+    """(model, put, entries, reader) for `fill_groups`: unchanged for a float checkpoint; for a GGUF
+    or ComfyUI quantized file either its stored skeleton (`model` None) or `model` / `put` fed with
+    dequantized tensors (quantizing it: `load_transformer(quant=...)`, the quantize CLI)."""
+    if source.gguf is not None:
+        model, put, reader = gguf_fill(source, config, dtype, model, put)
+        return model, put, source.entries, reader
+    if source.comfy is not None:
+        model, put, entries = comfy_fill(source, config, dtype, model, put)
+        return model, put, entries, None
+    return model, put, source.entries, None
 
 
 def _check_complete(model: torch.nn.Module, where) -> None:

@@ -32,25 +32,20 @@ class BlockStreamer:
         self.slots_of = {}  # block index → its Slot list
         self.host = {}  # block index → flat host buffer
         self.host_views = {}
-        layout = None
+        self.layouts = {}  # block index → its FlatLayout (blocks of a mixed-type GGUF file differ)
         for i in self.order:
             slots = tensor_slots(blocks[i])
-            this = FlatLayout.of(slots)
-            if layout is None:
-                layout = this
-            elif this.describe() != layout.describe():
-                raise ValueError(f"block {i} differs in its tensors from block {self.order[0]}; streamed blocks "
-                                 "must share one layout (same quantization)")
+            layout = FlatLayout.of(slots)
             flat = torch.empty(layout.size, dtype=torch.uint8, pin_memory=self.cuda)
             views = layout.views(flat)
             for slot, view in zip(slots, views):
                 view.copy_(slot.get())
                 slot.bind(view)  # the original host tensor is released here
-            self.slots_of[i], self.host[i], self.host_views[i] = slots, flat, views
-        self.layout = layout
+            self.slots_of[i], self.host[i], self.host_views[i], self.layouts[i] = slots, flat, views, layout
+        self.slot_size = max(layout.size for layout in self.layouts.values())
         count = min(prefetch + 1, len(self.order))
-        self.device_flat = [torch.empty(layout.size, dtype=torch.uint8, device=self.device) for _ in range(count)]
-        self.device_views = [layout.views(flat) for flat in self.device_flat]
+        self.device_flat = [torch.empty(self.slot_size, dtype=torch.uint8, device=self.device) for _ in range(count)]
+        self._device_views = {}  # (slot, block) → views of that block's layout in that slot
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready = [torch.cuda.Event() for _ in range(count)]
@@ -67,12 +62,23 @@ class BlockStreamer:
 
     # ---- bookkeeping ----------------------------------------------------------------------
     @property
+    def layout(self) -> FlatLayout:
+        """The largest streamed block's layout (the one a device slot is sized for)."""
+        return max(self.layouts.values(), key=lambda layout: layout.size)
+
+    @property
     def slot_bytes(self) -> int:
-        return self.layout.size * len(self.device_flat)
+        return self.slot_size * len(self.device_flat)
 
     @property
     def host_bytes(self) -> int:
-        return self.layout.size * len(self.order)
+        return sum(self.layouts[i].size for i in self.order)
+
+    def device_views(self, slot: int, block: int) -> list[torch.Tensor]:
+        key = (slot, block)
+        if key not in self._device_views:
+            self._device_views[key] = self.layouts[block].views(self.device_flat[slot])
+        return self._device_views[key]
 
     def _slot(self, j: int) -> int:
         return j % len(self.device_flat)
@@ -99,10 +105,10 @@ class BlockStreamer:
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[slot])
-                self.device_flat[slot].copy_(self.host[block], non_blocking=True)
+                self.device_flat[slot][:self.host[block].numel()].copy_(self.host[block], non_blocking=True)
                 self.ready[slot].record(self.copy_stream)
         else:
-            self.device_flat[slot].copy_(self.host[block])
+            self.device_flat[slot][:self.host[block].numel()].copy_(self.host[block])
         self.pending.add(j)
         self.copies += 1
 
@@ -126,7 +132,7 @@ class BlockStreamer:
             slot = self._slot(j)
             if self.cuda:
                 torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-            for s, view in zip(self.slots_of[block], self.device_views[slot]):
+            for s, view in zip(self.slots_of[block], self.device_views(slot, block)):
                 s.bind(view)
         return hook
 
@@ -151,4 +157,4 @@ class BlockStreamer:
         for i in self.order:
             for slot, view in zip(self.slots_of[i], self.host_views[i]):
                 slot.bind(view)
-        self.device_flat, self.device_views = [], []
+        self.device_flat, self._device_views = [], {}

@@ -52,7 +52,7 @@ def tensor_sizes(module: nn.Module, dtype: torch.dtype, prefix: str = "") -> lis
 
     out = []
     for name, sub in module.named_modules(prefix=prefix.rstrip(".")):
-        if isinstance(sub, QuantizedLinear):
+        if isinstance(sub, QuantizedLinear) or getattr(sub, "stores_quantized", False):  # stored bytes (GGUF too)
             out += [t.numel() * t.element_size() for t in sub.buffers()]
             if sub.bias is not None:
                 out.append(sub.bias.numel() * _itemsize(dtype))
@@ -99,8 +99,10 @@ def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> Trans
     from ..quantize.qlinear import QuantizedLinear
     from ..quantize.skeleton import build_quantized_skeleton
 
-    spec = QuantSpec.parse(quant)
-    if spec is None:
+    spec = None if hasattr(quant, "skeleton") else QuantSpec.parse(quant)
+    if hasattr(quant, "skeleton"):  # a community file kept as stored (quantize.gguf_linear.StoredFormat)
+        model = quant.skeleton(config, dtype)
+    elif spec is None:
         with torch.device("meta"):
             model = Krea2Transformer(config)
     else:
@@ -108,7 +110,8 @@ def transformer_weights(config: Krea2Config, quant, dtype: torch.dtype) -> Trans
     per_block = [tensor_sizes(block, dtype, f"blocks.{i}.") for i, block in enumerate(model.blocks)]
     fixed = [n for name, child in model.named_children() if name != "blocks"
              for n in tensor_sizes(child, dtype, f"{name}.")]
-    largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)),
+    largest = max((m.in_features * m.out_features for m in model.modules()
+                   if isinstance(m, QuantizedLinear) or getattr(m, "stores_quantized", False)),
                   default=0)
     return TransformerWeights(fixed=sum(fixed), blocks=tuple(sum(b) for b in per_block), largest_linear=largest,
                               pinned_streamed=tuple(pinned_size(flat_size(b)) for b in per_block),
@@ -133,7 +136,7 @@ def transformer_activation_bytes(config: Krea2Config, batch: int, image_tokens: 
     """
     from ..quantize import QuantSpec
 
-    spec = QuantSpec.parse(quant)
+    spec = quant if hasattr(quant, "skeleton") else QuantSpec.parse(quant)
     s = _itemsize(dtype)
     f, m, kv = config.features, config.mlpdim, config.kvheads * config.headdim
     length = image_tokens + text_tokens
