@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import MetadataError
+from .files.leftovers import partial_name
 
 METADATA_KEY = "krea2_lite"
 PARAMETERS_KEY = "parameters"
@@ -138,7 +139,7 @@ def _create_beside(path: Path) -> tuple[int, str]:
     """A new, empty temporary file in path's folder: (fd, name). O_EXCL: never another's file."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
+        tmp = str(path.with_name(partial_name(path.name, middle="." + secrets.token_hex(4))))
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

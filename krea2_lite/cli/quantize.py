@@ -162,7 +162,7 @@ def quantize_to_folder(args: argparse.Namespace) -> Path:
             "variant": variant,
             "components": components,
         })
-        quantize_output.install(tmp, out)  # --force: replaces only an earlier output of ours
+        quantize_output.install(tmp, out, args.force)  # --force: replaces only an earlier output of ours
     if not args.quiet:
         print(f"wrote {out} ({folder_size(out) / 1e9:.2f} GB, from {source_bytes / 1e9:.2f} GB) "
               f"in {time.time() - started:.0f} s", file=sys.stderr)
