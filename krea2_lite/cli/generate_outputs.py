@@ -60,7 +60,7 @@ def format_output(template: str, output: str, values: dict) -> Path:
             value = values[field]
             value = {"r": repr, "s": str, "a": ascii}[conversion](value) if conversion else value
             text = format(value, spec or "")
-            if any(sep in text for sep in {"/", os.sep, "\0"})) or text in (".", ".."):
+            if any(sep in text for sep in {"/", os.sep, "\0"}) or text in (".", ".."):
                 raise ArgumentError(f"--output {output!r}: {{{field}}} formats as {text!r}, which would change the "
                                     "folder; placeholders may not add path separators")
             pieces.append(text)
