@@ -320,7 +320,7 @@ class Krea2Pipeline:
             if len(negatives) == 1 and len(prompts) > 1:
                 negatives = negatives * len(prompts)
             checks.check_prompts("negative_prompt", negatives, expected=len(prompts))
-        total = len(prompts) * num_images
+        total = checks.check_call_total(len(prompts), num_images, width, height)
         seed = checks.check_seed(seed, total)
         if latents is None:
             noise = self.noise(total, height, width, seed)

@@ -25,6 +25,8 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--prompts", metavar="FILE", help="a .txt file (one prompt a line) or .jsonl file (one JSON "
                      "object a line: prompt plus any of negative_prompt, seed, steps, cfg, mu, width, height, size, "
                      "num_images); the model is loaded once for the whole list")
+    gen.add_argument("--prompts-format", choices=["auto", "txt", "jsonl"], default="auto",
+                     help="how to read --prompts (auto: .jsonl/.ndjson are JSON lines, .txt text, else by content)")
     gen.add_argument("--from-png", metavar="FILE", help="regenerate from the settings stored in a PNG written by "
                      "krea2_lite; flags given override them")
     gen.add_argument("--model", help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer "

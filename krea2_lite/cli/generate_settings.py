@@ -116,7 +116,7 @@ def build_jobs(args: argparse.Namespace, call: dict) -> list[dict]:
         if not call.get("prompt"):
             raise ArgumentError("a prompt is needed (or --prompts FILE, or --from-png FILE)")
         return [dict(call)]
-    return [{**call, **line} for line in read_prompt_file(args.prompts)]  # each keeps its "line" number
+    return [{**call, **line} for line in read_prompt_file(args.prompts, getattr(args, "prompts_format", "auto"))]  # each keeps its "line" number
 
 
 def check_jobs(args: argparse.Namespace, jobs: list[dict]) -> None:
