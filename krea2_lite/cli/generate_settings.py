@@ -18,7 +18,7 @@ from .. import checks
 from ..errors import ArgumentError, MetadataError, PromptFileError
 from ..metadata import read_png_metadata
 from ..quantize import QuantSpec
-from ..quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
+from ..quantize.recipe import DTYPES as QUANT_DTYPES, is_quant_name, SHORTCUTS as QUANT_SHORTCUTS
 from .prompt_files import check_value, read_prompt_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -78,12 +78,12 @@ def _png_quant(value, path: str):
     A bare int4 string was written before PNGs recorded int4's rounding, when it was min-max: it comes
     back as min-max, so the image regenerates exactly."""
     try:
-        if isinstance(value, str) and (value in QUANTS or LOWRANK_NAME.fullmatch(value)):
+        if is_quant_name(value):
             spec = QuantSpec.parse(value)
             return dataclasses.replace(spec, rounding="minmax") if spec.dtype == "int4" else value
         if isinstance(value, dict):
             return QuantSpec.from_dict(value)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MetadataError(f"{path}: the quant recipe in the krea2_lite metadata is not valid ({exc})") from None
     raise MetadataError(f"{path}: unknown quant {value!r} in the krea2_lite metadata; expected one of {QUANTS}")
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ..errors import ArgumentError, ArgumentTypeError
+
 from .int4_rounding import DEFAULT_ROUNDING, ROUNDINGS
 
 logger = logging.getLogger("krea2_lite")
@@ -46,6 +48,13 @@ SHORTCUTS = {
     "fp8-w8a8-rot": dict(dtype="fp8", activations="fp8", rotate=DEFAULT_ROTATE),
 }
 LOWRANK_NAME = re.compile(r"int4-lr(\d+)")
+ROTATED_NAME = re.compile(r"(int8|fp8)-w8a8-rot(\d{1,5})")  # the names QuantSpec.name prints (int8-w8a8-rot128)
+
+
+def is_quant_name(value) -> bool:
+    """True for every quant string `QuantSpec.parse` reads (and `QuantSpec.name` prints)."""
+    return isinstance(value, str) and (value in DTYPES or value in SHORTCUTS or LOWRANK_NAME.fullmatch(value)
+                                       is not None or ROTATED_NAME.fullmatch(value) is not None)
 DEFAULT_INCLUDE = ("blocks.*", "txtfusion.layerwise_blocks.*", "txtfusion.refiner_blocks.*")
 KEPT_REASONS = {
     "first": "input projection (kept in the model dtype)",
@@ -109,6 +118,7 @@ class QuantSpec:
     rounding: str = DEFAULT_ROUNDING
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.dtype not in DTYPES:
             raise ValueError(f"quant dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.group_size not in GROUP_SIZES:
@@ -132,6 +142,30 @@ class QuantSpec:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
+    def _check_types(self) -> None:
+        """Types first (values from files and callers): ArgumentTypeError naming the field. A string
+        include / exclude is one pattern (never its characters); an empty include selects nothing."""
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise ArgumentTypeError(f"QuantSpec {name} must be a pattern string or a list of them, got {value!r:.80}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.include:
+            raise ArgumentError("QuantSpec include=() selects no layer; a recipe must quantize something")
+        if not isinstance(self.dtype, str):
+            raise ArgumentTypeError(f"QuantSpec dtype must be a string, got {self.dtype!r:.40}")
+        for name in ("group_size", "lowrank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ArgumentTypeError(f"QuantSpec {name} must be an integer, got {value!r:.40}")
+        if not isinstance(self.rotate, int):
+            raise ArgumentTypeError(f"QuantSpec rotate must be an integer or True, got {self.rotate!r:.40}")
+        if not (self.activations is None or isinstance(self.activations, str)) or not isinstance(self.rounding, str):
+            raise ArgumentTypeError(f"QuantSpec activations / rounding must be strings, got {self.activations!r:.40} "
+                                    f"/ {self.rounding!r:.40}")
+
     @classmethod
     def parse(cls, value: "str | QuantSpec | None") -> "QuantSpec | None":
         if value is None or isinstance(value, QuantSpec):
@@ -142,8 +176,11 @@ class QuantSpec:
             match = LOWRANK_NAME.fullmatch(value)
             if match:
                 return cls("int4", lowrank=require_rank(int(match.group(1)), f"quant={value!r}"))
+            match = ROTATED_NAME.fullmatch(value)
+            if match:
+                return cls(match.group(1), activations=match.group(1), rotate=int(match.group(2)))
             return cls(value)
-        raise TypeError(f"quant must be None, one of {DTYPES + tuple(SHORTCUTS)}, 'int4-lr{{rank}}' or a QuantSpec, "
+        raise ArgumentTypeError(f"quant must be None, one of {DTYPES + tuple(SHORTCUTS)}, 'int4-lr{{rank}}' or a QuantSpec, "
                         f"got {value!r}")
 
     @property
@@ -168,10 +205,16 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
-        return cls(dtype=data["dtype"], group_size=int(data.get("group_size", 128)),
-                   include=tuple(data.get("include", DEFAULT_INCLUDE)), exclude=tuple(data.get("exclude", ())),
-                   activations=data.get("activations"), rotate=int(data.get("rotate", 0)),
-                   lowrank=int(data.get("lowrank", 0)),
+        """A recipe stored in a file (manifest, PNG): every value type-checked by the constructor, never
+        converted (int(1e400) would overflow, list("blocks.*") split a pattern into characters)."""
+        if not isinstance(data, dict) or "dtype" not in data:
+            raise ArgumentTypeError(f"a quant recipe must be an object with a 'dtype', got {data!r:.80}")
+        include = data.get("include", DEFAULT_INCLUDE)
+        return cls(dtype=data["dtype"], group_size=data.get("group_size", 128),
+                   include=include if isinstance(include, str) else tuple(include) if isinstance(include, list)
+                   else include, exclude=data.get("exclude", ()),
+                   activations=data.get("activations"), rotate=data.get("rotate", 0),
+                   lowrank=data.get("lowrank", 0),
                    rounding=data.get("rounding", "minmax" if data["dtype"] == "int4" else DEFAULT_ROUNDING))
 
     def group_for(self, in_features: int) -> int | None:

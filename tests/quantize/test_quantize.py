@@ -185,9 +185,12 @@ def test_cli_refuses_to_overwrite_and_force_replaces(source, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     run_cli("--model", source, "--dtype", "int8", "--out", out, "--force")  # an empty folder may be replaced
-    (out / "keep.txt").write_text("mine")
-    run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force")  # and so may our own output
-    assert not (out / "keep.txt").exists() and read_manifest(out)["quant"]["dtype"] == "fp8"
+    (out / "keep.txt").write_text("mine")  # issue 29: --force never deletes a file the user added to our output
+    proc = run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force", check=False)
+    assert proc.returncode == 2 and "keep.txt" in proc.stderr and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force")  # our own output may be replaced
+    assert read_manifest(out)["quant"]["dtype"] == "fp8"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".existing")]
 
 
