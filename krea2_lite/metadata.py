@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import MetadataError
+from .errors import JsonFileError, MetadataError
+from .files.jsonfile import parse_json
 from .files.leftovers import partial_name
+from .files.png_text import MAX_TEXT_BYTES, read_png_text
 
 METADATA_KEY = "krea2_lite"
 PARAMETERS_KEY = "parameters"
@@ -81,11 +83,18 @@ def _quote(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+def _one_line(text) -> str:
+    """A prompt on one line: A1111 readers take a line starting `Negative prompt:` as the negative and
+    the last line as the settings, so a prompt's own line breaks could forge both. The exact prompt
+    stays in the krea2_lite chunk."""
+    return " ".join(str(text).splitlines())
+
+
 def format_parameters(meta: dict) -> str:
-    """The A1111 `parameters` text of one image's metadata."""
-    lines = [meta.get("prompt", "")]
+    """The A1111 `parameters` text of one image's metadata (prompts flattened to one line each)."""
+    lines = [_one_line(meta.get("prompt", ""))]
     if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(meta['negative_prompt'])}")
     items = [("Steps", meta.get("steps")), ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
              ("Size", f"{meta.get('width')}x{meta.get('height')}"), ("Model", meta.get("model")),
              ("Variant", meta.get("variant"))]
@@ -120,8 +129,13 @@ def save_png(image, path: str | os.PathLike, metadata: dict | None = None) -> Pa
     info = None
     if metadata is not None:
         info = PngInfo()
-        info.add_itxt(PARAMETERS_KEY, format_parameters(metadata))
-        info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
+        chunks = {PARAMETERS_KEY: format_parameters(metadata), METADATA_KEY: json.dumps(metadata, ensure_ascii=False)}
+        for key, text in chunks.items():  # never write what read_png_metadata (or PIL) would refuse
+            if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+                raise MetadataError(f"{path}: the {key!r} text chunk would be {len(text.encode('utf-8'))} bytes, "
+                                    f"above the {MAX_TEXT_BYTES} readers accept; nothing written (shorten the prompt "
+                                    "or pass metadata=None / --no-metadata)")
+            info.add_itxt(key, text)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_beside(path)
     try:
@@ -147,28 +161,41 @@ def _create_beside(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
 
 
+# The type of each stored field (None: may be null). Checked where a PNG enters, so a hand-made or
+# hostile PNG is a MetadataError naming it, never a TypeError from deep inside.
+_FIELD_TYPES = {"prompt": (str,), "negative_prompt": (str, type(None)), "seed": (int, type(None)),
+                "steps": (int,), "guidance": (int, float), "mu": (int, float, type(None)), "width": (int,),
+                "height": (int,), "model": (str, type(None)), "variant": (str, type(None)),
+                "quant": (str, dict, type(None)), "loras": (list, type(None)), "dtype": (str, type(None)),
+                "version": (str, type(None)), "max_sequence_length": (int, type(None))}
+
+
+def check_metadata_types(meta: dict, where: str) -> dict:
+    """Every known field of `meta` of its stored type (bools are not numbers); MetadataError names `where`."""
+    for key, kinds in _FIELD_TYPES.items():
+        if key not in meta and type(None) in kinds:
+            continue
+        value = meta.get(key)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise MetadataError(f"{where}: '{key}' in the krea2_lite metadata must be {names}, "
+                                f"found {json.dumps(value)[:60] if key in meta else 'nothing'}")
+    return meta
+
+
 def read_png_metadata(path: str | os.PathLike) -> dict:
     """The `krea2_lite` settings of a PNG written by `save_png`. MetadataError names the file when it
-    is not a readable PNG, carries no krea2_lite chunk, or the chunk is not a JSON object with a prompt."""
-    from PIL import Image, UnidentifiedImageError
-
+    is not a readable PNG (files/png_text.py: chunk limits, no pixels decoded), carries no krea2_lite
+    chunk, or the chunk is not a JSON object (depth / digit limits) whose fields have their types."""
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise MetadataError(f"{path}: not a PNG (a {image.format} image)")
-            text = dict(getattr(image, "text", None) or {})
-    except (OSError, UnidentifiedImageError) as exc:
-        raise MetadataError(f"{path}: cannot read it as a PNG ({exc})") from None
+    text = read_png_text(path)
     raw = text.get(METADATA_KEY)
     if raw is None:
         other = " (it has an A1111 'parameters' chunk, but not krea2_lite's)" if PARAMETERS_KEY in text else ""
         raise MetadataError(f"{path}: no krea2_lite metadata{other}; only PNGs written by krea2_lite without "
                             "--no-metadata carry it")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise MetadataError(f"{path}: the krea2_lite metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-        raise MetadataError(f"{path}: the krea2_lite metadata is not an object with a 'prompt' string")
-    return meta
+        meta = parse_json(raw, where=str(path), what="the krea2_lite metadata")
+    except JsonFileError as exc:
+        raise MetadataError(str(exc)) from None
+    return check_metadata_types(meta, str(path))

@@ -75,7 +75,7 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
             if size > MAX_PNG_BYTES:
                 raise PngTextError(f"{path}: {size} bytes; larger than {MAX_PNG_BYTES}, not read")
             if fh.read(8) != PNG_SIGNATURE:
-                raise PngTextError(f"{path}: not a PNG file (no PNG signature)")
+                raise PngTextError(f"{path}: cannot read it as a PNG (no PNG signature)")
             return _read_chunks(fh, path)
     except OSError as exc:
         raise PngTextError(f"{path}: cannot read it as a PNG ({exc.strerror or exc})") from None
