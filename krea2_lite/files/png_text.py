@@ -23,6 +23,7 @@ MAX_PNG_BYTES = 1 << 30
 MAX_TEXT_CHUNKS = 64
 MAX_TEXT_BYTES = 1 << 20  # 1 MiB, PIL's own MAX_TEXT_CHUNK: other readers read what we write
 _TEXT_TYPES = (b"tEXt", b"zTXt", b"iTXt")
+_OTHER_IMAGES = ((b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"WEBP", "WEBP"), (b"BM", "BMP"))
 
 
 class PngTextError(MetadataError):
@@ -74,8 +75,13 @@ def read_png_text(path: str | os.PathLike) -> dict[str, str]:
             size = os.fstat(fh.fileno()).st_size
             if size > MAX_PNG_BYTES:
                 raise PngTextError(f"{path}: {size} bytes; larger than {MAX_PNG_BYTES}, not read")
-            if fh.read(8) != PNG_SIGNATURE:
-                raise PngTextError(f"{path}: cannot read it as a PNG (no PNG signature)")
+            head = fh.read(12)
+            if head[:8] != PNG_SIGNATURE:
+                other = next((name for magic, name in _OTHER_IMAGES if head.startswith(magic) or
+                              (name == "WEBP" and head[8:12] == magic)), None)
+                raise PngTextError(f"{path}: not a PNG (a {other} image)" if other else
+                                   f"{path}: cannot read it as a PNG (no PNG signature)")
+            fh.seek(8)
             return _read_chunks(fh, path)
     except OSError as exc:
         raise PngTextError(f"{path}: cannot read it as a PNG ({exc.strerror or exc})") from None
