@@ -22,6 +22,7 @@ from . import checks
 from .errors import DeviceMemoryError, MemoryPlanError, ShapeMismatchError
 from .finite_checks import check_decoded, check_schedule
 from .kernels import backend_scope
+from .kernels.dispatch import kernel_backend
 from .kernels.workspace import release_workspaces
 from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
 from .loading.text_encoder import load_text_encoder
@@ -146,6 +147,7 @@ class Krea2Pipeline:
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
         checks.check_offload(offload)
+        kernel_backend()  # KREA2_LITE_KERNELS checked before anything loads
         checks.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
         checks.check_variant(variant)
         checks.check_gib("host_ram_gb", host_ram_gb)

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..checks import OFFLOAD_MODES
+from ..kernels.dispatch import kernel_backend
 from ..metadata import save_png
 from .generate_outputs import plan_outputs
 from .generate_settings import (DTYPES, QUANTS, build_jobs, check_jobs, errors_name_the_line, lora_argument,
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     call, load = resolve_settings(args)
     jobs = build_jobs(args, call)
     check_jobs(args, jobs)  # every input checked before the (slow) model load
+    kernel_backend()  # and the environment: KREA2_LITE_KERNELS
     paths = plan_outputs(args, jobs)
     pipe = load_pipeline(args, load)
     run_jobs(pipe, jobs, paths, args)
