@@ -155,6 +155,7 @@ def check_call_settings(*, steps=None, guidance=None, mu=None, num_images=1, see
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             check_side(name, side)
+    check_call_total(1, num_images, width or 1, height or 1)  # one job's pixels bounded before the load
 
 
 def sequence_limit(text_encoder) -> int:
