@@ -172,9 +172,10 @@ def test_generate_removes_dead_leftovers_before_loading(tmp_path, capsys, no_loa
 def test_remove_dead_leftovers_keeps_live_and_foreign_names(tmp_path):
     (tmp_path / ".a.partial-1").mkdir()
     (tmp_path / "a.partial-99999999").write_text("no dot: not ours")
-    (tmp_path / f".b.partial-{dead_pid()}").write_text("dead")
+    pid = dead_pid()
+    (tmp_path / f".b.partial-{pid}").write_text("dead")
     removed = remove_dead_leftovers(tmp_path)
-    assert [p.name for p in removed] == [n for n in [p.name for p in removed] if n.startswith(".b.")]
+    assert [p.name for p in removed] == [f".b.partial-{pid}"]
     assert sorted(os.listdir(tmp_path)) == [".a.partial-1", "a.partial-99999999"]
 
 
