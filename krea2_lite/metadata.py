@@ -128,6 +128,7 @@ def save_png(image, path: str | os.PathLike, metadata: dict | None = None) -> Pa
     path = Path(path)
     info = None
     if metadata is not None:
+        check_metadata_types(metadata, f"{path} (metadata to write)")  # only what read_png_metadata reads back
         info = PngInfo()
         chunks = {PARAMETERS_KEY: format_parameters(metadata), METADATA_KEY: json.dumps(metadata, ensure_ascii=False)}
         for key, text in chunks.items():  # never write what read_png_metadata (or PIL) would refuse

@@ -69,7 +69,7 @@ KEPT_REASONS = {
 def require_rank(rank: int, argument: str) -> int:
     """A rank the user asked for explicitly (int4-lr{r}, --lowrank r): 0 is refused, not read as off."""
     if rank < 1:
-        raise ValueError(f"{argument}: the low-rank correction's rank must be at least 1 (at most the smallest "
+        raise ArgumentError(f"{argument}: the low-rank correction's rank must be at least 1 (at most the smallest "
                          f"quantized layer's min(in_features, out_features); 32 is the usual choice), got {rank}; "
                          "for plain int4 use quant='int4' / omit --lowrank")
     return rank
@@ -78,9 +78,9 @@ def require_rank(rank: int, argument: str) -> int:
 def check_lowrank(lowrank, dtype: str, activations: str | None) -> int:
     """QuantSpec.lowrank: 0 (off) or a positive rank, int4 weight-only."""
     if isinstance(lowrank, bool) or not isinstance(lowrank, int) or lowrank < 0:
-        raise ValueError(f"lowrank must be 0 (off) or a positive integer rank, got {lowrank!r}")
+        raise ArgumentError(f"lowrank must be 0 (off) or a positive integer rank, got {lowrank!r}")
     if lowrank and (dtype != "int4" or activations is not None):
-        raise ValueError(f"lowrank={lowrank} needs int4 weight-only quantization (dtype='int4', no activations), "
+        raise ArgumentError(f"lowrank={lowrank} needs int4 weight-only quantization (dtype='int4', no activations), "
                          f"got dtype={dtype!r}, activations={activations!r}")
     return lowrank
 
@@ -91,7 +91,7 @@ def check_rank_fits(rank: int, layers: dict[str, tuple[int, int]]) -> None:
         return
     name, (out, inp) = min(layers.items(), key=lambda item: min(item[1]))
     if rank > min(out, inp):
-        raise ValueError(f"lowrank={rank} is larger than layer {name} ({out}×{inp}): for this model the rank "
+        raise ArgumentError(f"lowrank={rank} is larger than layer {name} ({out}×{inp}): for this model the rank "
                          f"must be between 1 and {min(out, inp)} (the smallest quantized layer's "
                          "min(out_features, in_features))")
 
@@ -120,25 +120,25 @@ class QuantSpec:
     def __post_init__(self) -> None:
         self._check_types()
         if self.dtype not in DTYPES:
-            raise ValueError(f"quant dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ArgumentError(f"quant dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+            raise ArgumentError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+            raise ArgumentError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.activations is not None and self.activations != self.dtype:
-            raise ValueError(f"W8A8 needs weights and activations of one type: dtype={self.dtype!r}, "
+            raise ArgumentError(f"W8A8 needs weights and activations of one type: dtype={self.dtype!r}, "
                              f"activations={self.activations!r}")
         rotate = DEFAULT_ROTATE if self.rotate is True else int(self.rotate or 0)
         if rotate not in ROTATE_SIZES:
-            raise ValueError(f"rotate must be one of {ROTATE_SIZES} (or True), got {self.rotate!r}")
+            raise ArgumentError(f"rotate must be one of {ROTATE_SIZES} (or True), got {self.rotate!r}")
         if rotate and self.activations is None:
-            raise ValueError("rotate needs W8A8 (activations='int8' or 'fp8')")
+            raise ArgumentError("rotate needs W8A8 (activations='int8' or 'fp8')")
         object.__setattr__(self, "rotate", rotate)
         object.__setattr__(self, "lowrank", check_lowrank(self.lowrank, self.dtype, self.activations))
         if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+            raise ArgumentError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.rounding != DEFAULT_ROUNDING and self.dtype != "int4":
-            raise ValueError(f"rounding={self.rounding!r} applies to int4 only; {self.dtype} uses per-channel absmax")
+            raise ArgumentError(f"rounding={self.rounding!r} applies to int4 only; {self.dtype} uses per-channel absmax")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
