@@ -66,3 +66,14 @@ def test_prompt_cannot_forge_a1111_fields(prompt):
     assert len(lines) == 3
     assert lines[1].startswith("Negative prompt: real") and lines[2].startswith("Steps: 8,")
     assert sum(line.startswith("Negative prompt:") for line in lines) == 1
+
+
+def test_manifest_variant_is_honoured(tmp_path):
+    from krea2_lite.loading.pipeline import resolve_pipeline
+    from reliability_fixtures import pipeline_folder
+    from r3_helpers import quantize
+
+    out = tmp_path / "q"
+    assert quantize("--model", pipeline_folder(), "--dtype", "int8", "--out", out, "--variant", "turbo") == 0
+    spec = resolve_pipeline(out)
+    assert spec.variant == "turbo"
