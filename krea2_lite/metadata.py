@@ -23,12 +23,13 @@ import torch
 from .errors import JsonFileError, MetadataError
 from .files.jsonfile import parse_json
 from .files.leftovers import partial_name
+from .files.paths import local_identity
 from .files.png_text import MAX_TEXT_BYTES, read_png_text
 
 METADATA_KEY = "krea2_lite"
 PARAMETERS_KEY = "parameters"
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "model", "variant",
-          "quant", "loras", "dtype", "version")
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "max_sequence_length",
+          "model", "model_bytes", "variant", "quant", "loras", "dtype", "version")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -56,14 +57,24 @@ def pipeline_metadata(pipe) -> dict:
     from .lora import loaded_loras
 
     quantization = getattr(pipe.transformer, "quantization", None)
-    return dict(model=getattr(pipe, "source", None), variant=pipe.variant,
-                quant=quant_label(quantization.spec if quantization is not None else None),
-                loras=[dict(name=name, scale=scale) for name, scale in loaded_loras(pipe.transformer).items()],
+    model = getattr(pipe, "source", None)
+    identity = local_identity(model) if model not in (None, "demo") else None  # absolute path + size
+    loras = []
+    for name, scale in loaded_loras(pipe.transformer).items():
+        entry = dict(name=name, scale=scale)
+        found = getattr(pipe, "lora_files", {}).get(name)
+        if found is not None and local_identity(found) is not None:
+            entry.update(path=local_identity(found)[0], bytes=local_identity(found)[1])
+        loras.append(entry)
+    return dict(model=identity[0] if identity else model, model_bytes=identity[1] if identity else None,
+                variant=pipe.variant, quant=quant_label(quantization.spec if quantization is not None else None),
+                loras=loras,
                 dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
 
 
 def image_metadata(pipe, *, prompts: list[str], negatives: list[str] | None, num_images: int, seed: int | None,
-                   steps: int, guidance: float, mu: float | None, width: int, height: int) -> list[dict]:
+                   steps: int, guidance: float, mu: float | None, width: int, height: int,
+                   max_sequence_length: int | None = None) -> list[dict]:
     """One dict per image of a call (prompt-major, as Krea2Output.images), keys in FIELDS order."""
     shared = pipeline_metadata(pipe)
     out = []
@@ -71,7 +82,7 @@ def image_metadata(pipe, *, prompts: list[str], negatives: list[str] | None, num
         p = i // num_images
         out.append(dict(prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
                         seed=None if seed is None else seed + i, steps=steps, guidance=guidance, mu=mu,
-                        width=width, height=height, **shared))
+                        width=width, height=height, max_sequence_length=max_sequence_length, **shared))
     return out
 
 
@@ -168,7 +179,8 @@ _FIELD_TYPES = {"prompt": (str,), "negative_prompt": (str, type(None)), "seed": 
                 "steps": (int,), "guidance": (int, float), "mu": (int, float, type(None)), "width": (int,),
                 "height": (int,), "model": (str, type(None)), "variant": (str, type(None)),
                 "quant": (str, dict, type(None)), "loras": (list, type(None)), "dtype": (str, type(None)),
-                "version": (str, type(None)), "max_sequence_length": (int, type(None))}
+                "version": (str, type(None)), "max_sequence_length": (int, type(None)),
+                "model_bytes": (int, type(None))}
 
 
 def check_metadata_types(meta: dict, where: str) -> dict:

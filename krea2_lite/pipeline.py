@@ -259,7 +259,9 @@ class Krea2Pipeline:
             raise LoraError(f"{path}: merge=True is not available while a memory plan ('{self.memory_plan.mode}') "
                             "places the transformer; load it unmerged (merge=False), or load the pipeline with "
                             "offload='none'")
-        return load_lora(self.transformer, path, scale=scale, name=name, merge=merge, device=self.device)
+        loaded = load_lora(self.transformer, path, scale=scale, name=name, merge=merge, device=self.device)
+        self.lora_files = {**getattr(self, "lora_files", {}), loaded: os.fspath(path)}  # the PNG records path + size
+        return loaded
 
     def set_lora_scale(self, scale: float, name: str | None = None) -> None:
         from .lora import set_lora_scale
@@ -334,7 +336,8 @@ class Krea2Pipeline:
         # mu None here means "from the size" unless the variant pins it; seed None: the caller's own noise.
         described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
                                    seed=seed if latents is None else None, steps=steps, guidance=float(guidance),
-                                   mu=mu if mu is not None else self.defaults.mu, width=width, height=height)
+                                   mu=mu if mu is not None else self.defaults.mu, width=width, height=height,
+                                   max_sequence_length=max_sequence_length)
         return _Call(prompts, negatives, num_images, noise, steps, float(guidance), mu, max_sequence_length,
                      width, height, described)
 

@@ -37,3 +37,29 @@ def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = Non
         raise CheckpointNotFoundError(
             f"'{text}' is not a local path, and fetching it from the Hugging Face hub failed: "
             f"{type(exc).__name__}: {exc}") from None
+
+
+def local_identity(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(absolute path, bytes of its safetensors weights) of a local model or LoRA, None when `path`
+    is not local. The size is cheap to recompute and tells a replaced or different model apart
+    (a PNG records it so `--from-png` can refuse a model that is not the one that drew it)."""
+    location = Path(os.fspath(path)).expanduser()
+    if not location.exists():
+        return None
+    location = location.resolve()
+    if location.is_file():
+        return str(location), location.stat().st_size
+    return str(location), sum(f.stat().st_size for f in sorted(location.rglob("*.safetensors")) if f.is_file())
+
+
+def is_cached_hub_id(text: str) -> bool:
+    """True when the hub id's files are already in the local Hugging Face cache (no download needed)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    for name in ("model_index.json", "config.json", "adapter_config.json"):
+        found = try_to_load_from_cache(text, name)
+        if isinstance(found, str):
+            return True
+    return False

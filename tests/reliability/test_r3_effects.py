@@ -11,7 +11,7 @@ from krea2_lite.errors import ArgumentError
 from krea2_lite.metadata import format_parameters
 from krea2_lite.quantize.skeleton import build_quantized_skeleton
 from krea2_lite.config import Krea2Config
-from r3_helpers import built_pipeline, quantize_refused, source_transformer  # noqa: F401
+from r3_helpers import built_pipeline, no_load, quantize_refused, source_transformer  # noqa: F401
 
 
 # ---- class 4: a recipe that touches nothing, options that do nothing --------------------------
@@ -77,3 +77,55 @@ def test_manifest_variant_is_honoured(tmp_path):
     assert quantize("--model", pipeline_folder(), "--dtype", "int8", "--out", out, "--variant", "turbo") == 0
     spec = resolve_pipeline(out)
     assert spec.variant == "turbo"
+
+
+# ---- class 5: the files a PNG names are the files that drew it ---------------------------------
+def _png_naming(tmp_path, **fields):
+    from PIL import Image
+
+    from krea2_lite import save_png
+
+    meta = {"prompt": "a fox", "seed": 1, "steps": 2, "guidance": 0.0, "width": 64, "height": 64, **fields}
+    return save_png(Image.new("RGB", (2, 2)), tmp_path / "img.png", meta)
+
+
+def test_png_model_of_another_size_is_refused(tmp_path, capsys, no_load):
+    from r3_helpers import generate_refused
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x" * 100)
+    png = _png_naming(tmp_path, model=str(model), model_bytes=99)
+    generate_refused(capsys, tmp_path, ["--from-png", str(png), "--device", "cpu", "--quiet",
+                                        "--output", str(tmp_path / "o.png")], match="a different file")
+
+
+def test_png_model_missing_here_is_refused(tmp_path, capsys, no_load):
+    from r3_helpers import generate_refused
+
+    png = _png_naming(tmp_path, model=str(tmp_path / "gone.safetensors"), model_bytes=5)
+    generate_refused(capsys, tmp_path, ["--from-png", str(png), "--device", "cpu", "--quiet",
+                                        "--output", str(tmp_path / "o.png")], match="not found here")
+
+
+def test_png_naming_an_uncached_hub_repo_needs_allow_download(tmp_path, capsys, no_load, monkeypatch):
+    from r3_helpers import generate_refused
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    png = _png_naming(tmp_path, model="someone/evil-model")
+    generate_refused(capsys, tmp_path, ["--from-png", str(png), "--device", "cpu", "--quiet",
+                                        "--output", str(tmp_path / "o.png")], match="--allow-download")
+
+
+def test_png_records_absolute_model_size_and_sequence_length(tmp_path, monkeypatch):
+    from krea2_lite import read_png_metadata
+    from krea2_lite.cli.subcommands import main
+    from reliability_fixtures import pipeline_folder
+
+    monkeypatch.chdir(pipeline_folder().parent)
+    out = tmp_path / "a.png"
+    assert main(["generate", "x", "--model", pipeline_folder().name, "--steps", "1", "--device", "cpu", "--quiet",
+                 "--dtype", "fp32", "--output", str(out)]) == 0
+    meta = read_png_metadata(out)
+    assert meta["model"] == str(pipeline_folder().resolve()) and meta["model_bytes"] > 0
+    assert isinstance(meta["max_sequence_length"], int)

@@ -108,7 +108,8 @@ def test_from_png_with_a_hostile_chunk_is_one_line_before_loading(tmp_path, caps
 
 def test_save_png_never_writes_what_it_cannot_read_back(tmp_path):
     with pytest.raises(MetadataError, match="nothing written"):
-        save_png(Image.new("RGB", (4, 4)), tmp_path / "big.png", {"prompt": "x" * (MAX_TEXT_BYTES + 1)})
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "big.png", {"prompt": "x" * (MAX_TEXT_BYTES + 1), "seed": 1,
+                                                                  "steps": 2, "guidance": 0.0, "width": 4, "height": 4})
     assert os.listdir(tmp_path) == []
 
 
