@@ -152,3 +152,24 @@ def test_cli_job_pixels_bounded_before_loading(tmp_path, capsys, no_load):
 def test_from_pretrained_arguments(kwargs, error):
     with pytest.raises(error):
         Krea2Pipeline.from_pretrained("demo", device="cpu", **kwargs)
+
+
+# ---- stored scales: NaN named, all-zero / negated caught at load ------------------------------
+@pytest.mark.parametrize("damage, error", [("nan", "NonFiniteError"), ("zero", "CorruptCheckpointError"),
+                                           ("negate", "CorruptCheckpointError")])
+def test_damaged_stored_scales_are_caught_at_load(tmp_path, folder, damage, error):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from krea2_lite import errors
+
+    out = copy_of(folder, tmp_path / "q")
+    weights = out / "transformer" / "model.safetensors"
+    state = load_file(str(weights))
+    key = sorted(k for k in state if k.endswith("weight._scale"))[0]
+    scale = state[key].clone()
+    state[key] = {"nan": scale.masked_fill(torch.arange(scale.numel()).view_as(scale) == 0, float("nan")),
+                  "zero": torch.zeros_like(scale), "negate": -scale}[damage]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(getattr(errors, error), match=re.escape(key.rsplit(".", 0)[0])):
+        load_transformer(out, dtype=torch.float32)
