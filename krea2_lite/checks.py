@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -127,6 +128,24 @@ def check_prompts(name: str, value, expected: int | None = None) -> list[str]:
     if long is not None:
         raise ArgumentError(f"{name}[{long}] has {len(items[long])} characters; at most {MAX_PROMPT_CHARS}")
     return list(items)
+
+
+def check_path_argument(name: str, value, *, optional: bool = True):
+    """A path argument: a str or an os.PathLike giving a str (bytes paths are refused, not decoded)."""
+    if value is None and optional:
+        return None
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip():
+        raise ArgumentTypeError(f"{name} must be a path (str or os.PathLike giving a str), got {value!r:.80}")
+    return value
+
+
+def check_prefetch(prefetch) -> int:
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+        raise ArgumentTypeError(f"prefetch must be an int >= 1, got {prefetch!r:.40}")
+    if prefetch < 1:
+        raise ArgumentError(f"prefetch must be an int >= 1, got {prefetch!r}")
+    return prefetch
 
 
 def check_call_total(prompts: int, num_images: int, width: int, height: int) -> int:

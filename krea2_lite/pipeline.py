@@ -147,6 +147,10 @@ class Krea2Pipeline:
         plan is `pipe.memory_plan`; each call re-plans for its own size when that changes it.
         """
         checks.check_offload(offload)
+        for name, value in (("path_or_hub_id", path_or_hub_id), ("transformer", transformer),
+                            ("text_encoder", text_encoder), ("vae", vae)):
+            checks.check_path_argument(name, value)
+        checks.check_prefetch(prefetch)
         kernel_backend()  # KREA2_LITE_KERNELS checked before anything loads
         checks.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
         checks.check_variant(variant)

@@ -173,3 +173,13 @@ def test_damaged_stored_scales_are_caught_at_load(tmp_path, folder, damage, erro
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(getattr(errors, error), match=re.escape(key.rsplit(".", 0)[0])):
         load_transformer(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(path_or_hub_id=b"demo"), ArgumentTypeError),
+                                           (dict(transformer=b"x"), ArgumentTypeError),
+                                           (dict(prefetch="2"), ArgumentTypeError), (dict(prefetch=0), ArgumentError),
+                                           (dict(vae=5), ArgumentTypeError)])
+def test_from_pretrained_paths_and_prefetch(kwargs, error):
+    kwargs = {"path_or_hub_id": "demo", **kwargs}
+    with pytest.raises(error, match=next(iter(k for k in kwargs if k != "path_or_hub_id"), "path_or_hub_id")):
+        Krea2Pipeline.from_pretrained(device="cpu", **kwargs)
