@@ -18,7 +18,7 @@ import signal
 from pathlib import Path
 
 from ..errors import UnsafeOutputError
-from ..files.leftovers import OLD_MARK, PARTIAL_MARK, dead_leftovers, partial_name, remove_dead_leftovers, remove_path
+from ..files.leftovers import OLD_MARK, dead_leftovers, partial_name, remove_dead_leftovers, remove_path
 from ..files.no_replace import rename_noreplace
 from ..files.quantized_folder import FORMAT, MANIFEST, written_files
 

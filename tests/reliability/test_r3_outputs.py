@@ -1,6 +1,5 @@
 """Issue 29, class 1: output folders never eat a user's files (quantize --out, generate --output)."""
 
-import argparse
 import os
 import threading
 
@@ -9,7 +8,6 @@ import pytest
 from krea2_lite.cli import quantize_output
 from krea2_lite.cli.generate_outputs import plan_outputs
 from krea2_lite.cli.subcommands import build_parser
-from krea2_lite.errors import ArgumentError, UnsafeOutputError
 from krea2_lite.files import no_replace
 from krea2_lite.files.leftovers import partial_name, remove_dead_leftovers
 from krea2_lite.files.no_replace import rename_noreplace

@@ -21,7 +21,6 @@ from krea2_lite.files.patterns import PatternError, compile_pattern, matches, ma
 from krea2_lite.files.png_text import MAX_TEXT_BYTES, MAX_TEXT_CHUNKS
 from krea2_lite.kernels.tuning import TuningTableError, read_table
 from krea2_lite.lora.formats import AlphaSource
-from reliability_fixtures import snapshot
 from r3_helpers import FAST, built_pipeline, generate_refused, no_load  # noqa: F401
 
 
