@@ -5,7 +5,7 @@ Only real GPUs autotune; under the Triton interpreter every kernel uses one fixe
 sm_86 / sm_89 (RTX 30 / 40, L4, L40) ~100 KB, sm_90 (H100) 228 KB. Configs that still run out
 of resources on a given card are dropped by Triton's autotuner. None of these lists has been
 timed yet (no GPU in this project's development loop): they are starting points from Triton's
-matmul tutorial and the tile/stage limits above; `benchmarks/kernels.py` prints the winners.
+matmul tutorial and the tile/stage limits above; `benchmarks/bench_kernels.py` prints the winners.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
   Token counts at or above `DEQUANT_MIN_TOKENS[capability]` take `dequant_matmul` for int8 too
   (weight dequantized into the workspace's scratch buffer; `dequant_min_tokens` is the one place
   the table is consulted); the table is empty until
-  `benchmarks/kernels.py` has measured where that wins on a card.
+  `benchmarks/bench_kernels.py` has measured where that wins on a card.
   With KREA2_LITE_KERNELS=triton: the Triton quantizer (rotation fused; for `mlp.down` the SwiGLU
   product fused too) and the Triton int8 GEMM; fp8 has no Triton GEMM (`torch._scaled_mm` on
   sm_89+, else dequantized operands through cuBLAS on CUDA, the torch reference on the CPU).
@@ -39,7 +39,7 @@ only picks a Triton matmul kernel once it is known to be correct and fast on the
 
 Measured exceptions to these defaults come from a committed per-GPU table, `kernels/tuning.json`
 (`tuning.auto_choice`; `KREA2_LITE_TUNING` names another file), filled from a run of
-`benchmarks/gpu_proof.py`: per GPU name or capability, per kernel and quant type, the token counts
+`python -m benchmarks.gpu_proof`: per GPU name or capability, per kernel and quant type, the token counts
 from which the Triton kernel (or `dequant_matmul`) wins. It holds nothing yet, so every GPU keeps
 the defaults above until a proof run on it has been recorded.
 """
@@ -218,7 +218,7 @@ def qmatmul(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, shift: to
 
 
 # Token counts from which dequantize-to-x.dtype + cuBLAS beats the int8 GEMM, per GPU capability
-# (major, minor). Fill from `benchmarks/kernels.py` runs; absent = never.
+# (major, minor). Fill from `benchmarks/bench_kernels.py` runs; absent = never.
 DEQUANT_MIN_TOKENS: dict[tuple[int, int], int] = {}
 
 

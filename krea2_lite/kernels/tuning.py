@@ -2,9 +2,9 @@
 
 `auto` keeps today's safe defaults (dequantize + cuBLAS for weight-only matmuls; the torch activation
 quantizer with `torch._int_mm` / `torch._scaled_mm` for W8A8) on every GPU the table does not name.
-A GPU the table names gets the kernel that `benchmarks/gpu_proof.py` measured fastest there *and*
+A GPU the table names gets the kernel that `python -m benchmarks.gpu_proof` measured fastest there *and*
 found correct, per kernel family, quantized type and token count. The table is data, not code: a
-proof run fills it (`gpu_proof.py --write-table`, or `--table-from RESULT.json` afterwards).
+proof run fills it (`python -m benchmarks.gpu_proof --write-table`, or `--table-from RESULT.json` afterwards).
 
 Table (`tuning.json` beside this file, or the file named by `KREA2_LITE_TUNING`):
 

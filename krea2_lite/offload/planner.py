@@ -324,7 +324,7 @@ def _refusal(candidates: list[MemoryPlan], c: _Costs, vram_gb, mode: str, shape:
             f"no {named}plan fits both {vram_gb:g} GiB of device memory and {host} at {shape} ({either}): "
             f"{device_need}, and {host_need}; {device_fix}, or {host_fix}\n"
             f"closest on device memory:\n{least_device}\nclosest on host memory:\n{least_host}", limit="both")
-    # For callers that report the gap (benchmarks/plan_table.py): the plan needing the least device memory
+    # For callers that report the gap (krea2_lite/offload/plan_table.py): the plan needing the least device memory
     # among those that fit the host (all plans if none does), and the converse.
     error.closest_on_device, error.closest_on_host = least_device, least_host
     return error

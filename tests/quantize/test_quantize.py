@@ -284,7 +284,7 @@ def test_streaming_peak_rss_stays_bounded(tmp_path):
 @pytest.mark.slow
 def test_full_width_block_error_per_dtype():
     """One released-width (6144) block, random N(0, 0.02) weights, 64 tokens. Measured with 256
-    tokens (benchmarks/quantize.py): int8 0.83%, fp8 2.4%, int4 9.1% of the output norm."""
+    tokens (benchmarks/bench_quantize.py): int8 0.83%, fp8 2.4%, int4 9.1% of the output norm."""
     from krea2_lite.model.transformer import SingleStreamBlock
 
     cfg = Krea2Config.krea2()
