@@ -128,7 +128,8 @@ def test_on_the_fly_error_within_tolerance(source, inputs, fp32_output, dtype):
 def test_cli_folder_reloads_to_the_on_the_fly_output(source, inputs, tmp_path, dtype):
     before = sha(source)
     out = tmp_path / f"krea2-{dtype}"
-    proc = run_cli("--model", source, "--dtype", dtype, "--out", out, "--group-size", "128")
+    group = ["--group-size", "128"] if dtype == "int4" else []  # issue 29: refused on int8 (it does nothing there)
+    proc = run_cli("--model", source, "--dtype", dtype, "--out", out, *group)
     assert proc.stdout.strip() == str(out)
     assert sha(source) == before  # SRC untouched
     manifest = read_manifest(out)
