@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -25,7 +26,10 @@ from .errors import ArgumentError, ArgumentTypeError
 from .variants import VARIANTS
 
 MAX_STEPS = 1000  # the released models use 8 (Turbo) or 52 (Raw); more changes nothing visible
-MAX_IMAGES = 64  # per call; each image is one more row of every activation
+MAX_IMAGES = 64  # per call (all prompts × num_images); each image is one more row of every activation
+MAX_CALL_PIXELS = 64 * 1024 * 1024  # per call, all images together: 64 images of 1024², or 4 of 4096²
+MAX_PROMPTS = 64  # prompts in one call (each needs at least one image)
+MAX_PROMPT_CHARS = 100_000  # one prompt; far past any text encoder's context, and it fits a PNG text chunk
 MAX_GUIDANCE = 100.0  # the released models use 0 (Turbo) or 3.5 (Raw)
 MU_RANGE = (-20.0, 20.0)  # exp(mu) stays far from overflow; the released shifts are 0.5..1.15
 MAX_SEQUENCE_LENGTH = 4096  # prompt tokens; the released model uses 512
@@ -118,7 +122,43 @@ def check_prompts(name: str, value, expected: int | None = None) -> list[str]:
         raise ArgumentTypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
     if expected is not None and len(items) != expected:
         raise ArgumentError(f"{name} has {len(items)} entries but there are {expected} prompts")
+    if len(items) > MAX_PROMPTS:
+        raise ArgumentError(f"{name} has {len(items)} entries; at most {MAX_PROMPTS} in one call")
+    long = next((i for i, p in enumerate(items) if len(p) > MAX_PROMPT_CHARS), None)
+    if long is not None:
+        raise ArgumentError(f"{name}[{long}] has {len(items[long])} characters; at most {MAX_PROMPT_CHARS}")
     return list(items)
+
+
+def check_path_argument(name: str, value, *, optional: bool = True):
+    """A path argument: a str or an os.PathLike giving a str (bytes paths are refused, not decoded)."""
+    if value is None and optional:
+        return None
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip():
+        raise ArgumentTypeError(f"{name} must be a path (str or os.PathLike giving a str), got {value!r:.80}")
+    return value
+
+
+def check_prefetch(prefetch) -> int:
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int):
+        raise ArgumentTypeError(f"prefetch must be an int >= 1, got {prefetch!r:.40}")
+    if prefetch < 1:
+        raise ArgumentError(f"prefetch must be an int >= 1, got {prefetch!r}")
+    return prefetch
+
+
+def check_call_total(prompts: int, num_images: int, width: int, height: int) -> int:
+    """The whole call bounded before anything is allocated: prompts × num_images ≤ MAX_IMAGES and all
+    their pixels ≤ MAX_CALL_PIXELS. Returns the image count."""
+    total = prompts * num_images
+    if total > MAX_IMAGES:
+        raise ArgumentError(f"{prompts} prompts × num_images={num_images} is {total} images; at most {MAX_IMAGES} "
+                            "in one call (split the prompts over several calls)")
+    if total * width * height > MAX_CALL_PIXELS:
+        raise ArgumentError(f"{total} images of {width}×{height} are {total * width * height} pixels; at most "
+                            f"{MAX_CALL_PIXELS} in one call (fewer images or a smaller size)")
+    return total
 
 
 def check_call_settings(*, steps=None, guidance=None, mu=None, num_images=1, seed=0, width=None,
@@ -134,6 +174,7 @@ def check_call_settings(*, steps=None, guidance=None, mu=None, num_images=1, see
     for name, side in (("width", width), ("height", height)):
         if side is not None:
             check_side(name, side)
+    check_call_total(1, num_images, width or 1, height or 1)  # one job's pixels bounded before the load
 
 
 def sequence_limit(text_encoder) -> int:

@@ -20,12 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import MetadataError
+from .errors import JsonFileError, MetadataError
+from .files.jsonfile import parse_json
+from .files.leftovers import partial_name
+from .files.paths import local_identity
+from .files.png_text import MAX_TEXT_BYTES, read_png_text
 
 METADATA_KEY = "krea2_lite"
 PARAMETERS_KEY = "parameters"
-FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "model", "revision",
-          "variant", "quant", "loras", "dtype", "version")
+FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "max_sequence_length",
+          "model", "model_bytes", "revision", "variant", "quant", "loras", "dtype", "version")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -53,9 +57,18 @@ def pipeline_metadata(pipe) -> dict:
     from .lora import loaded_loras
 
     quantization = getattr(pipe.transformer, "quantization", None)
-    shared = dict(model=getattr(pipe, "source", None), revision=getattr(pipe, "revision", None), variant=pipe.variant,
-                  quant=quant_label(quantization.spec if quantization is not None else None),
-                  loras=[dict(name=name, scale=scale) for name, scale in loaded_loras(pipe.transformer).items()],
+    model = getattr(pipe, "source", None)
+    identity = local_identity(model) if model not in (None, "demo") else None  # absolute path + size
+    loras = []
+    for name, scale in loaded_loras(pipe.transformer).items():
+        entry = dict(name=name, scale=scale)
+        found = getattr(pipe, "lora_files", {}).get(name)
+        if found is not None and local_identity(found) is not None:
+            entry.update(path=local_identity(found)[0], bytes=local_identity(found)[1])
+        loras.append(entry)
+    shared = dict(model=identity[0] if identity else model, model_bytes=identity[1] if identity else None,
+                  revision=getattr(pipe, "revision", None), variant=pipe.variant,
+                  quant=quant_label(quantization.spec if quantization is not None else None), loras=loras,
                   dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
     if getattr(pipe, "transformer_source", None):  # `--transformer FILE` replaced the model's own
         shared["transformer"] = pipe.transformer_source
@@ -63,7 +76,8 @@ def pipeline_metadata(pipe) -> dict:
 
 
 def image_metadata(pipe, *, prompts: list[str], negatives: list[str] | None, num_images: int, seed: int | None,
-                   steps: int, guidance: float, mu: float | None, width: int, height: int) -> list[dict]:
+                   steps: int, guidance: float, mu: float | None, width: int, height: int,
+                   max_sequence_length: int | None = None) -> list[dict]:
     """One dict per image of a call (prompt-major, as Krea2Output.images), keys in FIELDS order."""
     shared = pipeline_metadata(pipe)
     out = []
@@ -71,7 +85,7 @@ def image_metadata(pipe, *, prompts: list[str], negatives: list[str] | None, num
         p = i // num_images
         out.append(dict(prompt=prompts[p], negative_prompt=negatives[p] if negatives else None,
                         seed=None if seed is None else seed + i, steps=steps, guidance=guidance, mu=mu,
-                        width=width, height=height, **shared))
+                        width=width, height=height, max_sequence_length=max_sequence_length, **shared))
     return out
 
 
@@ -83,11 +97,18 @@ def _quote(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
+def _one_line(text) -> str:
+    """A prompt on one line: A1111 readers take a line starting `Negative prompt:` as the negative and
+    the last line as the settings, so a prompt's own line breaks could forge both. The exact prompt
+    stays in the krea2_lite chunk."""
+    return " ".join(str(text).splitlines())
+
+
 def format_parameters(meta: dict) -> str:
-    """The A1111 `parameters` text of one image's metadata."""
-    lines = [meta.get("prompt", "")]
+    """The A1111 `parameters` text of one image's metadata (prompts flattened to one line each)."""
+    lines = [_one_line(meta.get("prompt", ""))]
     if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(meta['negative_prompt'])}")
     items = [("Steps", meta.get("steps")), ("CFG scale", meta.get("guidance")), ("Seed", meta.get("seed")),
              ("Size", f"{meta.get('width')}x{meta.get('height')}"), ("Model", meta.get("model")),
              ("Revision", meta.get("revision")), ("Variant", meta.get("variant"))]
@@ -121,9 +142,15 @@ def save_png(image, path: str | os.PathLike, metadata: dict | None = None) -> Pa
     path = Path(path)
     info = None
     if metadata is not None:
+        check_metadata_types(metadata, f"{path} (metadata to write)")  # only what read_png_metadata reads back
         info = PngInfo()
-        info.add_itxt(PARAMETERS_KEY, format_parameters(metadata))
-        info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
+        chunks = {PARAMETERS_KEY: format_parameters(metadata), METADATA_KEY: json.dumps(metadata, ensure_ascii=False)}
+        for key, text in chunks.items():  # never write what read_png_metadata (or PIL) would refuse
+            if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+                raise MetadataError(f"{path}: the {key!r} text chunk would be {len(text.encode('utf-8'))} bytes, "
+                                    f"above the {MAX_TEXT_BYTES} readers accept; nothing written (shorten the prompt "
+                                    "or pass metadata=None / --no-metadata)")
+            info.add_itxt(key, text)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_beside(path)
     try:
@@ -141,7 +168,7 @@ def _create_beside(path: Path) -> tuple[int, str]:
     """A new, empty temporary file in path's folder: (fd, name). O_EXCL: never another's file."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
+        tmp = str(path.with_name(partial_name(path.name, middle="." + secrets.token_hex(4))))
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:
@@ -149,28 +176,42 @@ def _create_beside(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
 
 
+# The type of each stored field (None: may be null). Checked where a PNG enters, so a hand-made or
+# hostile PNG is a MetadataError naming it, never a TypeError from deep inside.
+_FIELD_TYPES = {"prompt": (str,), "negative_prompt": (str, type(None)), "seed": (int, type(None)),
+                "steps": (int,), "guidance": (int, float), "mu": (int, float, type(None)), "width": (int,),
+                "height": (int,), "model": (str, type(None)), "variant": (str, type(None)),
+                "quant": (str, dict, type(None)), "loras": (list, type(None)), "dtype": (str, type(None)),
+                "version": (str, type(None)), "max_sequence_length": (int, type(None)),
+                "model_bytes": (int, type(None))}
+
+
+def check_metadata_types(meta: dict, where: str) -> dict:
+    """Every known field of `meta` of its stored type (bools are not numbers); MetadataError names `where`."""
+    for key, kinds in _FIELD_TYPES.items():
+        if key not in meta and type(None) in kinds:
+            continue
+        value = meta.get(key)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise MetadataError(f"{where}: '{key}' in the krea2_lite metadata must be {names}, "
+                                f"found {json.dumps(value)[:60] if key in meta else 'nothing'}")
+    return meta
+
+
 def read_png_metadata(path: str | os.PathLike) -> dict:
     """The `krea2_lite` settings of a PNG written by `save_png`. MetadataError names the file when it
-    is not a readable PNG, carries no krea2_lite chunk, or the chunk is not a JSON object with a prompt."""
-    from PIL import Image, UnidentifiedImageError
-
+    is not a readable PNG (files/png_text.py: chunk limits, no pixels decoded), carries no krea2_lite
+    chunk, or the chunk is not a JSON object (depth / digit limits) whose fields have their types."""
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise MetadataError(f"{path}: not a PNG (a {image.format} image)")
-            text = dict(getattr(image, "text", None) or {})
-    except (OSError, UnidentifiedImageError) as exc:
-        raise MetadataError(f"{path}: cannot read it as a PNG ({exc})") from None
+    text = read_png_text(path)
     raw = text.get(METADATA_KEY)
     if raw is None:
         other = " (it has an A1111 'parameters' chunk, but not krea2_lite's)" if PARAMETERS_KEY in text else ""
         raise MetadataError(f"{path}: no krea2_lite metadata{other}; only PNGs written by krea2_lite without "
                             "--no-metadata carry it")
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise MetadataError(f"{path}: the krea2_lite metadata is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str):
-        raise MetadataError(f"{path}: the krea2_lite metadata is not an object with a 'prompt' string")
-    return meta
+        meta = parse_json(raw, where=str(path), what="the krea2_lite metadata")
+    except JsonFileError as exc:
+        raise MetadataError(str(exc)) from None
+    return check_metadata_types(meta, str(path))

@@ -22,6 +22,7 @@ from . import checks, images_in, inpaint
 from .errors import ArgumentTypeError, DeviceMemoryError, MemoryPlanError, ShapeMismatchError
 from .finite_checks import check_decoded, check_schedule
 from .kernels import backend_scope
+from .kernels.dispatch import kernel_backend
 from .kernels.workspace import release_workspaces
 from .loading.pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, PipelineSpec, resolve_pipeline  # noqa: F401
 from .loading.text_encoder import load_text_encoder
@@ -161,6 +162,11 @@ class Krea2Pipeline:
         `revision` (branch, tag or commit) pins the model's repo, and `pipe.revision` is the commit loaded.
         """
         checks.check_offload(offload)
+        for name, value in (("path_or_hub_id", path_or_hub_id), ("transformer", transformer),
+                            ("text_encoder", text_encoder), ("vae", vae)):
+            checks.check_path_argument(name, value)
+        checks.check_prefetch(prefetch)
+        kernel_backend()  # KREA2_LITE_KERNELS checked before anything loads
         checks.check_gib("vram_gb", vram_gb)  # finite, positive: inf overflowed int(vram_gb * GiB)
         checks.check_variant(variant)
         checks.check_gib("host_ram_gb", host_ram_gb)
@@ -288,7 +294,9 @@ class Krea2Pipeline:
             raise LoraError(f"{path}: merge=True is not available while a memory plan ('{self.memory_plan.mode}') "
                             "places the transformer; load it unmerged (merge=False), or load the pipeline with "
                             "offload='none'")
-        return load_lora(self.transformer, path, scale=scale, name=name, merge=merge, device=self.device)
+        loaded = load_lora(self.transformer, path, scale=scale, name=name, merge=merge, device=self.device)
+        self.lora_files = {**getattr(self, "lora_files", {}), loaded: os.fspath(path)}  # the PNG records path + size
+        return loaded
 
     def set_lora_scale(self, scale: float, name: str | None = None) -> None:
         from .lora import set_lora_scale
@@ -367,7 +375,7 @@ class Krea2Pipeline:
             if len(negatives) == 1 and len(prompts) > 1:
                 negatives = negatives * len(prompts)
             checks.check_prompts("negative_prompt", negatives, expected=len(prompts))
-        total = len(prompts) * num_images
+        total = checks.check_call_total(len(prompts), num_images, width, height)
         seed = checks.check_seed(seed, total)
         if latents is None:
             noise = self.noise(total, height, width, seed)
@@ -379,7 +387,8 @@ class Krea2Pipeline:
         # mu None here means "from the size" unless the variant pins it; seed None: the caller's own noise.
         described = image_metadata(self, prompts=prompts, negatives=negatives, num_images=num_images,
                                    seed=seed if latents is None else None, steps=steps, guidance=float(guidance),
-                                   mu=mu if mu is not None else self.defaults.mu, width=width, height=height)
+                                   mu=mu if mu is not None else self.defaults.mu, width=width, height=height,
+                                   max_sequence_length=max_sequence_length)
         if image_in is not None:
             inpaint.cut_schedule(torch.zeros(steps + 1), image_in.strength)  # no step left: an error now
             self.image_encoder()  # a VAE without encoder weights: the error now, before any work

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..checks import OFFLOAD_MODES
+from ..kernels.dispatch import kernel_backend
 from ..metadata import save_png
 from .generate_ray import add_ray_arguments, run_ray
 from . import generate_images
@@ -27,8 +28,12 @@ def add_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--prompts", metavar="FILE", help="a .txt file (one prompt a line) or .jsonl file (one JSON "
                      "object a line: prompt plus any of negative_prompt, seed, steps, cfg, mu, width, height, size, "
                      "num_images); the model is loaded once for the whole list")
+    gen.add_argument("--prompts-format", choices=["auto", "txt", "jsonl"], default="auto",
+                     help="how to read --prompts (auto: .jsonl/.ndjson are JSON lines, .txt text, else by content)")
     gen.add_argument("--from-png", metavar="FILE", help="regenerate from the settings stored in a PNG written by "
                      "krea2_lite; flags given override them")
+    gen.add_argument("--allow-download", action="store_true", help="let --from-png fetch a model or LoRA the PNG "
+                     "names from the Hugging Face hub (default: only local or already cached files)")
     gen.add_argument("--model", help="diffusers pipeline folder, hub id (e.g. krea/Krea-2-Turbo), transformer "
                      ".safetensors, or demo (the trained miniature shipped with krea2_lite: 64×64 shapes, seconds "
                      "on a CPU); required unless --from-png names it")
@@ -98,8 +103,9 @@ def run_jobs(pipe, jobs: list[dict], paths: list[list[Path]], args: argparse.Nam
     with tqdm(total=sum(len(p) for p in paths), desc="images", unit="image",
               disable=args.quiet or not several) as bar:
         for job, job_paths in zip(jobs, paths):
+            extra = {"max_sequence_length": job["max_sequence_length"]} if job.get("max_sequence_length") else {}
             with errors_name_the_line(args, job):  # a setting the pipeline refused: say which line set it
-                result = pipe(job["prompt"], negative_prompt=job.get("negative_prompt"), width=job.get("width"),
+                result = pipe(job["prompt"], **extra, negative_prompt=job.get("negative_prompt"), width=job.get("width"),
                               height=job.get("height"), steps=job.get("steps"), guidance=job.get("guidance"),
                               mu=job.get("mu"), seed=job["seed"], num_images=job["num_images"],
                               progress=not args.quiet and not several, cache=job.get("cache"),
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     call, load = resolve_settings(args)
     jobs = build_jobs(args, call)
     check_jobs(args, jobs)  # every input checked before the (slow) model load
+    kernel_backend()  # and the environment: KREA2_LITE_KERNELS
     if args.ray is not None:
         return run_ray(args, jobs, load)
     paths = plan_outputs(args, jobs)

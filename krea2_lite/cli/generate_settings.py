@@ -17,9 +17,10 @@ import torch
 from .. import checks
 from ..cache import parse_cache
 from ..errors import ArgumentError, MetadataError, PromptFileError
+from ..files.paths import is_cached_hub_id, local_identity, looks_like_hub_id
 from ..metadata import read_png_metadata
 from ..quantize import QuantSpec
-from ..quantize.recipe import DTYPES as QUANT_DTYPES, LOWRANK_NAME, SHORTCUTS as QUANT_SHORTCUTS
+from ..quantize.recipe import DTYPES as QUANT_DTYPES, is_quant_name, SHORTCUTS as QUANT_SHORTCUTS
 from . import generate_images
 from .prompt_files import check_value, read_prompt_file
 
@@ -73,7 +74,10 @@ def png_settings(path: str) -> tuple[dict, dict]:
         call["cache"] = _png_cache(meta["cache"], path)
     if "seed" not in call:
         raise MetadataError(f"{path}: the image was made from caller-given noise (no seed recorded); pass --seed")
+    if meta.get("max_sequence_length") is not None:
+        call["max_sequence_length"] = meta["max_sequence_length"]
     load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype", "transformer") if meta.get(k) is not None}
+    check_same_files(path, meta)
     if (load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo")
             or not isinstance(load.get("revision", ""), str)):
         raise MetadataError(f"{path}: unknown dtype / variant / revision in the krea2_lite metadata: {load}")
@@ -81,11 +85,41 @@ def png_settings(path: str) -> tuple[dict, dict]:
     if not isinstance(loras, list) or not all(isinstance(lo, dict) and isinstance(lo.get("name"), str)
                                               and isinstance(lo.get("scale"), (int, float)) for lo in loras):
         raise MetadataError(f"{path}: 'loras' in the krea2_lite metadata must be a list of {{name, scale}}")
-    load["lora"] = [(lo["name"], float(lo["scale"])) for lo in loras]
+    load["lora"] = [(lo["path"] if isinstance(lo.get("path"), str) else lo["name"], float(lo["scale"]))
+                    for lo in loras]  # the recorded absolute path when there is one (API loads name a stem)
     if "quant" in load:
         load["quant"] = _png_quant(load["quant"], path)
     call.update(generate_images.from_png(meta, path))  # the input image / mask it was made from, if any
     return call, load
+
+
+def check_same_files(path: str, meta: dict) -> None:
+    """The model and LoRAs a PNG names are the files that drew it: a recorded size that differs from
+    what is found now is a MetadataError (one line) rather than a silently different image."""
+    wanted = [(meta.get("model"), meta.get("model_bytes"), "model")]
+    wanted += [(lo.get("path"), lo.get("bytes"), "LoRA") for lo in meta.get("loras") or [] if isinstance(lo, dict)]
+    for where, size, what in wanted:
+        if not isinstance(where, str) or not isinstance(size, int) or isinstance(size, bool):
+            continue
+        found = local_identity(where)
+        if found is None:
+            raise MetadataError(f"{path}: the {what} it was made with, {where}, is not found here; pass --model / "
+                                "--lora to choose one (the image may then differ)")
+        if found[1] != size:
+            raise MetadataError(f"{path}: the {what} {where} holds {found[1]} bytes of weights, the image was made "
+                                f"with {size}: a different file; pass --model / --lora to use it anyway")
+
+
+def check_download_allowed(path: str, load: dict, allow: bool) -> None:
+    """A model or LoRA named by someone else's PNG is used only if it is local or already cached."""
+    names = [("model", load.get("model")), ("transformer", load.get("transformer"))]
+    names += [("LoRA", lo[0]) for lo in load.get("lora", [])]
+    for what, name in names:
+        if (allow or not isinstance(name, str) or name == "demo" or os.path.exists(os.path.expanduser(name))
+                or not looks_like_hub_id(name) or is_cached_hub_id(name)):
+            continue
+        raise MetadataError(f"{path}: names the {what} {name!r}, which is neither local nor in the Hugging Face "
+                            "cache; pass --allow-download to fetch it, or --model / --lora to choose")
 
 
 def _png_quant(value, path: str):
@@ -93,12 +127,12 @@ def _png_quant(value, path: str):
     A bare int4 string was written before PNGs recorded int4's rounding, when it was min-max: it comes
     back as min-max, so the image regenerates exactly."""
     try:
-        if isinstance(value, str) and (value in QUANTS or LOWRANK_NAME.fullmatch(value)):
+        if is_quant_name(value):
             spec = QuantSpec.parse(value)
             return dataclasses.replace(spec, rounding="minmax") if spec.dtype == "int4" else value
         if isinstance(value, dict):
             return QuantSpec.from_dict(value)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise MetadataError(f"{path}: the quant recipe in the krea2_lite metadata is not valid ({exc})") from None
     raise MetadataError(f"{path}: unknown quant {value!r} in the krea2_lite metadata; expected one of {QUANTS}")
 
@@ -113,6 +147,8 @@ def _png_cache(value, path: str) -> str:
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """(call settings, load settings): the --from-png image's, overridden by the flags given."""
     call, load = png_settings(args.from_png) if args.from_png else ({}, {})
+    if args.from_png:  # only what the PNG named (flags given below are the user's own choice)
+        check_download_allowed(args.from_png, load, getattr(args, "allow_download", False))
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                  guidance=args.cfg, mu=args.mu, width=args.width, height=args.height, num_images=args.num_images,
                  cache=args.cache)
@@ -142,7 +178,7 @@ def build_jobs(args: argparse.Namespace, call: dict) -> list[dict]:
         if not call.get("prompt"):
             raise ArgumentError("a prompt is needed (or --prompts FILE, or --from-png FILE)")
         return [dict(call)]
-    return [{**call, **line} for line in read_prompt_file(args.prompts)]  # each keeps its "line" number
+    return [{**call, **line} for line in read_prompt_file(args.prompts, getattr(args, "prompts_format", "auto"))]  # each keeps its "line" number
 
 
 def check_jobs(args: argparse.Namespace, jobs: list[dict]) -> None:

@@ -13,7 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import PromptFileError
+from ..errors import JsonFileError, PromptFileError
+from ..files.jsonfile import parse_json
 
 # key: (kind, what the message says is expected)
 OVERRIDES = {
@@ -34,24 +35,61 @@ OVERRIDES = {
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
-def read_prompt_file(path: str | os.PathLike) -> list[dict]:
-    """[{"prompt": str, "line": n, <overrides>}, ...] in file order; `cfg` is returned as "guidance"
-    and `size` as width / height."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        raise PromptFileError(f"{path}: expected a .txt file (one prompt a line) or a .jsonl file (one JSON "
-                              "object a line), not a .json document")
+MAX_PROMPT_FILE_BYTES = 16 << 20  # 16 MiB: thousands of long prompts; /dev/zero stops here
+MAX_PROMPT_LINES = 10_000  # prompts in one file
+FORMATS = ("auto", "txt", "jsonl")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _read_limited(path: Path) -> str:
+    """The file's text, read up to MAX_PROMPT_FILE_BYTES (a FIFO or device such as /dev/zero or
+    <(cat x) is read the same way, never to the end of memory)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PROMPT_FILE_BYTES + 1)
     except OSError as exc:
         raise PromptFileError(f"{path}: cannot read the prompt file ({exc.strerror or exc})") from None
-    jsonl = path.suffix.lower() == ".jsonl"
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise PromptFileError(f"{path}: larger than {MAX_PROMPT_FILE_BYTES} bytes; not a prompt file (split it)")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise PromptFileError(f"{path}: holds a NUL byte at byte {nul}; not a text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _is_jsonl(path: Path, lines: list[str], fmt: str) -> bool:
+    """jsonl by the explicit format, else by suffix (.jsonl, .ndjson; .txt is text), else by content:
+    every non-blank line starts with '{'."""
+    if fmt != "auto":
+        return fmt == "jsonl"
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES or suffix == ".txt":
+        return suffix != ".txt"
+    filled = [line.lstrip() for line in lines if line.strip()]
+    return bool(filled) and all(line.startswith("{") for line in filled)
+
+
+def read_prompt_file(path: str | os.PathLike, fmt: str = "auto") -> list[dict]:
+    """[{"prompt": str, "line": n, <overrides>}, ...] in file order; `cfg` is returned as "guidance"
+    and `size` as width / height. Lines end at "\n" only (a trailing "\r" is dropped): U+2028, form
+    feed or \x1e are characters of the prompt, not line breaks. `fmt`: auto | txt | jsonl."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise PromptFileError(f"{path}: unknown prompt file format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "auto" and path.suffix.lower() == ".json":
+        raise PromptFileError(f"{path}: expected a .txt file (one prompt a line) or a .jsonl file (one JSON "
+                              "object a line), not a .json document")
+    lines = [line.removesuffix("\r") for line in _read_limited(path).split("\n")]
+    jsonl = _is_jsonl(path, lines, fmt)
     jobs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if len(jobs) >= MAX_PROMPT_LINES:
+            raise PromptFileError(f"{path}:{number}: more than {MAX_PROMPT_LINES} prompts; split the file")
         where = f"{path}:{number}"
         job = _parse_json_line(line, where) if jsonl else {"prompt": line.strip()}
         for key in ("image", "mask"):  # images in: relative to the prompt file, not the working folder
@@ -66,9 +104,10 @@ def read_prompt_file(path: str | os.PathLike) -> list[dict]:
 
 def _parse_json_line(line: str, where: str) -> dict:
     try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PromptFileError(f"{where}: bad JSON ({exc.msg} at column {exc.colno})") from None
+        data = parse_json(line, where=where, expect=None, what="prompt line")
+    except JsonFileError as exc:  # "FILE:LINE: bad JSON (…)", the limits (depth, digits) included
+        raise PromptFileError(str(exc).replace(f"{where}: prompt line is not valid JSON", f"{where}: bad JSON")
+                              ) from None
     if not isinstance(data, dict):
         raise PromptFileError(f"{where}: expected a JSON object such as {{\"prompt\": \"...\"}}, "
                               f"got {type(data).__name__}")

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="transformer .safetensors, diffusers transformer/ or pipeline folder")
     p.add_argument("--dtype", required=True, choices=["int8", "fp8", "int4"])
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--group-size", type=int, default=128, choices=GROUP_SIZES, help="int4 group length")
+    p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES, help="int4 group length (default 128)")
     p.add_argument("--activations", choices=["none", "int8", "fp8"], default="none",
                    help="W8A8: also quantize each layer's input per token at run time (same type as --dtype)")
     p.add_argument("--rotate", type=int, nargs="?", const=DEFAULT_ROTATE, default=0,
@@ -119,7 +119,9 @@ def quantize_to_folder(args: argparse.Namespace) -> Path:
     if lowrank and args.dtype != "int4":
         raise ArgumentError(f"--lowrank needs --dtype int4, got --dtype {args.dtype}")
     rounding = args.rounding or DEFAULT_ROUNDING
-    spec = QuantSpec(args.dtype, args.group_size, tuple(args.include), tuple(args.exclude),
+    if args.group_size is not None and args.dtype != "int4":
+        raise ArgumentError(f"--group-size applies to int4 only; {args.dtype} scales each output channel")
+    spec = QuantSpec(args.dtype, args.group_size or 128, tuple(args.include), tuple(args.exclude),
                      activations=None if args.activations == "none" else args.activations, rotate=args.rotate,
                      lowrank=lowrank, rounding=rounding if args.dtype == "int4" else DEFAULT_ROUNDING)
     if is_quantized_folder(src):
@@ -162,7 +164,7 @@ def quantize_to_folder(args: argparse.Namespace) -> Path:
             "variant": variant,
             "components": components,
         })
-        quantize_output.install(tmp, out)  # --force: replaces only an earlier output of ours
+        quantize_output.install(tmp, out, args.force)  # --force: replaces only an earlier output of ours
     if not args.quiet:
         print(f"wrote {out} ({folder_size(out) / 1e9:.2f} GB, from {source_bytes / 1e9:.2f} GB) "
               f"in {time.time() - started:.0f} s", file=sys.stderr)

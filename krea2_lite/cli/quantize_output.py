@@ -18,10 +18,9 @@ import signal
 from pathlib import Path
 
 from ..errors import UnsafeOutputError
-from ..files.quantized_folder import FORMAT, MANIFEST
-
-PARTIAL_MARK = ".partial-"
-OLD_MARK = ".old-"
+from ..files.leftovers import OLD_MARK, dead_leftovers, partial_name, remove_dead_leftovers, remove_path
+from ..files.no_replace import rename_noreplace
+from ..files.quantized_folder import FORMAT, MANIFEST, written_files
 
 
 def _is_ancestor(parent: Path, child: Path) -> bool:
@@ -70,47 +69,64 @@ def check_replaceable(out: Path) -> None:
         raise UnsafeOutputError(f"--out {out} exists and was not written by krea2_lite.quantize (no {MANIFEST} of "
                                 "ours inside); --force only replaces such folders or empty ones. Remove it yourself "
                                 "or pick another --out")
+    foreign = first_foreign_file(out)
+    if foreign is not None:
+        raise UnsafeOutputError(f"--out {out} holds {foreign}, which krea2_lite did not write (its {MANIFEST} lists "
+                                "what it wrote); --force never deletes a file of yours: move it out first")
+
+
+def first_foreign_file(out: Path) -> str | None:
+    """The first entry of `out` (relative, sorted) that its manifest does not list as written by us;
+    folders count as ours only while they hold something we wrote."""
+    ours = written_files(out)
+    if ours is None:
+        return "an unreadable or hand-edited " + MANIFEST
+    parents = {str(Path(name).parent) for name in ours} | {str(p) for name in ours for p in Path(name).parents}
+    for root, dirs, files in os.walk(out, followlinks=False):
+        dirs.sort()
+        rel_root = Path(root).relative_to(out)
+        for name in sorted(files) + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            rel = (rel_root / name).as_posix()
+            if rel not in ours:
+                return rel
+        for name in dirs:
+            rel = (rel_root / name).as_posix()
+            if rel not in parents and not (Path(root) / name).is_symlink():
+                return rel + "/"
+    return None
 
 
 def temporary_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}{PARTIAL_MARK}{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return out.parent / partial_name(out.name)
 
 
 def remove_stale(out: Path) -> None:
-    """Temporary folders of killed runs (their process is gone) are removed; so are `.old-PID`
-    copies left between the two renames of a replace, once --out holds a complete folder again."""
-    for path in out.parent.glob(f".{out.name}{PARTIAL_MARK}*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    """Temporary folders of killed runs (their process is gone) beside --out are removed, whatever
+    output they were for; so are `.NAME.old-PID` copies left between the two renames of a replace,
+    once NAME holds a complete folder again. Names are compared exactly, never globbed."""
+    remove_dead_leftovers(out.parent)
     if (out / MANIFEST).is_file():
-        for path in out.parent.glob(f".{out.name}{OLD_MARK}*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)) and (path / MANIFEST).is_file():
-                shutil.rmtree(path, ignore_errors=True)
+        for path in dead_leftovers(out.parent, OLD_MARK, prefix=f".{out.name}{OLD_MARK}"):
+            if (path / MANIFEST).is_file():
+                remove_path(path)
 
 
-def install(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`, replacing an earlier output (checked again: it may have
-    changed while we worked)."""
-    if not out.exists() and not out.is_symlink():
-        os.replace(tmp, out)
+def install(tmp: Path, out: Path, force: bool = False) -> None:
+    """Rename the finished `tmp` to `out`. Without --force the rename refuses atomically when `out`
+    appeared meanwhile (another run finished first: FileExistsError, its folder kept). With --force an
+    earlier output of ours is replaced, checked again (it may have changed while we worked)."""
+    if not force or (not out.exists() and not out.is_symlink()):
+        try:
+            rename_noreplace(tmp, out)
+        except FileExistsError:
+            raise FileExistsError(f"{out} appeared while this run worked (another run?); it was left as it is. "
+                                  "Pass --force to replace it") from None
         return
     check_replaceable(out)
     old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}"
     os.replace(out, old)
     try:
-        os.replace(tmp, out)
+        rename_noreplace(tmp, out)
     except BaseException:
         os.replace(old, out)  # put the previous output back
         raise

@@ -29,3 +29,30 @@ def resolve_path(path: str | os.PathLike, allow_patterns: list[str] | None = Non
     if parse_hub_ref(text) is None:
         raise CheckpointNotFoundError(f"{location}: no such file or folder")
     return fetch_ref(text, parts=parts, revision=revision, progress=progress)
+
+
+def local_identity(path: str | os.PathLike) -> tuple[str, int] | None:
+    """(absolute path, bytes of its safetensors weights) of a local model or LoRA, None when `path`
+    is not local. The size is cheap to recompute and tells a replaced or different model apart
+    (a PNG records it so `--from-png` can refuse a model that is not the one that drew it)."""
+    location = Path(os.fspath(path)).expanduser()
+    if not location.exists():
+        return None
+    location = location.resolve()
+    if location.is_file():
+        return str(location), location.stat().st_size
+    return str(location), sum(f.stat().st_size for f in sorted(location.rglob("*.safetensors")) if f.is_file())
+
+
+def is_cached_hub_id(text: str) -> bool:
+    """True when a hub reference's files are already in the local Hugging Face cache (no download
+    needed): the file it names, or the repo's model_index.json / config.json / adapter_config.json."""
+    ref = parse_hub_ref(text)
+    if ref is None:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a hard dependency
+        return False
+    names = (ref.path,) if ref.path else ("model_index.json", "config.json", "adapter_config.json")
+    return any(isinstance(try_to_load_from_cache(ref.repo_id, name, revision=ref.revision), str) for name in names)

@@ -52,8 +52,32 @@ def required_version(manifest: dict) -> int:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write the manifest last: its `written` list names every file in `folder` (and itself), so a later
+    `--force` knows which files are ours and which the user added."""
+    written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) + [MANIFEST]
     (folder / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": required_version(manifest),
-                                               **manifest}, indent=1))
+                                               **manifest, "written": sorted(set(written))}, indent=1))
+
+
+# What folders written before the `written` list held (besides files under these folders).
+_OLDER_OUTPUT_TOP = ("transformer", "text_encoder", "vae", "scheduler", "tokenizer")
+
+
+def written_files(folder: Path) -> set[str] | None:
+    """The files (relative, '/'-separated) the manifest says krea2_lite wrote into `folder`; for an
+    older manifest without that list, the files under its component folders; None when the manifest
+    cannot be read or its list is not a list of strings."""
+    try:
+        manifest = read_json(folder / MANIFEST, what="quantized-folder manifest")
+    except Exception:  # noqa: BLE001 - any damage means: not provably ours
+        return None
+    listed = manifest.get("written")
+    if listed is None:
+        return {MANIFEST} | {p.relative_to(folder).as_posix() for top in _OLDER_OUTPUT_TOP
+                             for p in (folder / top).rglob("*") if p.is_file() and not p.is_symlink()}
+    if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
+        return None
+    return set(listed)
 
 
 def read_manifest(folder: Path) -> dict:

@@ -25,7 +25,7 @@ MIN_SHARD_BYTES = 10**6  # below 1MB a "shard" is just many files for nothing
 
 def parse_size(text: str) -> int:
     """'500MB', '2GB', '1.5GiB', '123456' → bytes (decimal units, as diffusers; KiB/MiB/GiB binary)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([A-Za-z]*)\s*", str(text)[:100])
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"--max-shard-size {text!r}: expected a size such as 500MB, 2GB or 1.5GiB")

@@ -55,6 +55,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..errors import ArgumentError
+
 from .attention_torch import attention_torch
 from .fused_attention_torch import fused_attention_torch
 from .tuning import auto_choice
@@ -71,7 +73,7 @@ _PINNED: contextvars.ContextVar[str | None] = contextvars.ContextVar("krea2_lite
 def _checked(value: str, origin: str) -> str:
     value = value.strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"{origin}={value!r} is not one of {', '.join(BACKENDS)}")
+        raise ArgumentError(f"{origin}={value[:40]!r} is not one of {', '.join(BACKENDS)}")
     return value
 
 

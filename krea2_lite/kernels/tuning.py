@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Krea2LiteError
+from ..files.jsonfile import read_json
 
 FORMAT = "krea2_lite.kernel_tuning"
 VERSION = 1
@@ -99,11 +100,9 @@ def read_table(path: str | os.PathLike) -> dict:
     """The raw JSON object of a table file (validated), for tools that rewrite it."""
     path = Path(path)
     try:
-        table = json.loads(path.read_text())
-    except OSError as exc:
-        raise TuningTableError(f"{path}: cannot read the kernel tuning table ({exc.strerror or exc})") from None
-    except ValueError as exc:
-        raise TuningTableError(f"{path}: not valid JSON ({exc})") from None
+        table = read_json(path, expect=None, what="kernel tuning table (cannot read it)")  # size, depth, digit limits
+    except Krea2LiteError as exc:
+        raise TuningTableError(str(exc)) from None
     validate(table, str(path))
     return table
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, NonFiniteError
 from ..files.checkpoint import keeps_fp32
 from ..files.safetensors_headers import TensorInfo, open_safetensors, read_tensor
 
@@ -121,6 +121,24 @@ class QuantizingSetter(FloatSetter):
             raise RuntimeError(f"{group}: incomplete quantized layers {sorted(self.pending)[:3]}")
 
 
+_CHECKED_SUFFIXES = ("._scale", "._shift", ".lowrank.up", ".lowrank.down", ".lowrank.up.weight",
+                     ".lowrank.down.weight")
+
+
+def check_stored_values(key: str, tensor: torch.Tensor) -> None:
+    """A cheap load-time check of a quantized layer's small float tensors (scales, shifts, low-rank
+    factors): NaN / inf is a NonFiniteError naming the tensor, and scales that are all zero or any
+    negative (absmax / min-max scales never are) a CorruptCheckpointError: both would draw garbage."""
+    if not tensor.is_floating_point() or not key.endswith(_CHECKED_SUFFIXES):
+        return
+    values = tensor.float()
+    if not torch.isfinite(values).all():
+        raise NonFiniteError(f"{key}: the stored tensor holds NaN or inf (the quantized folder is damaged)")
+    if key.endswith("._scale") and (not (values != 0).any() or (values < 0).any()):
+        raise CorruptCheckpointError(f"{key}: stored scales are all zero or negative (the quantized folder is "
+                                     "damaged or was edited)")
+
+
 class StoredSetter:
     """A krea2_lite quantized folder's tensors: stored values (int8 / fp8 / int4 codes) kept exactly,
     float tensors cast by the dtype policy. `targets` maps each on-disk key to the model's name."""
@@ -130,6 +148,7 @@ class StoredSetter:
 
     def __call__(self, model, key, tensor, device) -> None:
         name = self.targets[key]
+        check_stored_values(key, tensor)
         if tensor.is_floating_point() and name not in self.exact:
             tensor = tensor.to(policy_dtype(key, self.dtype))
         set_tensor(model, name, tensor.to(device))

@@ -84,8 +84,14 @@ def _components(root: Path | None, index: dict, manifest: dict, transformer, tex
             raise CorruptCheckpointError(f"{root / 'krea2_lite.json'}: 'components' must map names to JSON "
                                          "objects (the manifest was edited or is damaged)")
         index = dict(pipeline)
-        if manifest.get("variant") and "is_distilled" not in index:
-            index["is_distilled"] = manifest["variant"] == "turbo"
+        if manifest.get("variant") not in (None, "raw", "turbo"):
+            raise CorruptCheckpointError(f"{root / 'krea2_lite.json'}: 'variant' must be \"raw\", \"turbo\" or null, "
+                                         f"found {manifest.get('variant')!r:.40}")
+        if manifest.get("variant"):  # what `quantize --variant` recorded wins over the source's own flag
+            turbo = manifest["variant"] == "turbo"
+            if isinstance(index.get("is_distilled"), bool) and index["is_distilled"] != turbo:
+                index.pop("krea2_lite", None)  # the source's own steps / CFG were for the other variant
+            index["is_distilled"] = turbo
         transformer = transformer or root
     if root is not None and not index and not manifest:
         if transformer is not None:

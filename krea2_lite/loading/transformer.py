@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import Krea2Config
-from ..errors import CheckpointKeysError, CorruptCheckpointError, ShapeMismatchError
+from ..errors import ArgumentError, CheckpointKeysError, CorruptCheckpointError, ShapeMismatchError
 from ..files.checkpoint import CheckpointSource, open_checkpoint
 from ..files.dtypes import check_float_dtype
 from ..files.paths import resolve_path
@@ -190,7 +190,10 @@ def load_quantized_folder(folder: Path, *, place, dtype: torch.dtype, progress: 
     (a single `model.safetensors`, or shards with their index)."""
     manifest = read_manifest(folder)
     config, spec = manifest_config(folder, manifest), manifest_spec(folder, manifest)
-    model = transformer_skeleton(config, spec, dtype, modules=manifest_modules(folder, manifest), log=False)
+    try:
+        model = transformer_skeleton(config, spec, dtype, modules=manifest_modules(folder, manifest), log=False)
+    except ArgumentError as exc:  # quant.modules naming a non-linear module, or none
+        raise CorruptCheckpointError(f"{folder / MANIFEST}: {exc}") from None
     weights_dir = folder / TRANSFORMER_DIR
     if not weights_dir.is_dir():
         raise CorruptCheckpointError(f"{weights_dir}: missing (the folder is incomplete)")

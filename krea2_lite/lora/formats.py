@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +22,7 @@ from ..files.paths import resolve_path
 from ..files.safetensors_headers import open_safetensors, read_safetensors_header
 from ..files.weight_files import PICKLE_SUFFIXES
 from ..errors import JsonFileError, LoraError, UnsafeCheckpointFormatError
+from ..files.patterns import PatternError, compile_pattern, matches_module
 from ..files.jsonfile import parse_json, read_json
 from .names import ModuleIndex, split_key, unsupported_kind, why_unknown
 
@@ -80,7 +80,7 @@ class AlphaSource:
     def __init__(self, file: Path, metadata: dict[str, str]):
         self.file = file
         self.alpha: float | None = None
-        self.patterns: dict[str, float] = {}
+        self.patterns: dict[str, tuple[list, float]] = {}
         self.factor = 1.0
         config = None
         if "lora_adapter_metadata" in metadata:  # diffusers' save_lora_weights
@@ -99,18 +99,34 @@ class AlphaSource:
         if config:
             if config.get("lora_alpha") is not None:
                 self.alpha = _number(config["lora_alpha"], where)
-            self.patterns = {str(k): _number(v, f"{file}: alpha_pattern[{k!r}]")
-                             for k, v in (config.get("alpha_pattern") or {}).items()}
+            self.patterns = _patterns(config, "alpha_pattern", file)
+            _patterns(config, "rank_pattern", file)  # ranks come from the tensors; the patterns are still checked
         elif "lora_alpha" in metadata:  # krea-2 training checkpoints
             self.alpha = _number(metadata["lora_alpha"], where)
             self.factor = _number(metadata.get("lora_scale", 1.0), f"{file}: lora_scale")
 
     def for_module(self, raw: str, rank: int) -> float:
         """alpha for a module spelled `raw` in the file (PEFT patterns match that spelling)."""
-        for pattern, alpha in self.patterns.items():
-            if re.fullmatch(rf"(.*\.)?(?:{pattern})", raw):
+        for compiled, alpha in self.patterns.values():
+            if matches_module(compiled, raw):
                 return alpha * self.factor
         return (rank if self.alpha is None else self.alpha) * self.factor
+
+
+def _patterns(config: dict, key: str, file: Path) -> dict[str, tuple[list, float]]:
+    """{pattern: (compiled, value)} of a PEFT `alpha_pattern` / `rank_pattern`, every pattern checked
+    by the backtracking-free matcher (files/patterns.py); LoraError names the file, key and pattern."""
+    table = config.get(key) or {}
+    if not isinstance(table, dict):
+        raise LoraError(f"{file}: {key} must be an object {{pattern: number}}, found {type(table).__name__}")
+    out = {}
+    for pattern, value in table.items():
+        try:
+            out[pattern] = (compile_pattern(pattern), _number(value, f"{file}: {key}[{pattern!r}]"))
+        except PatternError as exc:
+            raise LoraError(f"{file}: {key}[{pattern[:80]!r}] is not a supported pattern ({exc}); see "
+                            "docs/errors.md for the pattern subset krea2_lite matches") from None
+    return out
 
 
 def read_lora(path: str | os.PathLike, linear_shapes: dict[str, tuple[int, int]], layers: int

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ..errors import ArgumentError, ArgumentTypeError
+
 from .int4_rounding import DEFAULT_ROUNDING, ROUNDINGS
 
 logger = logging.getLogger("krea2_lite")
@@ -46,6 +48,13 @@ SHORTCUTS = {
     "fp8-w8a8-rot": dict(dtype="fp8", activations="fp8", rotate=DEFAULT_ROTATE),
 }
 LOWRANK_NAME = re.compile(r"int4-lr(\d+)")
+ROTATED_NAME = re.compile(r"(int8|fp8)-w8a8-rot(\d{1,5})")  # the names QuantSpec.name prints (int8-w8a8-rot128)
+
+
+def is_quant_name(value) -> bool:
+    """True for every quant string `QuantSpec.parse` reads (and `QuantSpec.name` prints)."""
+    return isinstance(value, str) and (value in DTYPES or value in SHORTCUTS or LOWRANK_NAME.fullmatch(value)
+                                       is not None or ROTATED_NAME.fullmatch(value) is not None)
 DEFAULT_INCLUDE = ("blocks.*", "txtfusion.layerwise_blocks.*", "txtfusion.refiner_blocks.*")
 KEPT_REASONS = {
     "first": "input projection (kept in the model dtype)",
@@ -60,7 +69,7 @@ KEPT_REASONS = {
 def require_rank(rank: int, argument: str) -> int:
     """A rank the user asked for explicitly (int4-lr{r}, --lowrank r): 0 is refused, not read as off."""
     if rank < 1:
-        raise ValueError(f"{argument}: the low-rank correction's rank must be at least 1 (at most the smallest "
+        raise ArgumentError(f"{argument}: the low-rank correction's rank must be at least 1 (at most the smallest "
                          f"quantized layer's min(in_features, out_features); 32 is the usual choice), got {rank}; "
                          "for plain int4 use quant='int4' / omit --lowrank")
     return rank
@@ -69,9 +78,9 @@ def require_rank(rank: int, argument: str) -> int:
 def check_lowrank(lowrank, dtype: str, activations: str | None) -> int:
     """QuantSpec.lowrank: 0 (off) or a positive rank, int4 weight-only."""
     if isinstance(lowrank, bool) or not isinstance(lowrank, int) or lowrank < 0:
-        raise ValueError(f"lowrank must be 0 (off) or a positive integer rank, got {lowrank!r}")
+        raise ArgumentError(f"lowrank must be 0 (off) or a positive integer rank, got {lowrank!r}")
     if lowrank and (dtype != "int4" or activations is not None):
-        raise ValueError(f"lowrank={lowrank} needs int4 weight-only quantization (dtype='int4', no activations), "
+        raise ArgumentError(f"lowrank={lowrank} needs int4 weight-only quantization (dtype='int4', no activations), "
                          f"got dtype={dtype!r}, activations={activations!r}")
     return lowrank
 
@@ -82,7 +91,7 @@ def check_rank_fits(rank: int, layers: dict[str, tuple[int, int]]) -> None:
         return
     name, (out, inp) = min(layers.items(), key=lambda item: min(item[1]))
     if rank > min(out, inp):
-        raise ValueError(f"lowrank={rank} is larger than layer {name} ({out}×{inp}): for this model the rank "
+        raise ArgumentError(f"lowrank={rank} is larger than layer {name} ({out}×{inp}): for this model the rank "
                          f"must be between 1 and {min(out, inp)} (the smallest quantized layer's "
                          "min(out_features, in_features))")
 
@@ -109,28 +118,53 @@ class QuantSpec:
     rounding: str = DEFAULT_ROUNDING
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.dtype not in DTYPES:
-            raise ValueError(f"quant dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ArgumentError(f"quant dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+            raise ArgumentError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+            raise ArgumentError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.activations is not None and self.activations != self.dtype:
-            raise ValueError(f"W8A8 needs weights and activations of one type: dtype={self.dtype!r}, "
+            raise ArgumentError(f"W8A8 needs weights and activations of one type: dtype={self.dtype!r}, "
                              f"activations={self.activations!r}")
         rotate = DEFAULT_ROTATE if self.rotate is True else int(self.rotate or 0)
         if rotate not in ROTATE_SIZES:
-            raise ValueError(f"rotate must be one of {ROTATE_SIZES} (or True), got {self.rotate!r}")
+            raise ArgumentError(f"rotate must be one of {ROTATE_SIZES} (or True), got {self.rotate!r}")
         if rotate and self.activations is None:
-            raise ValueError("rotate needs W8A8 (activations='int8' or 'fp8')")
+            raise ArgumentError("rotate needs W8A8 (activations='int8' or 'fp8')")
         object.__setattr__(self, "rotate", rotate)
         object.__setattr__(self, "lowrank", check_lowrank(self.lowrank, self.dtype, self.activations))
         if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+            raise ArgumentError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.rounding != DEFAULT_ROUNDING and self.dtype != "int4":
-            raise ValueError(f"rounding={self.rounding!r} applies to int4 only; {self.dtype} uses per-channel absmax")
+            raise ArgumentError(f"rounding={self.rounding!r} applies to int4 only; {self.dtype} uses per-channel absmax")
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def _check_types(self) -> None:
+        """Types first (values from files and callers): ArgumentTypeError naming the field. A string
+        include / exclude is one pattern (never its characters); an empty include selects nothing."""
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise ArgumentTypeError(f"QuantSpec {name} must be a pattern string or a list of them, got {value!r:.80}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.include:
+            raise ArgumentError("QuantSpec include=() selects no layer; a recipe must quantize something")
+        if not isinstance(self.dtype, str):
+            raise ArgumentTypeError(f"QuantSpec dtype must be a string, got {self.dtype!r:.40}")
+        for name in ("group_size", "lowrank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ArgumentTypeError(f"QuantSpec {name} must be an integer, got {value!r:.40}")
+        if not isinstance(self.rotate, int):
+            raise ArgumentTypeError(f"QuantSpec rotate must be an integer or True, got {self.rotate!r:.40}")
+        if not (self.activations is None or isinstance(self.activations, str)) or not isinstance(self.rounding, str):
+            raise ArgumentTypeError(f"QuantSpec activations / rounding must be strings, got {self.activations!r:.40} "
+                                    f"/ {self.rounding!r:.40}")
 
     @classmethod
     def parse(cls, value: "str | QuantSpec | None") -> "QuantSpec | None":
@@ -142,8 +176,11 @@ class QuantSpec:
             match = LOWRANK_NAME.fullmatch(value)
             if match:
                 return cls("int4", lowrank=require_rank(int(match.group(1)), f"quant={value!r}"))
+            match = ROTATED_NAME.fullmatch(value)
+            if match:
+                return cls(match.group(1), activations=match.group(1), rotate=int(match.group(2)))
             return cls(value)
-        raise TypeError(f"quant must be None, one of {DTYPES + tuple(SHORTCUTS)}, 'int4-lr{{rank}}' or a QuantSpec, "
+        raise ArgumentTypeError(f"quant must be None, one of {DTYPES + tuple(SHORTCUTS)}, 'int4-lr{{rank}}' or a QuantSpec, "
                         f"got {value!r}")
 
     @property
@@ -168,10 +205,16 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantSpec":
-        return cls(dtype=data["dtype"], group_size=int(data.get("group_size", 128)),
-                   include=tuple(data.get("include", DEFAULT_INCLUDE)), exclude=tuple(data.get("exclude", ())),
-                   activations=data.get("activations"), rotate=int(data.get("rotate", 0)),
-                   lowrank=int(data.get("lowrank", 0)),
+        """A recipe stored in a file (manifest, PNG): every value type-checked by the constructor, never
+        converted (int(1e400) would overflow, list("blocks.*") split a pattern into characters)."""
+        if not isinstance(data, dict) or "dtype" not in data:
+            raise ArgumentTypeError(f"a quant recipe must be an object with a 'dtype', got {data!r:.80}")
+        include = data.get("include", DEFAULT_INCLUDE)
+        return cls(dtype=data["dtype"], group_size=data.get("group_size", 128),
+                   include=include if isinstance(include, str) else tuple(include) if isinstance(include, list)
+                   else include, exclude=data.get("exclude", ()),
+                   activations=data.get("activations"), rotate=data.get("rotate", 0),
+                   lowrank=data.get("lowrank", 0),
                    rounding=data.get("rounding", "minmax" if data["dtype"] == "int4" else DEFAULT_ROUNDING))
 
     def group_for(self, in_features: int) -> int | None:

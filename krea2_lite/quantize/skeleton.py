@@ -15,6 +15,7 @@ import torch
 from ..config import Krea2Config
 from ..model import Krea2Transformer
 from .qlinear import swap_linears
+from ..errors import ArgumentError
 from .recipe import QuantSpec, select_linears
 
 logger = logging.getLogger("krea2_lite")
@@ -36,7 +37,14 @@ def build_quantized_skeleton(config: Krea2Config, spec: QuantSpec, dtype: torch.
         model = Krea2Transformer(config)
     chosen, kept = select_linears(model, spec, log=log)
     if modules is not None:
+        linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        odd = next((m for m in modules if m not in linears), None)
+        if odd is not None:
+            raise ArgumentError(f"'quant.modules' names {odd!r:.80}, which is not a linear layer of this model")
         chosen = list(modules)
+    if not chosen:
+        raise ArgumentError(f"the recipe {spec.to_dict()} quantizes no linear layer (check include / exclude "
+                            "patterns: fnmatch over names such as blocks.3.attn.wq)")
     swap_linears(model, chosen, spec.dtype, spec.group_for, dtype, spec.activations, spec.rotate_for, spec.rounding)
     if spec.lowrank:  # int4-lr: the same int4 layers, each with its low-rank correction
         from .lowrank import add_lowrank_branches

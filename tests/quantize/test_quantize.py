@@ -128,7 +128,8 @@ def test_on_the_fly_error_within_tolerance(source, inputs, fp32_output, dtype):
 def test_cli_folder_reloads_to_the_on_the_fly_output(source, inputs, tmp_path, dtype):
     before = sha(source)
     out = tmp_path / f"krea2-{dtype}"
-    proc = run_cli("--model", source, "--dtype", dtype, "--out", out, "--group-size", "128")
+    group = ["--group-size", "128"] if dtype == "int4" else []  # issue 29: refused on int8 (it does nothing there)
+    proc = run_cli("--model", source, "--dtype", dtype, "--out", out, *group)
     assert proc.stdout.strip() == str(out)
     assert sha(source) == before  # SRC untouched
     manifest = read_manifest(out)
@@ -185,9 +186,12 @@ def test_cli_refuses_to_overwrite_and_force_replaces(source, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
     run_cli("--model", source, "--dtype", "int8", "--out", out, "--force")  # an empty folder may be replaced
-    (out / "keep.txt").write_text("mine")
-    run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force")  # and so may our own output
-    assert not (out / "keep.txt").exists() and read_manifest(out)["quant"]["dtype"] == "fp8"
+    (out / "keep.txt").write_text("mine")  # issue 29: --force never deletes a file the user added to our output
+    proc = run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force", check=False)
+    assert proc.returncode == 2 and "keep.txt" in proc.stderr and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    run_cli("--model", source, "--dtype", "fp8", "--out", out, "--force")  # our own output may be replaced
+    assert read_manifest(out)["quant"]["dtype"] == "fp8"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".existing")]
 
 
