@@ -91,6 +91,12 @@ def _first_plan(spec: PipelineSpec, budget: float | None, offload: str, encoder,
     return plan
 
 
+def _plans_memory(offload: str, device: torch.device, vram_gb: float | None) -> bool:
+    """Whether from_pretrained runs the offload planner: any mode but "none", except "auto" on a
+    non-CUDA device without a vram_gb budget (nothing to fit there)."""
+    return offload != "none" and not (offload == "auto" and device.type != "cuda" and vram_gb is None)
+
+
 def _budget_gib(vram_gb: float | None, device: torch.device) -> float | None:
     """The plan's budget: vram_gb, else what CUDA reports free on `device`, else none (CPU)."""
     if vram_gb is not None or device.type != "cuda":
@@ -174,6 +180,11 @@ class Krea2Pipeline:
             raise ArgumentTypeError(f"revision must be a branch, tag or commit hash (a string), got {revision!r}")
         dtype = check_float_dtype(dtype)
         device = checks.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if host_ram_gb is not None and not _plans_memory(offload, device, vram_gb):
+            # No option is silently without effect: a host budget only steers the offload planner.
+            warnings.warn(f"host_ram_gb={host_ram_gb} has no effect: nothing is planned on {device.type} with "
+                          f"offload={offload!r} and no vram_gb (the planner runs for a GPU or a given vram_gb)",
+                          UserWarning, stacklevel=2)
         if host_ram_gb is None:  # read before anything is loaded: the plan counts what the pipeline will hold
             host_ram_gb = available_host_bytes() / (1 << 30)
         spec = resolve_pipeline(path_or_hub_id, variant=variant, quant=quant, transformer=transformer,
@@ -196,7 +207,7 @@ class Krea2Pipeline:
         transformer, each block straight where the plan puts it."""
         # With offloading, the text encoder and the VAE are loaded to the host first: the plan needs
         # their exact sizes, and decides where they live.
-        planned = offload != "none" and not (offload == "auto" and device.type != "cuda" and vram_gb is None)
+        planned = _plans_memory(offload, device, vram_gb)
         load_device = torch.device("cpu") if planned else device
         encoder = load_text_encoder(spec.text_encoder, device=load_device, dtype=dtype, select_layers=spec.select_layers)
         # On the CPU the VAE runs in float32: bf16 convolutions there are many times slower

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Callable
 
 from ..errors import Krea2LiteError
@@ -35,10 +36,20 @@ def describe(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 else " ".join(line.strip() for line in lines)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning the library raises (an option without effect, a resize, a re-plan) as one
+    `warning: …` line; the file and source line of the default format mean nothing to a CLI user."""
+    print(f"warning: {describe(message if isinstance(message, BaseException) else Warning(message))}",
+          file=file or sys.stderr)
+
+
 def run_cli(body: Callable[[], int | None]) -> int:
     """Run a command's body under the contract above; returns the exit status."""
     try:
-        return int(body() or 0)
+        with warnings.catch_warnings():
+            if not debug_enabled():
+                warnings.showwarning = _one_line_warning
+            return int(body() or 0)
     except KeyboardInterrupt:
         if debug_enabled():
             raise

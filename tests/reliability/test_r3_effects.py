@@ -2,6 +2,7 @@
 against the user (forged A1111 fields), and every quant name the library prints is accepted."""
 
 import os
+import warnings
 
 import pytest
 
@@ -129,3 +130,29 @@ def test_png_records_absolute_model_size_and_sequence_length(tmp_path, monkeypat
     meta = read_png_metadata(out)
     assert meta["model"] == str(pipeline_folder().resolve()) and meta["model_bytes"] > 0
     assert isinstance(meta["max_sequence_length"], int)
+
+
+def test_host_ram_budget_without_a_plan_warns():
+    """host_ram_gb only steers the offload planner: on the CPU without vram_gb it is said to do nothing."""
+    import torch
+
+    from krea2_lite import Krea2Pipeline
+
+    with pytest.warns(UserWarning, match="host_ram_gb=8.0 has no effect"):
+        Krea2Pipeline.from_pretrained("demo", device="cpu", dtype=torch.float32, progress=False, host_ram_gb=8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with a budget to plan for, the RAM budget is used: no warning
+        Krea2Pipeline.from_pretrained("demo", device="cpu", dtype=torch.float32, progress=False, host_ram_gb=8.0,
+                                      vram_gb=4.0)
+
+
+def test_cli_ram_gb_on_the_cpu_is_one_warning_line(tmp_path, capsys):
+    from krea2_lite.cli.subcommands import main
+
+    out = tmp_path / "a.png"
+    assert main(["generate", "--model", "demo", "--device", "cpu", "--ram-gb", "8", "--steps", "2", "--width", "64",
+                 "--height", "64", "--quiet", "--output", str(out), "a red square"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    warned = [line for line in err if "has no effect" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: host_ram_gb=8.0 has no effect"), err
+    assert out.is_file()
