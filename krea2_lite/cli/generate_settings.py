@@ -112,11 +112,11 @@ def check_same_files(path: str, meta: dict) -> None:
 
 def check_download_allowed(path: str, load: dict, allow: bool) -> None:
     """A model or LoRA named by someone else's PNG is used only if it is local or already cached."""
-    names = [("model", load.get("model")), ("transformer", load.get("transformer"))]
-    names += [("LoRA", lo[0]) for lo in load.get("lora", [])]
-    for what, name in names:
+    names = [("model", load.get("model"), load.get("revision")), ("transformer", load.get("transformer"), None)]
+    names += [("LoRA", lo[0], None) for lo in load.get("lora", [])]
+    for what, name, revision in names:
         if (allow or not isinstance(name, str) or name == "demo" or os.path.exists(os.path.expanduser(name))
-                or not looks_like_hub_id(name) or is_cached_hub_id(name)):
+                or not looks_like_hub_id(name) or is_cached_hub_id(name, revision)):
             continue
         raise MetadataError(f"{path}: names the {what} {name!r}, which is neither local nor in the Hugging Face "
                             "cache; pass --allow-download to fetch it, or --model / --lora to choose")
