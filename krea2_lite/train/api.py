@@ -45,7 +45,7 @@ def _plan(spec, settings: TrainSettings, dtype) -> None:
         if settings.rank > min(leaf_shapes[leaf]):  # refused before any encoding (the layer check repeats it)
             raise ArgumentError(f"rank {settings.rank} exceeds layer blocks.*.{leaf} "
                                 f"({leaf_shapes[leaf][1]}×{leaf_shapes[leaf][0]}); use rank ≤ {min(leaf_shapes[leaf])}")
-    check_fits(cfg, settings.quant, vram_gb=settings.vram_gb, rank=settings.rank, resolution=settings.resolution,
+    check_fits(cfg, spec.quant, vram_gb=settings.vram_gb, rank=settings.rank, resolution=settings.resolution,
                batch=settings.batch, text_tokens=min(settings.max_sequence_length, 256), dtype=dtype,
                target_shapes=tuple(shapes))
 
@@ -64,7 +64,7 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     _plan(spec, settings, dtype)
     examples = preprocess(items, spec, settings, log=log)
     transformer = freeze(load_transformer(spec.transformer, config=spec.config, device=device, dtype=dtype,
-                                          quant=spec.quant, progress=False))
+                                          quant=settings.quant, progress=False))  # a stored format loads as stored
     lora = TrainableLora(transformer, target_modules(transformer, settings.targets), settings.rank,
                          settings.lora_alpha, settings.seed)
     lora.attach(device)
