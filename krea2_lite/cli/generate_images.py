@@ -17,6 +17,8 @@ from ..inpaint import cut_schedule
 from ..errors import ImageInputError, MetadataError
 
 INPUT_KEYS = ("image", "mask", "strength", "mask_blur", "outpaint")
+FLAGS = {"image": "--image", "mask": "--mask", "strength": "--strength", "mask_blur": "--mask-blur",
+         "outpaint": "--outpaint"}
 
 
 def add_arguments(gen: argparse.ArgumentParser) -> None:
@@ -101,6 +103,10 @@ def check_job(job: dict) -> None:
     """Read and check a job's inputs now (before the model loads): files, sizes, mask, strength, steps."""
     if not any(job.get(k) is not None for k in INPUT_KEYS):
         return
+    if job.get("image") is None:  # said in the CLI's words (the pipeline would name its keywords)
+        given = [FLAGS[k] for k in ("mask", "strength", "mask_blur", "outpaint") if job.get(k) is not None]
+        raise ImageInputError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} an input image: pass "
+                              "--image FILE (or set \"image\" on the prompt line)")
     prepared, _, _ = images_in.prepare(job.get("image"), mask_image=job.get("mask"), outpaint=job.get("outpaint"),
                                        strength=job.get("strength"), mask_blur=job.get("mask_blur") or 0,
                                        width=job.get("width"), height=job.get("height"),

@@ -8,6 +8,8 @@ krea2_lite holds it, and the memory planner's placement on 8 / 12 / 16 GB cards 
 
 from __future__ import annotations
 
+import pathlib
+
 import torch
 
 from ..errors import MemoryPlanError
@@ -54,6 +56,10 @@ def _plan_line(config, quant, vram_gb: float) -> str:
 
 def inspect_lines(path) -> list[str]:
     """The report `inspect` prints, line by line."""
+    if str(path) == "demo" and not pathlib.Path("demo").exists():  # the shipped miniature, as `generate` names it
+        from ..demo import demo_path
+
+        path = demo_path()
     location = resolve_path(path, TRANSFORMER_PATTERNS)
     config, quant = describe_transformer(location, None)
     lines = [f"{location}"]

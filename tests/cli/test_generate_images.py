@@ -87,7 +87,8 @@ def test_outpaint_and_prompt_file_lines(tmp_path, inputs, loads, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--image", "missing.png"], "missing.png"),
-    (["--strength", "0.5"], "need an image"),
+    (["--strength", "0.5"], "--strength needs an input image: pass --image FILE"),
+    (["--mask", "{black}", "--outpaint", "1,0,0,0"], "--mask and --outpaint need an input image"),
     (["--image", "{img}", "--strength", "0"], "strength"),
     (["--image", "{img}", "--strength", "0.1"], "no step"),
     (["--image", "{img}", "--mask", "{black}"], "all black"),

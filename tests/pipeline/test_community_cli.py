@@ -92,3 +92,8 @@ def test_quantize_cli_converts_community_files(files, tmp_path, single_thread):
         with torch.no_grad():
             a, b = converted(*inputs), stored(*inputs)
         assert (a - b).norm() / b.norm() < 0.02  # int8 of the dequantized weights, not of noise
+
+
+def test_inspect_names_the_demo_model_as_generate_does(capsys):
+    assert main(["inspect", "demo"]) == 0
+    assert "4 blocks, width 128" in capsys.readouterr().out
