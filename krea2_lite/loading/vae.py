@@ -100,6 +100,12 @@ def _checked_entries(folder: Path, expected: dict[str, tuple[int, ...]]) -> dict
             parts.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
         raise CheckpointKeysError(
             f"{folder}: weights do not match a Qwen-Image VAE decoder with this config.json; " + "; ".join(parts))
+    return checked_tensors(found, expected)
+
+
+def checked_tensors(found: dict, expected: dict[str, tuple[int, ...]]) -> dict:
+    """{name: (file, key, info)} for the `expected` keys of `found` (key → (file, header info)), each
+    tensor's dtype (floating point) and shape (after the 3D → 2D conversion) checked from the header."""
     for key in sorted(expected, key=lambda k: (str(found[k][0]), k)):
         file, info = found[key]
         dtype = SAFETENSORS_DTYPES.get(info.dtype)
@@ -110,6 +116,27 @@ def _checked_entries(folder: Path, expected: dict[str, tuple[int, ...]]) -> dict
             raise ShapeMismatchError(
                 f"{file}: tensor {key!r} has shape {converted}, the config implies {expected[key]}")
     return {key: (found[key][0], key, found[key][1]) for key in expected}
+
+
+def build_and_fill(module_class, path, dtype: torch.dtype, device, checked_entries, what: str) -> nn.Module:
+    """A VAE half (decoder or encoder) of the `vae/` folder at `path`: built on the meta device from its
+    config.json, its tensors (listed and checked by `checked_entries(folder, expected)`) set converted to
+    `dtype` on `device` by the one fill routine."""
+    check_float_dtype(dtype)
+    device = torch.device(device)
+    folder = _resolve_folder(path)
+    config = _read_config(folder)
+    with torch.device("meta"):
+        model = module_class(config, dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    entries = checked_entries(folder, expected)
+    for _ in fill_groups(model, entries, VaeSetter(dtype, expected), place=lambda group: device, mmap=True,
+                         progress=False, desc=f"loading {what}"):
+        pass
+    left = unloaded(model)
+    if left:  # every tensor was checked against the model above; this guards the plan itself
+        raise RuntimeError(f"{folder}: {what} tensors left unloaded: {left[:5]}")
+    return model
 
 
 class VaeSetter:
@@ -134,20 +161,7 @@ def load_vae_decoder(path: str | os.PathLike, *, device: str | torch.device = "c
     the tensors are set directly, converted to ``dtype`` on ``device``. Returns the module in eval
     mode with ``requires_grad`` off.
     """
-    check_float_dtype(dtype)
-    device = torch.device(device)
-    folder = _resolve_folder(path)
-    config = _read_config(folder)
-    with torch.device("meta"):
-        model = QwenImageVAEDecoder(config, dtype=dtype)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    entries = _checked_entries(folder, expected)
-    for _ in fill_groups(model, entries, VaeSetter(dtype, expected), place=lambda group: device, mmap=True,
-                         progress=False, desc="loading VAE"):
-        pass
-    left = unloaded(model)
-    if left:  # every tensor was checked against the model above; this guards the plan itself
-        raise RuntimeError(f"{folder}: VAE tensors left unloaded: {left[:5]}")
+    model = build_and_fill(QwenImageVAEDecoder, path, dtype, device, _checked_entries, "VAE")
     if model.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         model.use_channels_last()
     return model.eval().requires_grad_(False)

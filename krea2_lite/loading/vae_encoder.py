@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointKeysError, SafetensorsSetError, ShapeMismatchError
-from ..files.dtypes import SAFETENSORS_DTYPES, check_float_dtype
+from ..errors import CheckpointKeysError
 from ..files.weight_files import find_weight_files, tensor_locations
 from ..model.vae_encoder import QwenImageVAEEncoder
-from .fill import fill_groups, unloaded
-from .vae import WEIGHTS_NAME, VaeSetter, _converted_shape, _few, _read_config, _resolve_folder
+from .vae import WEIGHTS_NAME, _few, build_and_fill, checked_tensors
 
 __all__ = ["load_vae_encoder", "ENCODER_PREFIXES"]
 
@@ -49,35 +47,14 @@ def _checked_entries(folder: Path, expected: dict[str, tuple[int, ...]]) -> dict
     """{name: (file, key, info)} of the encoder's tensors, every key, dtype and shape checked from the headers."""
     found = tensor_locations(find_weight_files(folder, preferred=WEIGHTS_NAME, single=True, what=WEIGHTS_NAME))
     _check_keys(folder, set(expected), {k for k in found if _is_encoder_key(k)})
-    for key in sorted(expected):
-        file, info = found[key]
-        dtype = SAFETENSORS_DTYPES.get(info.dtype)
-        if dtype is None or not dtype.is_floating_point:  # an int / bool tensor would be cast and used
-            raise SafetensorsSetError(f"{file}: tensor {key!r} is {dtype or info.dtype}; the VAE expects floating point")
-        converted = _converted_shape(key, tuple(info.shape), expected[key])
-        if converted != expected[key]:
-            raise ShapeMismatchError(f"{file}: tensor {key!r} has shape {converted}, the config implies {expected[key]}")
-    return {key: (found[key][0], key, found[key][1]) for key in expected}
+    return checked_tensors(found, expected)
 
 
 def load_vae_encoder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu") -> QwenImageVAEEncoder:
     """The encoder of a diffusers ``vae/`` folder (or the pipeline folder holding one), in eval mode
     with ``requires_grad`` off.  ``encode(x)``: (B, 3, H, W) in [-1, 1] -> latent mean (B, 16, H/8, W/8)."""
-    check_float_dtype(dtype)
-    device = torch.device(device)
-    folder = _resolve_folder(path)
-    config = _read_config(folder)
-    with torch.device("meta"):
-        model = QwenImageVAEEncoder(config, dtype=dtype)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    entries = _checked_entries(folder, expected)
-    for _ in fill_groups(model, entries, VaeSetter(dtype, expected), place=lambda group: device, mmap=True,
-                         progress=False, desc="loading VAE encoder"):
-        pass
-    left = unloaded(model)
-    if left:  # every tensor was checked against the model above; this guards the plan itself
-        raise RuntimeError(f"{folder}: VAE encoder tensors left unloaded: {left[:5]}")
+    model = build_and_fill(QwenImageVAEEncoder, path, dtype, device, _checked_entries, "VAE encoder")
     if model.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         model.to(memory_format=torch.channels_last)  # oneDNN takes half-precision convs only so (see model/vae.py)
     return model.eval().requires_grad_(False)
