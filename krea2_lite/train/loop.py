@@ -5,6 +5,7 @@ Ctrl-C → save and `TrainingInterrupted`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Run:
     shift: dict
     device: torch.device
     identity: dict
+    streaming: object = None  # train.streaming.StreamedTraining when blocks stream
     step: int = 0
     losses: list = field(default_factory=list)
 
@@ -65,7 +67,8 @@ def train_step(run: Run) -> float:
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss became {float(loss.detach())} at step {run.step + 1}; stopped without "
                                  f"applying it (the last good save is step {_last_save(run)})")
-        (loss / k).backward()
+        with run.streaming.backward() if run.streaming is not None else contextlib.nullcontext():
+            (loss / k).backward()
         total += float(loss.detach()) / k
     torch.nn.utils.clip_grad_norm_(run.params, run.settings.max_grad_norm)
     run.optimizer.step()
@@ -96,7 +99,7 @@ def train_loop(run: Run, *, log=print) -> None:
     loss_log.truncate(jsonl, run.step)
     smooth, snapshot = None, (run.generator.get_state(), run.order.state())
     start = time.perf_counter()
-    with training_forward(run.model), tqdm(total=settings.steps, initial=run.step, desc="training", unit="step",
+    with training_forward(run.model, streaming=run.streaming), tqdm(total=settings.steps, initial=run.step, desc="training", unit="step",
                                            disable=not settings.progress) as bar:
         try:
             while run.step < settings.steps:
