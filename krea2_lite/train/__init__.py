@@ -13,6 +13,7 @@
   loss_log.py     loss JSONL and its PNG plot
   memory.py       the training memory plan (resident, or the fewest blocks streamed that fit)
   streaming.py    streamed blocks in the forward order and again in reverse for the backward
+  samples.py      --sample-every: images through the pipeline with the current LoRA, PNG metadata
   api.py          train_lora
 """
 

@@ -21,6 +21,7 @@ from .cache import preprocess
 from .memory import TrainingPlan, check_fits
 from .order import DataOrder
 from .settings import TrainSettings, check_settings
+from .samples import NEGATIVE, Sampler
 from .streaming import StreamedTraining
 
 
@@ -65,7 +66,8 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     plan = _plan(spec, settings, dtype)
     if plan.streamed_blocks:
         log(f"memory plan: {plan.describe()}")
-    examples = preprocess(items, spec, settings, log=log)
+    extra = settings.sample_texts + (NEGATIVE,) if settings.sample_texts else ()
+    examples = preprocess(items, spec, settings, log=log, extra_texts=extra)
     streamed = plan.streamed_blocks
     transformer = freeze(load_transformer(spec.transformer, config=spec.config, device=device, dtype=dtype,
                                           quant=spec.quant, progress=False,
@@ -79,7 +81,8 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     generator = torch.Generator().manual_seed(settings.seed)
     run = Run(transformer, lora, optimizer, generator, DataOrder([e.bucket for e in examples], settings.batch,
                                                                    settings.seed),
-              examples, settings, dict(spec.shift), device, _identity(settings, examples), streaming=streaming)
+              examples, settings, dict(spec.shift), device, _identity(settings, examples), streaming=streaming,
+              sampler=Sampler(transformer, spec, settings, device) if settings.sample_texts else None)
     if settings.resume:
         progress = load_checkpoint(Path(settings.resume), lora=lora, optimizer=optimizer, params=params,
                                    generator=generator, identity=run.identity)

@@ -39,6 +39,7 @@ class Run:
     device: torch.device
     identity: dict
     streaming: object = None  # train.streaming.StreamedTraining when blocks stream
+    sampler: object = None  # train.samples.Sampler with --sample-every
     step: int = 0
     losses: list = field(default_factory=list)
 
@@ -111,6 +112,8 @@ def train_loop(run: Run, *, log=print) -> None:
                 bar.update()
                 if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
                     save(run)
+                if run.sampler is not None and run.sampler.due(run.step):
+                    run.sampler.draw(run.step)
         except KeyboardInterrupt:
             run.optimizer.zero_grad(set_to_none=True)  # the unfinished step is dropped, its draws rewound
             run.generator.set_state(snapshot[0])
