@@ -70,8 +70,12 @@ def pipeline_metadata(pipe) -> dict:
                   revision=getattr(pipe, "revision", None), variant=pipe.variant,
                   quant=quant_label(quantization.spec if quantization is not None else None), loras=loras,
                   dtype=DTYPE_NAMES.get(pipe.dtype, str(pipe.dtype).replace("torch.", "")), version=__version__)
-    if getattr(pipe, "transformer_source", None):  # `--transformer FILE` replaced the model's own
-        shared["transformer"] = pipe.transformer_source
+    source = getattr(pipe, "transformer_source", None)
+    if source:  # `--transformer FILE` replaced the model's own: found again by absolute path and size
+        found = local_identity(source)
+        shared["transformer"] = found[0] if found else source
+        if found:
+            shared["transformer_bytes"] = found[1]
     return shared
 
 

@@ -8,6 +8,7 @@ A line's image k is made by the same call the single-process run makes (prompt, 
 from __future__ import annotations
 
 import json
+import os
 
 from .. import checks
 from ..cli.generate_outputs import FOLDER_PATTERN
@@ -15,7 +16,8 @@ from ..errors import PromptFileError
 
 # The single-process CLI's file names when --output is a folder: a batch job writes the same names.
 FILE_PATTERN = FOLDER_PATTERN
-JOB_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "num_images")
+JOB_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "mu", "width", "height", "num_images",
+            "max_sequence_length", "cache", "strength", "mask_blur", "outpaint")
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -53,7 +55,15 @@ def load_key(load: dict) -> dict:
         quant = quant.to_dict()
     return dict(model=str(load["model"]), variant=load.get("variant"), dtype=load.get("dtype"), quant=quant,
                 loras=[[str(path), float(scale)] for path, scale in load.get("lora", [])],
-                text_encoder=load.get("text_encoder"), vae=load.get("vae"))
+                text_encoder=load.get("text_encoder"), vae=load.get("vae"), transformer=load.get("transformer"),
+                revision=load.get("revision"))
+
+
+def _input_record(path) -> dict:
+    from ..images_in import file_record
+
+    record = file_record(os.fspath(path))
+    return dict(record, path=os.path.abspath(os.fspath(path)))  # workers may run in another folder
 
 
 def plan_images(jobs: list[dict], load: dict, stem: str, metadata: bool) -> list[dict]:
@@ -66,6 +76,9 @@ def plan_images(jobs: list[dict], load: dict, stem: str, metadata: bool) -> list
     planned, index = [], 0
     for job in jobs:
         call = {k: job.get(k) for k in JOB_KEYS}
+        for key in ("image", "mask"):  # input files by path and SHA-256: a changed input is a new request
+            if job.get(key) is not None:
+                call[f"input_{key}"] = _input_record(job[key])
         images = []
         for k in range(job["num_images"]):
             request = dict(call, image=k, load=key, metadata=metadata)

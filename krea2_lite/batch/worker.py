@@ -29,7 +29,8 @@ class GenerateJobs:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[load["dtype"]]
         self.pipe = Krea2Pipeline.from_pretrained(
             load["model"], variant=load.get("variant"), dtype=dtype, quant=_quant(load.get("quant")),
-            text_encoder=load.get("text_encoder"), vae=load.get("vae"), progress=False, **options)
+            text_encoder=load.get("text_encoder"), vae=load.get("vae"), transformer=load.get("transformer"),
+            revision=load.get("revision"), progress=False, **options)
         for path, scale in load.get("loras", []):
             self.pipe.load_lora(path, scale=scale, name=path)  # as the CLI names them
         self.storage = storage
@@ -42,10 +43,11 @@ class GenerateJobs:
         """One pipeline call for one job; its images written; their manifest records returned."""
         job = work["job"]
         start = time.perf_counter()
+        extra = {"max_sequence_length": job["max_sequence_length"]} if job.get("max_sequence_length") else {}
         result = self.pipe(job["prompt"], negative_prompt=job["negative_prompt"], width=job["width"],
                            height=job["height"], steps=job["steps"], guidance=job["guidance"], mu=job["mu"],
                            seed=job["seed"], num_images=job["num_images"], cache=job.get("cache"),
-                           progress=False)
+                           progress=False, **extra, **images_in_kwargs(job))
         seconds = (time.perf_counter() - start) / len(result.images)
         records = []
         for image, meta, planned in zip(result.images, result.metadata, work["images"]):
@@ -55,6 +57,17 @@ class GenerateJobs:
                                 settings=meta, request=planned["request"], file=planned["file"], sha256=sha256(data),
                                 seconds=round(seconds, 3), worker=self.worker))
         return records
+
+
+def images_in_kwargs(job: dict) -> dict:
+    """The pipeline's images-in keywords of a planned job (`jobs.plan_images` records the input files
+    as {path, sha256}; JSON turned the outpaint tuple into a list)."""
+    if job.get("strength") is None and job.get("input_image") is None:
+        return {}
+    outpaint = job.get("outpaint")
+    return dict(image=(job.get("input_image") or {}).get("path"), mask_image=(job.get("input_mask") or {}).get("path"),
+                strength=job.get("strength"), mask_blur=job.get("mask_blur") or 0,
+                outpaint=tuple(outpaint) if outpaint is not None else None)
 
 
 def png_bytes(image, metadata: dict | None) -> bytes:

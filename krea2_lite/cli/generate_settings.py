@@ -60,7 +60,7 @@ def cache_argument(text: str) -> str:
 
 
 # ---- --from-png, then flags, then prompt-file lines --------------------------------------------
-def png_settings(path: str) -> tuple[dict, dict]:
+def png_settings(path: str, replaced: frozenset = frozenset()) -> tuple[dict, dict]:
     """(call settings, load settings) stored in a krea2_lite PNG; MetadataError names the file."""
     meta = read_png_metadata(path)
     call = {"prompt": meta["prompt"]}
@@ -77,7 +77,7 @@ def png_settings(path: str) -> tuple[dict, dict]:
     if meta.get("max_sequence_length") is not None:
         call["max_sequence_length"] = meta["max_sequence_length"]
     load = {k: meta[k] for k in ("model", "revision", "variant", "quant", "dtype", "transformer") if meta.get(k) is not None}
-    check_same_files(path, meta)
+    check_same_files(path, meta, replaced)
     if (load.get("dtype") not in (None, *DTYPES) or load.get("variant") not in (None, "raw", "turbo")
             or not isinstance(load.get("revision", ""), str)):
         raise MetadataError(f"{path}: unknown dtype / variant / revision in the krea2_lite metadata: {load}")
@@ -93,30 +93,32 @@ def png_settings(path: str) -> tuple[dict, dict]:
     return call, load
 
 
-def check_same_files(path: str, meta: dict) -> None:
+def check_same_files(path: str, meta: dict, replaced: frozenset = frozenset()) -> None:
     """The model and LoRAs a PNG names are the files that drew it: a recorded size that differs from
-    what is found now is a MetadataError (one line) rather than a silently different image."""
-    wanted = [(meta.get("model"), meta.get("model_bytes"), "model")]
+    what is found now is a MetadataError (one line) rather than a silently different image.
+    `replaced`: what the user's flags replace ("model", "transformer", "LoRA"), not checked."""
+    wanted = [(meta.get("model"), meta.get("model_bytes"), "model"),
+              (meta.get("transformer"), meta.get("transformer_bytes"), "transformer")]
     wanted += [(lo.get("path"), lo.get("bytes"), "LoRA") for lo in meta.get("loras") or [] if isinstance(lo, dict)]
     for where, size, what in wanted:
-        if not isinstance(where, str) or not isinstance(size, int) or isinstance(size, bool):
+        if what in replaced or not isinstance(where, str) or not isinstance(size, int) or isinstance(size, bool):
             continue
         found = local_identity(where)
         if found is None:
             raise MetadataError(f"{path}: the {what} it was made with, {where}, is not found here; pass --model / "
-                                "--lora to choose one (the image may then differ)")
+                                "--transformer / --lora to choose one (the image may then differ)")
         if found[1] != size:
             raise MetadataError(f"{path}: the {what} {where} holds {found[1]} bytes of weights, the image was made "
-                                f"with {size}: a different file; pass --model / --lora to use it anyway")
+                                f"with {size}: a different file; pass --model / --transformer / --lora to use it anyway")
 
 
 def check_download_allowed(path: str, load: dict, allow: bool) -> None:
     """A model or LoRA named by someone else's PNG is used only if it is local or already cached."""
-    names = [("model", load.get("model")), ("transformer", load.get("transformer"))]
-    names += [("LoRA", lo[0]) for lo in load.get("lora", [])]
-    for what, name in names:
+    names = [("model", load.get("model"), load.get("revision")), ("transformer", load.get("transformer"), None)]
+    names += [("LoRA", lo[0], None) for lo in load.get("lora", [])]
+    for what, name, revision in names:
         if (allow or not isinstance(name, str) or name == "demo" or os.path.exists(os.path.expanduser(name))
-                or not looks_like_hub_id(name) or is_cached_hub_id(name)):
+                or not looks_like_hub_id(name) or is_cached_hub_id(name, revision)):
             continue
         raise MetadataError(f"{path}: names the {what} {name!r}, which is neither local nor in the Hugging Face "
                             "cache; pass --allow-download to fetch it, or --model / --lora to choose")
@@ -146,7 +148,9 @@ def _png_cache(value, path: str) -> str:
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict, dict]:
     """(call settings, load settings): the --from-png image's, overridden by the flags given."""
-    call, load = png_settings(args.from_png) if args.from_png else ({}, {})
+    replaced = frozenset(what for what, flag in (("model", args.model), ("transformer", args.transformer),
+                                                 ("LoRA", args.lora)) if flag)
+    call, load = png_settings(args.from_png, replaced) if args.from_png else ({}, {})
     if args.from_png:  # only what the PNG named (flags given below are the user's own choice)
         check_download_allowed(args.from_png, load, getattr(args, "allow_download", False))
     given = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError
-from .hub_fetch import fetch_ref, parse_hub_ref
+from .hub_fetch import cache_dir, fetch_ref, parse_hub_ref
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -44,9 +44,10 @@ def local_identity(path: str | os.PathLike) -> tuple[str, int] | None:
     return str(location), sum(f.stat().st_size for f in sorted(location.rglob("*.safetensors")) if f.is_file())
 
 
-def is_cached_hub_id(text: str) -> bool:
+def is_cached_hub_id(text: str, revision: str | None = None) -> bool:
     """True when a hub reference's files are already in the local Hugging Face cache (no download
-    needed): the file it names, or the repo's model_index.json / config.json / adapter_config.json."""
+    needed): the file it names, or the repo's model_index.json / config.json / adapter_config.json,
+    at `revision` (a PNG's recorded commit) when the reference itself names none."""
     ref = parse_hub_ref(text)
     if ref is None:
         return False
@@ -55,4 +56,5 @@ def is_cached_hub_id(text: str) -> bool:
     except ImportError:  # pragma: no cover - a hard dependency
         return False
     names = (ref.path,) if ref.path else ("model_index.json", "config.json", "adapter_config.json")
-    return any(isinstance(try_to_load_from_cache(ref.repo_id, name, revision=ref.revision), str) for name in names)
+    return any(isinstance(try_to_load_from_cache(ref.repo_id, name, revision=ref.revision or revision,
+                                                             cache_dir=cache_dir()), str) for name in names)

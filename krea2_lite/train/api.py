@@ -47,9 +47,9 @@ def _plan(spec, settings: TrainSettings, dtype) -> TrainingPlan:
         if settings.rank > min(leaf_shapes[leaf]):  # refused before any encoding (the layer check repeats it)
             raise ArgumentError(f"rank {settings.rank} exceeds layer blocks.*.{leaf} "
                                 f"({leaf_shapes[leaf][1]}×{leaf_shapes[leaf][0]}); use rank ≤ {min(leaf_shapes[leaf])}")
-    return check_fits(cfg, settings.quant, vram_gb=settings.vram_gb, ram_gb=settings.ram_gb, rank=settings.rank, resolution=settings.resolution,
-               batch=settings.batch, text_tokens=min(settings.max_sequence_length, 256), dtype=dtype,
-               target_shapes=tuple(shapes))
+    return check_fits(cfg, spec.quant, vram_gb=settings.vram_gb, ram_gb=settings.ram_gb, rank=settings.rank,
+                      resolution=settings.resolution, batch=settings.batch,
+                      text_tokens=min(settings.max_sequence_length, 256), dtype=dtype, target_shapes=tuple(shapes))
 
 
 def train_lora(model: str | None = None, *, data: str, output: str, log=print, **options) -> Path:
@@ -70,7 +70,7 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     examples = preprocess(items, spec, settings, log=log, extra_texts=extra)
     streamed = plan.streamed_blocks
     transformer = freeze(load_transformer(spec.transformer, config=spec.config, device=device, dtype=dtype,
-                                          quant=spec.quant, progress=False,
+                                          quant=settings.quant, progress=False,  # a stored format loads as stored
                                           device_blocks=plan.resident_blocks if streamed else None))
     streaming = StreamedTraining(transformer, streamed, device) if streamed else None
     lora = TrainableLora(transformer, target_modules(transformer, settings.targets), settings.rank,

@@ -241,3 +241,37 @@ def test_cli_cache_flag_and_from_png_reproduce_it(tmp_path, capsys):
         main(["generate", "x", "--model", "demo", "--cache", "fbcache:abc"])
     assert exit_info.value.code == 2
     assert "threshold must be a number" in capsys.readouterr().err
+
+
+# ---- with features merged beside the cache: images in, GGUF files ----------------------------
+def test_cache_with_an_input_image_counts_the_steps_it_runs(pipe):
+    """img2img runs only the schedule's tail: the cache's warm-up / tail and the reported block
+    evaluations follow the steps actually run; a never-skipping cache is the uncached image exactly."""
+    start = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(image=start, strength=0.5, steps=STEPS)
+    plain = generate(pipe, **kwargs)
+    blocks = len(pipe.transformer.blocks)
+    assert plain.block_evaluations == plain.block_evaluations_total == (STEPS // 2) * blocks
+    assert torch.equal(generate(pipe, "fbcache:0", **kwargs).latents, plain.latents)
+    cached = generate(pipe, "fbcache:10,warmup=1,tail=1", **kwargs)
+    run = STEPS // 2
+    assert cached.block_evaluations_total == run * blocks
+    # 6 steps run: step 1 warm-up, step 6 tail, steps 2-4 skipped (max_skip 3), step 5 computed. Had the
+    # cache counted the call's 12 steps, the tail would lie beyond the run and step 6 would skip too.
+    skipped = 3
+    assert cached.block_evaluations == (run - skipped) * blocks + skipped * 1  # a skipped step runs `first`
+
+
+def test_cache_over_a_streamed_gguf_transformer(tmp_path):
+    """A GGUF transformer streamed block by block, cached: a never-skipping cache is the uncached image."""
+    from gguf_files import model_gguf
+    from krea2_lite import load_transformer
+    from krea2_lite.demo import demo_path
+
+    state = {k: v.detach().float().contiguous()
+             for k, v in load_transformer(demo_path() / "transformer", dtype=torch.float32).state_dict().items()}
+    path = model_gguf(tmp_path / "demo-Q8_0.gguf", state, "Q8_0")[0]
+    streamed = demo(transformer=path, offload="sequential")
+    reference = generate(streamed, steps=6)
+    assert torch.equal(generate(streamed, "fbcache:0", steps=6).latents, reference.latents)
+    assert_skip_adds_the_residual(streamed.transformer)

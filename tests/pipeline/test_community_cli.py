@@ -8,7 +8,7 @@ from PIL import Image
 
 from comfy_files import scaled_fp8
 from gguf_files import model_gguf
-from krea2_lite import load_transformer, read_png_metadata
+from krea2_lite import load_transformer, read_png_metadata, save_png
 from krea2_lite.__main__ import main
 from krea2_lite.demo import demo_path
 
@@ -38,11 +38,23 @@ def test_generate_with_transformer_files(files, tmp_path, single_thread):
         out = tmp_path / f"{name}.png"
         assert main([*base, "--transformer", str(path), "--output", str(out)]) == 0
         meta = read_png_metadata(out)
-        assert meta["transformer"] == str(path) and meta["model"] == "demo"
+        assert meta["transformer"] == str(path.resolve()) and meta["model"] == "demo"
+        assert meta["transformer_bytes"] == path.stat().st_size  # found again by absolute path and size
         assert psnr(Image.open(out), reference) > 25  # Q8_0 ≈ 50 dB, scaled fp8 ≈ 30+ dB on the demo
     again = tmp_path / "again.png"  # --from-png reloads the same transformer file
     assert main(["generate", "--from-png", str(tmp_path / "q8.png"), "--output", str(again), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tmp_path / "q8.png")))
+    replaced = files[0].with_name("replaced.gguf")  # the PNG's transformer file changed: refused in one line
+    replaced.write_bytes(files[0].read_bytes() + b"\0" * 64)
+    moved = tmp_path / "moved.png"
+    meta = read_png_metadata(tmp_path / "q8.png")
+    save_png(Image.open(tmp_path / "q8.png"), moved, dict(meta, transformer=str(replaced)))
+    assert main(["generate", "--from-png", str(moved), "--output", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert not (tmp_path / "x.png").exists()
+    # --transformer given: the user's choice replaces the PNG's file, which is then not checked
+    assert main(["generate", "--from-png", str(moved), "--transformer", str(files[0]), "--output",
+                 str(tmp_path / "y.png"), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "y.png")), np.asarray(Image.open(tmp_path / "q8.png")))
 
 
 def test_inspect(files, capsys):

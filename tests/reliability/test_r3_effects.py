@@ -100,6 +100,15 @@ def test_png_model_of_another_size_is_refused(tmp_path, capsys, no_load):
                                         "--output", str(tmp_path / "o.png")], match="a different file")
 
 
+def test_png_model_replaced_by_the_flag_is_not_checked(tmp_path):
+    from krea2_lite.cli.generate_settings import resolve_settings
+    from krea2_lite.cli.subcommands import build_parser
+
+    png = _png_naming(tmp_path, model=str(tmp_path / "gone.safetensors"), model_bytes=5)
+    args = build_parser().parse_args(["generate", "--from-png", str(png), "--model", "demo"])
+    assert resolve_settings(args)[1]["model"] == "demo"  # the error message's advice works
+
+
 def test_png_model_missing_here_is_refused(tmp_path, capsys, no_load):
     from r3_helpers import generate_refused
 
