@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--vram-gb", type=float, default=None)
     p.add_argument("--ram-gb", type=float, default=None)
+    p.add_argument("--sample-every", type=int, default=None, metavar="N",
+                   help="every N steps and at the end, one image per --sample-prompts line (OUTPUT_STEM-samples/)")
+    p.add_argument("--sample-prompts", default=None, metavar="FILE", help="prompts to sample: .txt one a line, or .jsonl")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -56,6 +59,7 @@ def _train(args) -> int:
                    center_crop=not args.no_crop, flip=args.flip, transformer=args.transformer,
                    text_encoder=args.text_encoder, vae=args.vae, cache_dir=args.cache_dir, device=args.device,
                    vram_gb=args.vram_gb, ram_gb=args.ram_gb, progress=not args.quiet,
+                   sample_every=args.sample_every, sample_prompts=args.sample_prompts,
                    log=(lambda *a: None) if args.quiet else print)
     except TrainingInterrupted as exc:
         print(f"error: {exc}", file=sys.stderr)

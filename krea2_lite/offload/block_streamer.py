@@ -5,6 +5,10 @@ Each streamed block's tensors live in one flat pinned host buffer. On the device
 block j + prefetch; CUDA events order each copy after the compute that last read its slot and each
 compute after its copy. Between uses a streamed block is bound to its host copy, so `state_dict()`
 still returns the right values. On a CPU "device" the same bookkeeping runs with synchronous copies.
+
+Training also runs the blocks backwards (each block's forward recomputed inside the backward):
+`start(direction=-1)` prefetches the last blocks, `fetch(block, -1)` puts one on the device while the
+one before it is copied, and `evict(block)` hands its slot back once its backward has been queued.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class BlockStreamer:
             self.free = [torch.cuda.Event() for _ in range(count)]
         self.position = {block: j for j, block in enumerate(self.order)}
         self.pending: set[int] = set()
+        self.bound: set[int] = set()  # blocks bound to a device slot now
         self.copies = 0  # blocks copied host → device so far (tests and benchmarks count them)
         self.gate_at: int | None = None  # see hold_from
         self.gate_open = True
@@ -97,7 +102,7 @@ class BlockStreamer:
 
     def _issue(self, j: int, force: bool = False) -> None:
         """Copy streamed block number j (in stream order) into its slot (unless held, see hold_from)."""
-        if j >= len(self.order) or j in self.pending:
+        if not 0 <= j < len(self.order) or j in self.pending:
             return
         if not (force or self.gate_open) and self.order[j] >= self.gate_at:
             return
@@ -112,39 +117,53 @@ class BlockStreamer:
         self.pending.add(j)
         self.copies += 1
 
-    def start(self) -> None:
-        """A forward begins: put every streamed block back on its host copy, prefetch the first ones."""
+    def start(self, direction: int = 1) -> None:
+        """A pass begins: put every streamed block back on its host copy, prefetch the first ones (the
+        last ones when `direction` is -1: a backward pass)."""
         for i in self.order:
             for slot, view in zip(self.slots_of[i], self.host_views[i]):
                 slot.bind(view)
         self.pending.clear()
+        self.bound.clear()
         self.gate_open = self.gate_at is None
-        for j in range(min(self.prefetch, len(self.order))):
+        count = min(self.prefetch, len(self.order))
+        for j in (range(count) if direction > 0 else range(len(self.order) - 1, len(self.order) - 1 - count, -1)):
             self._issue(j)
+
+    def fetch(self, block: int, direction: int = 1) -> None:
+        """Streamed `block` on the device and bound to its slot (waiting for its copy); the next `prefetch`
+        streamed blocks in `direction` (+1 forward order, -1 backward) start copying meanwhile."""
+        j = self.position[block]
+        self._issue(j, force=True)  # no-op when prefetched; a block called out of order is fetched now
+        for ahead in range(j + direction, j + direction * (1 + self.prefetch), direction):
+            if self._slot(ahead) != self._slot(j):
+                self._issue(ahead)
+        slot = self._slot(j)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        for s, view in zip(self.slots_of[block], self.device_views(slot, block)):
+            s.bind(view)
+        self.bound.add(block)
+
+    def evict(self, block: int) -> None:
+        """`block`'s work on its slot is queued: the slot may be refilled after it; the block reads its host copy."""
+        j = self.position[block]
+        slot = self._slot(j)
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+        for s, view in zip(self.slots_of[block], self.host_views[block]):
+            s.bind(view)
+        self.pending.discard(j)
+        self.bound.discard(block)
 
     def _before_hook(self, block: int):
         def hook(module, args):
-            j = self.position[block]
-            self._issue(j, force=True)  # no-op when prefetched; a block called out of order is fetched now
-            for ahead in range(j + 1, j + 1 + self.prefetch):
-                if self._slot(ahead) != self._slot(j):
-                    self._issue(ahead)
-            slot = self._slot(j)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-            for s, view in zip(self.slots_of[block], self.device_views(slot, block)):
-                s.bind(view)
+            self.fetch(block)
         return hook
 
     def _after_hook(self, block: int):
         def hook(module, args, output):
-            j = self.position[block]
-            slot = self._slot(j)
-            if self.cuda:
-                self.free[slot].record(torch.cuda.current_stream(self.device))
-            for s, view in zip(self.slots_of[block], self.host_views[block]):
-                s.bind(view)
-            self.pending.discard(j)
+            self.evict(block)
         return hook
 
     def close(self) -> None:

@@ -11,7 +11,9 @@
   loop.py         AdamW, clipping, accumulation, saves, NaN stop, Ctrl-C
   checkpoint.py   the --resume folder (safetensors + JSON)
   loss_log.py     loss JSONL and its PNG plot
-  memory.py       the training memory plan (resident; streamed not yet)
+  memory.py       the training memory plan (resident, or the fewest blocks streamed that fit)
+  streaming.py    streamed blocks in the forward order and again in reverse for the backward
+  samples.py      --sample-every: images through the pipeline with the current LoRA, PNG metadata
   api.py          train_lora
 """
 

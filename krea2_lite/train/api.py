@@ -18,9 +18,11 @@ from .lora_params import TrainableLora, target_modules
 from .loop import Run, train_loop
 from .base_model import freeze
 from .cache import preprocess
-from .memory import check_fits
+from .memory import TrainingPlan, check_fits
 from .order import DataOrder
 from .settings import TrainSettings, check_settings
+from .samples import NEGATIVE, Sampler
+from .streaming import StreamedTraining
 
 
 def _identity(settings: TrainSettings, examples) -> dict:
@@ -30,7 +32,7 @@ def _identity(settings: TrainSettings, examples) -> dict:
             "data_keys": data.hexdigest()}
 
 
-def _plan(spec, settings: TrainSettings, dtype) -> None:
+def _plan(spec, settings: TrainSettings, dtype) -> TrainingPlan:
     shapes = []
     cfg = spec.config
     kv = cfg.kvheads * cfg.headdim
@@ -45,9 +47,9 @@ def _plan(spec, settings: TrainSettings, dtype) -> None:
         if settings.rank > min(leaf_shapes[leaf]):  # refused before any encoding (the layer check repeats it)
             raise ArgumentError(f"rank {settings.rank} exceeds layer blocks.*.{leaf} "
                                 f"({leaf_shapes[leaf][1]}×{leaf_shapes[leaf][0]}); use rank ≤ {min(leaf_shapes[leaf])}")
-    check_fits(cfg, spec.quant, vram_gb=settings.vram_gb, rank=settings.rank, resolution=settings.resolution,
-               batch=settings.batch, text_tokens=min(settings.max_sequence_length, 256), dtype=dtype,
-               target_shapes=tuple(shapes))
+    return check_fits(cfg, spec.quant, vram_gb=settings.vram_gb, ram_gb=settings.ram_gb, rank=settings.rank,
+                      resolution=settings.resolution, batch=settings.batch,
+                      text_tokens=min(settings.max_sequence_length, 256), dtype=dtype, target_shapes=tuple(shapes))
 
 
 def train_lora(model: str | None = None, *, data: str, output: str, log=print, **options) -> Path:
@@ -61,10 +63,16 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     items, skips = scan_folder(settings.data, settings.resolution, settings.trigger)
     if skips:
         log(f"skipped {len(skips)} file(s):\n  " + "\n  ".join(skips))
-    _plan(spec, settings, dtype)
-    examples = preprocess(items, spec, settings, log=log)
+    plan = _plan(spec, settings, dtype)
+    if plan.streamed_blocks:
+        log(f"memory plan: {plan.describe()}")
+    extra = settings.sample_texts + (NEGATIVE,) if settings.sample_texts else ()
+    examples = preprocess(items, spec, settings, log=log, extra_texts=extra)
+    streamed = plan.streamed_blocks
     transformer = freeze(load_transformer(spec.transformer, config=spec.config, device=device, dtype=dtype,
-                                          quant=settings.quant, progress=False))  # a stored format loads as stored
+                                          quant=settings.quant, progress=False,  # a stored format loads as stored
+                                          device_blocks=plan.resident_blocks if streamed else None))
+    streaming = StreamedTraining(transformer, streamed, device) if streamed else None
     lora = TrainableLora(transformer, target_modules(transformer, settings.targets), settings.rank,
                          settings.lora_alpha, settings.seed)
     lora.attach(device)
@@ -73,7 +81,8 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
     generator = torch.Generator().manual_seed(settings.seed)
     run = Run(transformer, lora, optimizer, generator, DataOrder([e.bucket for e in examples], settings.batch,
                                                                    settings.seed),
-              examples, settings, dict(spec.shift), device, _identity(settings, examples))
+              examples, settings, dict(spec.shift), device, _identity(settings, examples), streaming=streaming,
+              sampler=Sampler(transformer, spec, settings, device) if settings.sample_texts else None)
     if settings.resume:
         progress = load_checkpoint(Path(settings.resume), lora=lora, optimizer=optimizer, params=params,
                                    generator=generator, identity=run.identity)
@@ -83,4 +92,6 @@ def train_lora(model: str | None = None, *, data: str, output: str, log=print, *
         train_loop(run, log=log)
     finally:
         lora.detach_hooks()
+        if streaming is not None:
+            streaming.close()
     return Path(settings.output)

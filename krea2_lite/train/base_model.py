@@ -36,8 +36,9 @@ def _checkpointed(block: nn.Module, forward):
 
 
 @contextlib.contextmanager
-def training_forward(model: nn.Module, checkpoint_blocks: bool = True):
-    """Dequantized-weight forwards for every QuantizedLinear and per-block checkpointing, undone on exit."""
+def training_forward(model: nn.Module, checkpoint_blocks: bool = True, streaming=None):
+    """Dequantized-weight forwards for every QuantizedLinear and per-block checkpointing, undone on exit.
+    `streaming` (train.streaming.StreamedTraining) fetches streamed blocks for their recompute."""
     saved = []
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
@@ -45,8 +46,9 @@ def training_forward(model: nn.Module, checkpoint_blocks: bool = True):
             module.activations = None
             module.forward = types.MethodType(_dequantized_forward, module)
     if checkpoint_blocks:
-        for block in model.blocks:
-            block.forward = _checkpointed(block, type(block).forward.__get__(block))
+        for index, block in enumerate(model.blocks):
+            forward = type(block).forward.__get__(block)
+            block.forward = _checkpointed(block, forward if streaming is None else streaming.wrap(index, forward))
     try:
         yield model
     finally:

@@ -60,28 +60,43 @@ def _encode_latents(vae, item: Item, flip: bool, center_crop: bool) -> dict:
     return out
 
 
-def _encode_text(encoder, caption: str, max_sequence_length: int) -> dict:
-    # Encoded at the caption's own length, not padded to max_sequence_length: the text model is causal
-    # and right-padded, so its real tokens' states are the same (and 512-token padding costs ~10×).
+def _encode_text(encoder, caption: str, max_sequence_length: int, padded: bool = False) -> dict:
+    # A caption is encoded at its own length, not padded to max_sequence_length: the text model is causal
+    # and right-padded, so its real tokens' states are nearly the same (and 512-token padding costs ~10×).
+    # A sample prompt (`padded`) is encoded as the pipeline encodes it, so that a sample is the image
+    # generation gives (on the demo the two encodings differ by up to 0.09 in a state, 9/255 in a pixel).
     tokens = len(encoder.tokenizer(encoder.prompt_template_prefix + caption).input_ids)
     length = max(1, min(max_sequence_length, tokens - encoder.prefix_tokens + encoder.suffix_tokens))
+    length = max_sequence_length if padded else length
     hidden, mask = encoder.encode([caption], length)
     return {"hidden": hidden[0][mask[0].bool()].float()}
 
 
-def preprocess(items: list[Item], spec, settings, *, log=print) -> list[Example]:
-    """Cached latents and text states for every item; missing ones computed with the encoders."""
+def text_file(caption: str, spec, settings, text_id: list | None = None, padded: bool = False) -> Path:
+    """Where the text states of `caption` are cached (a training caption, or a sample prompt: `padded`)."""
+    text_id = _identity(spec.text_encoder) if text_id is None else text_id
+    parts = (caption, settings.max_sequence_length, spec.select_layers, text_id) + (("padded",) if padded else ())
+    key = _key(*parts)
+    return settings.cache_path / "text" / f"{key}.safetensors"
+
+
+def preprocess(items: list[Item], spec, settings, *, log=print, extra_texts=()) -> list[Example]:
+    """Cached latents and text states for every item (and the text states of `extra_texts`, the sample
+    prompts, read back with `text_file`); missing ones computed with the encoders."""
     root = settings.cache_path
     vae_id, text_id = _identity(spec.vae), _identity(spec.text_encoder)
     examples, todo_latent, todo_text = [], [], []
     for item in items:
         latent = root / "latents" / f"{_key(item.digest, item.bucket, settings.center_crop, settings.flip, vae_id)}.safetensors"
-        text = root / "text" / f"{_key(item.caption, settings.max_sequence_length, spec.select_layers, text_id)}.safetensors"
+        text = text_file(item.caption, spec, settings, text_id)
         examples.append(Example(latent, text, item.bucket))
         if not latent.is_file():
             todo_latent.append((item, latent))
         if not text.is_file():
-            todo_text.append((item, text))
+            todo_text.append(((item.caption, False), text))
+    for caption in dict.fromkeys(extra_texts):
+        if not text_file(caption, spec, settings, text_id, padded=True).is_file():
+            todo_text.append(((caption, True), text_file(caption, spec, settings, text_id, padded=True)))
     if todo_latent:
         from ..loading.vae_encoder import load_vae_encoder
 
@@ -99,9 +114,9 @@ def preprocess(items: list[Item], spec, settings, *, log=print) -> list[Example]
         dtype = torch.bfloat16 if torch.device(settings.device).type == "cuda" else torch.float32
         encoder = load_text_encoder(spec.text_encoder, device=settings.device, dtype=dtype,
                                     select_layers=spec.select_layers)
-        for item, path in todo_text:
-            save_atomic({k: v.cpu() for k, v in _encode_text(encoder, item.caption, settings.max_sequence_length).items()},
-                        path)
+        for (caption, padded), path in dict(todo_text).items():
+            states = _encode_text(encoder, caption, settings.max_sequence_length, padded)
+            save_atomic({k: v.cpu() for k, v in states.items()}, path)
         del encoder
     gc.collect()  # both encoders leave memory before the first step
     if torch.cuda.is_available():
@@ -116,4 +131,4 @@ def read_example(example: Example, flipped: bool) -> tuple[torch.Tensor, torch.T
     return latent.float(), read_small_file(example.text_file)["hidden"].float()
 
 
-__all__ = ["Example", "preprocess", "read_example", "save_atomic"]
+__all__ = ["Example", "preprocess", "read_example", "save_atomic", "text_file"]

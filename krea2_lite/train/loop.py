@@ -5,6 +5,7 @@ Ctrl-C → save and `TrainingInterrupted`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class Run:
     shift: dict
     device: torch.device
     identity: dict
+    streaming: object = None  # train.streaming.StreamedTraining when blocks stream
+    sampler: object = None  # train.samples.Sampler with --sample-every
     step: int = 0
     losses: list = field(default_factory=list)
 
@@ -65,7 +68,8 @@ def train_step(run: Run) -> float:
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the loss became {float(loss.detach())} at step {run.step + 1}; stopped without "
                                  f"applying it (the last good save is step {_last_save(run)})")
-        (loss / k).backward()
+        with run.streaming.backward() if run.streaming is not None else contextlib.nullcontext():
+            (loss / k).backward()
         total += float(loss.detach()) / k
     torch.nn.utils.clip_grad_norm_(run.params, run.settings.max_grad_norm)
     run.optimizer.step()
@@ -96,7 +100,7 @@ def train_loop(run: Run, *, log=print) -> None:
     loss_log.truncate(jsonl, run.step)
     smooth, snapshot = None, (run.generator.get_state(), run.order.state())
     start = time.perf_counter()
-    with training_forward(run.model), tqdm(total=settings.steps, initial=run.step, desc="training", unit="step",
+    with training_forward(run.model, streaming=run.streaming), tqdm(total=settings.steps, initial=run.step, desc="training", unit="step",
                                            disable=not settings.progress) as bar:
         try:
             while run.step < settings.steps:
@@ -108,6 +112,8 @@ def train_loop(run: Run, *, log=print) -> None:
                 bar.update()
                 if settings.save_every and run.step % settings.save_every == 0 and run.step < settings.steps:
                     save(run)
+                if run.sampler is not None and run.sampler.due(run.step):
+                    run.sampler.draw(run.step)
         except KeyboardInterrupt:
             run.optimizer.zero_grad(set_to_none=True)  # the unfinished step is dropped, its draws rewound
             run.generator.set_state(snapshot[0])

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ArgumentError, UnsafeOutputError
+from ..errors import ArgumentError, PromptFileError, UnsafeOutputError
 
 # Target groups → the official linear names inside a block (`blocks.N.<leaf>`) or the text fusion.
 TARGET_GROUPS = {
@@ -54,6 +54,9 @@ class TrainSettings:
     ram_gb: float | None = None
     device: str = "cpu"
     progress: bool = True
+    sample_every: int | None = None  # with sample_prompts: images every N steps and at the end (train.samples)
+    sample_prompts: str | None = None  # a prompt file (.txt one a line, or .jsonl with "prompt")
+    sample_texts: tuple[str, ...] = ()  # the file's prompts, read by check_settings
 
     @property
     def lora_alpha(self) -> float:
@@ -111,6 +114,27 @@ def check_output(settings: TrainSettings) -> None:
             raise UnsafeOutputError(f"--output {out} would overwrite the input --{name.replace('_', '-')} {given}")
 
 
+def check_samples(settings: TrainSettings) -> None:
+    """--sample-every and --sample-prompts come together; the prompt file is read now (PromptFileError)."""
+    every, prompts = settings.sample_every, settings.sample_prompts
+    if every is None and prompts is None:
+        return
+    if prompts is None:
+        raise ArgumentError("--sample-every needs --sample-prompts FILE (the prompts to sample)")
+    if every is None:
+        raise ArgumentError("--sample-prompts needs --sample-every N (how often to sample)")
+    _positive_int("sample_every", every)
+    from ..files.prompt_files import read_prompt_file
+
+    jobs = read_prompt_file(prompts)
+    for job in jobs:
+        extra = sorted(set(job) - {"prompt", "line"})
+        if extra:
+            raise PromptFileError(f"{prompts}:{job['line']}: sample prompts take only \"prompt\", found "
+                                  f"{', '.join(extra)}")
+    settings.sample_texts = tuple(job["prompt"] for job in jobs)
+
+
 def check_settings(settings: TrainSettings) -> TrainSettings:
     """Every argument checked; returns the settings (targets parsed) or raises one ArgumentError."""
     _positive_int("rank", settings.rank)
@@ -143,6 +167,7 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
         if getattr(settings, name) is not None:
             _positive_float(name, getattr(settings, name))
     check_output(settings)
+    check_samples(settings)
     if settings.resume is not None and not Path(settings.resume).is_dir():
         raise ArgumentError(f"--resume {settings.resume}: no checkpoint folder there")
     os.fspath(settings.output)
