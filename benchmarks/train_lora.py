@@ -57,9 +57,9 @@ def evaluate(lora: Path, seeds: list[int], held: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--held", type=int, default=16)
