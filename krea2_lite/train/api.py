@@ -21,6 +21,7 @@ from .cache import preprocess
 from .memory import TrainingPlan, check_fits
 from .order import DataOrder
 from .settings import TrainSettings, check_settings
+from .run_paths import remove_leftovers
 from .samples import NEGATIVE, Sampler
 from .streaming import StreamedTraining
 
@@ -55,6 +56,7 @@ def _plan(spec, settings: TrainSettings, dtype) -> TrainingPlan:
 def train_lora(model: str | None = None, *, data: str, output: str, log=print, **options) -> Path:
     """Train a LoRA on `data` and write it to `output` (diffusers/PEFT layout). Returns the path."""
     settings = check_settings(TrainSettings(model=model, data=str(data), output=str(output), **options))
+    remove_leftovers(settings)  # temporary files of killed runs beside this run's outputs
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = resolve_pipeline(settings.model, quant=settings.quant, transformer=settings.transformer,

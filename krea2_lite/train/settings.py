@@ -11,7 +11,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import checks
 from ..errors import ArgumentError, PromptFileError, UnsafeOutputError
+from .run_paths import check_run_paths
 
 # Target groups → the official linear names inside a block (`blocks.N.<leaf>`) or the text fusion.
 TARGET_GROUPS = {
@@ -74,9 +76,14 @@ class TrainSettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
+MAX_COUNT = 10_000_000  # steps, save / sample intervals: far past any run (the demo learns in 1000 steps)
+
+
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    if value > MAX_COUNT and name != "rank":  # rank is checked against the layers (train.api)
+        raise ArgumentError(f"{name} must be an integer in {minimum}..{MAX_COUNT}, got {value!r}")
     return value
 
 
@@ -147,6 +154,8 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
     _positive_int("save_every", settings.save_every, minimum=0)
     _positive_float("max_grad_norm", settings.max_grad_norm)
     res = _positive_int("resolution", settings.resolution, minimum=16)
+    if res > checks.MAX_SIDE:
+        raise ArgumentError(f"resolution must be in 16..{checks.MAX_SIDE}, got {res}")
     if res % 16:
         raise ArgumentError(f"resolution must be a multiple of 16 (8× VAE, 2× patch), got {res}")
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
@@ -166,9 +175,11 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
     for name in ("vram_gb", "ram_gb"):
         if getattr(settings, name) is not None:
             _positive_float(name, getattr(settings, name))
+    checks.check_device(settings.device)
     check_output(settings)
     check_samples(settings)
     if settings.resume is not None and not Path(settings.resume).is_dir():
         raise ArgumentError(f"--resume {settings.resume}: no checkpoint folder there")
+    check_run_paths(settings)
     os.fspath(settings.output)
     return settings
