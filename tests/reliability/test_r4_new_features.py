@@ -289,3 +289,40 @@ def test_sigterm_saves_the_last_step_and_leaves_nothing_half_written(data, tmp_p
     assert load_file(out) and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     state = json.loads((tmp_path / "lora.safetensors.checkpoint" / "state.json").read_text())
     assert state["step"] >= 1
+
+
+# ---- --from-png of images made from an input ----------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"outpaint": 5}, "outpaint must be (left, top, right, bottom)"),
+    ({"outpaint": "abcd"}, "outpaint must be"),
+    ({"outpaint": [16.5, 0, 0, 0]}, "outpaint left must be an int"),
+    ({"strength": "x"}, "strength must be a number"),
+    ({"mask_blur": [1]}, "mask_blur must be a number"),
+    ({"strength": None}, "records image, outpaint but no strength"),  # was silently text-to-image
+])
+def test_recorded_inputs_are_checked_naming_the_png(changes, message):
+    from krea2_lite.errors import MetadataError
+
+    meta = {"strength": 1.0, "mask_blur": 0.0, "outpaint": [16, 0, 0, 0], "image": {"path": "in.png", "sha256": "0"},
+            "mask": None, **changes}
+    with pytest.raises(MetadataError, match=r"^made\.png: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        generate_images.from_png(meta, "made.png")
+
+
+# ---- community files ----------------------------------------------------------------------------
+def test_a_nan_block_scale_in_a_gguf_is_named_at_load(tmp_path):
+    import numpy as np
+
+    from gguf_files import model_gguf
+    from krea2_lite.files.gguf_container import read_gguf
+    from krea2_lite.loading.transformer import load_transformer
+
+    model = load_transformer(demo_path() / "transformer", device="cpu", dtype=torch.float32, progress=False)
+    path, _ = model_gguf(tmp_path / "q8.gguf", {k: v.float().contiguous() for k, v in model.state_dict().items()},
+                         "Q8_0")
+    entry = read_gguf(path).tensors["blocks.1.attn.wq.weight"]
+    data = bytearray(path.read_bytes())
+    data[entry.start + 3 * 34:entry.start + 3 * 34 + 2] = np.array([np.nan], dtype=np.float16).tobytes()  # block 3's d
+    path.write_bytes(bytes(data))
+    with pytest.raises(NonFiniteError, match=r"q8.gguf: tensor 'blocks.1.attn.wq.weight': block 3 of .* NaN/inf scale"):
+        load_transformer(path, device="cpu", dtype=torch.float32, progress=False)
