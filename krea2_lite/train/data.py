@@ -26,6 +26,7 @@ from ..images_in import check_header_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_ASPECT = 4.0
+MAX_CAPTION_BYTES = 1 << 20  # far past any text encoder's context
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ def _caption_file(image: Path, skips: list[str]) -> str | None:
     text_path = image.with_suffix(".txt")
     if not text_path.is_file():
         skips.append(f"{image.name}: no caption ({text_path.name} missing)")
+        return None
+    if text_path.stat().st_size > MAX_CAPTION_BYTES:  # a caption is a sentence; never read a huge file whole
+        skips.append(f"{text_path.name}: {text_path.stat().st_size} bytes, not a caption (at most {MAX_CAPTION_BYTES})")
         return None
     try:
         text = text_path.read_bytes().decode("utf-8").strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,6 +153,9 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
     _positive_int("batch", settings.batch)
     _positive_int("grad_accum", settings.grad_accum)
     _positive_int("save_every", settings.save_every, minimum=0)
+    if settings.save_every >= settings.steps:  # said, not silently without effect
+        warnings.warn(f"save_every={settings.save_every} ≥ steps={settings.steps}: only the final save happens",
+                      stacklevel=3)
     _positive_float("max_grad_norm", settings.max_grad_norm)
     res = _positive_int("resolution", settings.resolution, minimum=16)
     if res > checks.MAX_SIDE:

@@ -183,11 +183,25 @@ def test_a_hostile_metadata_jsonl_is_skipped_line_by_line(tmp_path):
     assert sum("metadata.jsonl:" in s for s in skips) == 2, skips
 
 
+def test_a_huge_caption_file_is_skipped_unread(tmp_path):
+    folder = write_scene_folder(tmp_path / "d", 2)
+    with open(folder / "img1.txt", "wb") as fh:
+        fh.truncate((1 << 20) + 1)  # sparse: 1 MiB of NULs that were read whole before
+    items, skips = scan_folder(folder, 64)
+    assert [i.image.name for i in items] == ["img0.png"]
+    assert any("img1.txt" in s and "not a caption" in s for s in skips), skips
+
+
+def test_save_every_without_effect_is_said(data, tmp_path):
+    with pytest.warns(UserWarning, match="save_every=5 ≥ steps=5: only the final save happens"):
+        check_settings(_settings(data, tmp_path / "l.safetensors", steps=5, save_every=5))
+
+
 # ---- training: checkpoints, logs, signals --------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("r4run") / "lora.safetensors"
-    train_lora(str(demo_path()), data=data, output=out, steps=1, save_every=1, **{**OPTIONS, "rank": 2})
+    train_lora(str(demo_path()), data=data, output=out, steps=1, **{**OPTIONS, "rank": 2})  # the final save
     return out
 
 
