@@ -48,7 +48,14 @@ def save_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(partial_name(path.name))  # a killed run's: removed by the next (run_paths)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; a LoRA is meant to be shared
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _encode_latents(vae, item: Item, flip: bool, center_crop: bool) -> dict:

@@ -303,6 +303,9 @@ def test_sigterm_saves_the_last_step_and_leaves_nothing_half_written(data, tmp_p
     assert load_file(out) and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     state = json.loads((tmp_path / "lora.safetensors.checkpoint" / "state.json").read_text())
     assert state["step"] >= 1
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
 
 
 # ---- --from-png of images made from an input ----------------------------------------------------
