@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ArgumentTypeError
 from ..loading.pipeline import resolve_pipeline
 from ..loading.transformer import load_transformer
 from .checkpoint import load_checkpoint
@@ -55,6 +55,10 @@ def _plan(spec, settings: TrainSettings, dtype) -> TrainingPlan:
 
 def train_lora(model: str | None = None, *, data: str, output: str, log=print, **options) -> Path:
     """Train a LoRA on `data` and write it to `output` (diffusers/PEFT layout). Returns the path."""
+    unknown = sorted(set(options) - set(TrainSettings.__dataclass_fields__) - {"sample_texts"})
+    if unknown or "sample_texts" in options:
+        raise ArgumentTypeError(f"train_lora() got unknown option(s) {', '.join(unknown or ['sample_texts'])}; "
+                                f"see help(krea2_lite.train.TrainSettings)")
     settings = check_settings(TrainSettings(model=model, data=str(data), output=str(output), **options))
     remove_leftovers(settings)  # temporary files of killed runs beside this run's outputs
     device = torch.device(settings.device)

@@ -174,7 +174,7 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
     data = Path(settings.data)
     if not data.is_dir():
         raise ArgumentError(f"--data {data}: no such folder")
-    if settings.trigger is not None and not str(settings.trigger).strip():
+    if settings.trigger is not None and (not isinstance(settings.trigger, str) or not settings.trigger.strip()):
         raise ArgumentError("--trigger must be a non-empty word")
     for name in ("vram_gb", "ram_gb"):
         if getattr(settings, name) is not None:

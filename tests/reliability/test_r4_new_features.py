@@ -343,3 +343,18 @@ def test_a_nan_block_scale_in_a_gguf_is_named_at_load(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(NonFiniteError, match=r"q8.gguf: tensor 'blocks.1.attn.wq.weight': block 3 of .* NaN/inf scale"):
         load_transformer(path, device="cpu", dtype=torch.float32, progress=False)
+
+
+def test_api_arguments_of_the_wrong_kind_are_typed_errors(data, tmp_path):
+    from krea2_lite import load_vae_encoder
+    from krea2_lite.errors import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match="path must be a path"):
+        load_vae_encoder(None)
+    with pytest.raises(ArgumentError, match="device must be 'cpu'"):
+        load_vae_encoder(demo_path() / "vae", device="banana")
+    with pytest.raises(ArgumentTypeError, match="unknown option.* ranks"):
+        train_lora(str(demo_path()), data=data, output=tmp_path / "x.safetensors", ranks=4)
+    with pytest.raises(ArgumentError, match="--trigger must be a non-empty word"):
+        train_lora(str(demo_path()), data=data, output=tmp_path / "x.safetensors", trigger=5)
+    assert list(tmp_path.iterdir()) == []
