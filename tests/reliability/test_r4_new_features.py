@@ -358,3 +358,20 @@ def test_api_arguments_of_the_wrong_kind_are_typed_errors(data, tmp_path):
     with pytest.raises(ArgumentError, match="--trigger must be a non-empty word"):
         train_lora(str(demo_path()), data=data, output=tmp_path / "x.safetensors", trigger=5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hostile_comfyui_layer_descriptions_are_named(tmp_path):
+    from types import SimpleNamespace
+
+    from krea2_lite.errors import CorruptCheckpointError
+    from krea2_lite.files.comfy_layouts import comfy_layers
+
+    deep = {"_quantization_metadata": "[" * 100_000}  # a RecursionError (internal error) before
+    with pytest.raises(CorruptCheckpointError, match="f.safetensors: unreadable _quantization_metadata"):
+        comfy_layers({}, deep, "f.safetensors", read=None)
+    huge = {"a.comfy_quant": (None, None, SimpleNamespace(shape=(1 << 24,), dtype="U8"))}
+    with pytest.raises(CorruptCheckpointError, match="'a.comfy_quant' holds 16777216 bytes"):
+        comfy_layers(huge, None, "f.safetensors", read=lambda name: pytest.fail("read a huge entry"))
+    nested = {"a.comfy_quant": (None, None, SimpleNamespace(shape=(300,), dtype="U8"))}
+    with pytest.raises(CorruptCheckpointError, match="'a.comfy_quant' is not a JSON layer description"):
+        comfy_layers(nested, None, "f.safetensors", read=lambda name: torch.tensor(list(b"[" * 300), dtype=torch.uint8))
