@@ -34,6 +34,7 @@ DEFAULT_STRENGTH = 0.6  # img2img; inpainting and outpainting default to 1.0 (th
 MAX_MASK_BLUR = 256.0  # pixels of Gaussian sigma; more blurs the whole mask away
 MAX_OUTPAINT = 4096  # pixels per side (the pipeline's largest side)
 ASPECT_TOLERANCE = 0.01  # a mask's aspect ratio may differ from the image's by this share (rounding)
+MAX_INPUT_PIXELS = checks.MAX_CALL_PIXELS  # a file's pixels, checked from its header before decoding
 
 
 @dataclass
@@ -66,17 +67,30 @@ def file_record(path: str | os.PathLike) -> dict:
 
 # ---- reading ----------------------------------------------------------------------------------
 def _open(path, what: str):
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
+    if os.fspath(path) == "":
+        raise ImageInputError(f"{what}: the path is empty; name an image file")
     p = Path(path)
     if not p.is_file():
         raise ImageInputError(f"{what} {p}: no such file" if not p.exists() else f"{what} {p}: not a file")
     try:
         with Image.open(p) as img:
+            check_header_size(img.size, f"{what} {p}")  # before decoding: a small file may declare a huge image
             img.load()
             return ImageOps.exif_transpose(img)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+    except ImageInputError:
+        raise
+    except Exception as exc:  # PIL raises many types for damaged files (SyntaxError, struct.error, ...)
         raise ImageInputError(f"{what} {p}: cannot be read as an image ({exc})") from None
+
+
+def check_header_size(size: tuple[int, int], where: str) -> None:
+    """An image's declared (width, height), refused above MAX_INPUT_PIXELS before any pixel is decoded."""
+    width, height = size
+    if width * height > MAX_INPUT_PIXELS:
+        raise ImageInputError(f"{where}: the image is {width}×{height} ({width * height / 2**20:.0f} Mi pixels); "
+                              f"at most {MAX_INPUT_PIXELS // 2**20} Mi pixels are read: resize it first")
 
 
 def _sixteen_bit(img) -> np.ndarray | None:
@@ -262,6 +276,8 @@ def prepare(image, *, mask_image=None, outpaint=None, strength=None, mask_blur=0
     strength = checks.check_number("strength", (1.0 if masked else DEFAULT_STRENGTH) if strength is None
                                       else strength, 0.0, 1.0, low_open=True)
     mask_blur = checks.check_number("mask_blur", mask_blur, 0.0, MAX_MASK_BLUR)
+    if mask_blur and not masked:  # it would blur nothing: said, not silently ignored
+        raise ImageInputError(f"mask_blur={mask_blur:g} softens a mask's edge; give mask_image= or outpaint= too")
     if mask_image is not None and outpaint is not None:
         raise ImageInputError("give mask_image= or outpaint=, not both (outpaint masks the new area itself)")
     pixels, image_file = read_image(image)

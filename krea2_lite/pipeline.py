@@ -417,6 +417,10 @@ class Krea2Pipeline:
             if self.variant == "turbo":
                 warnings.warn(f"cache={spec.name!r} on a Turbo model: an 8-step distilled model changes a lot at "
                               "every step, so a step cache skips little and costs quality", stacklevel=3)
+            if spec.warmup + spec.tail >= call.steps or spec.threshold == 0:  # an option without effect is said
+                why = (f"warmup={spec.warmup} + tail={spec.tail} cover all {call.steps} steps" if spec.threshold
+                       else "threshold 0 never skips")
+                warnings.warn(f"cache={spec.name!r} skips no step: {why}", stacklevel=3)
             for meta in call.metadata:
                 meta["cache"] = spec.name
         return spec

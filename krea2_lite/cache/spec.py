@@ -116,6 +116,8 @@ def parse_cache(value) -> CacheSpec | None:
         key = key.strip().lower().replace("-", "_")
         if not sep or key not in KEYS:
             raise ArgumentError(f"cache spec {value!r}: {pair.strip()!r} is not KEY=VALUE with KEY one of {KEYS}")
+        if key in fields:  # "fbcache:0.1,threshold=0.5": which one was meant is not ours to guess
+            raise ArgumentError(f"cache spec {value!r}: {key} is given twice")
         fields[key] = _value(key, item.strip(), value)
     try:
         return CacheSpec(method=method, **fields)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .. import images_in
+from .. import checks, images_in
 from ..inpaint import cut_schedule
-from ..errors import ImageInputError, MetadataError
+from ..errors import ArgumentError, ImageInputError, MetadataError
 
 INPUT_KEYS = ("image", "mask", "strength", "mask_blur", "outpaint")
 FLAGS = {"image": "--image", "mask": "--mask", "strength": "--strength", "mask_blur": "--mask-blur",
@@ -47,10 +47,17 @@ def outpaint_argument(text: str) -> tuple[int, int, int, int]:
 def from_png(meta: dict, path: str) -> dict:
     """The images-in settings a PNG recorded: {strength, mask_blur, outpaint, _image_record, _mask_record}."""
     if meta.get("strength") is None:
+        stray = [k for k in ("image", "mask", "outpaint") if meta.get(k) is not None]
+        if stray:  # an input recorded without its strength: not silently made text-to-image
+            raise MetadataError(f"{path}: the krea2_lite metadata records {', '.join(stray)} but no strength")
         return {}
-    out = {"strength": meta["strength"], "mask_blur": meta.get("mask_blur") or 0}
-    if meta.get("outpaint") is not None:
-        out["outpaint"] = tuple(meta["outpaint"])
+    try:  # the recorded values, checked as the flags would be, the PNG named
+        out = {"strength": checks.check_number("strength", meta["strength"], 0.0, 1.0, low_open=True),
+               "mask_blur": checks.check_number("mask_blur", meta.get("mask_blur") or 0, 0.0, images_in.MAX_MASK_BLUR)}
+        if meta.get("outpaint") is not None:
+            out["outpaint"] = images_in.check_outpaint(meta["outpaint"])
+    except ArgumentError as exc:
+        raise MetadataError(f"{path}: in the krea2_lite metadata, {exc}") from None
     for key in ("image", "mask"):
         record = meta.get(key)
         if record is not None and not (isinstance(record, dict) and isinstance(record.get("path"), str)

@@ -8,6 +8,8 @@ last completed step and exits 130. `krea2_lite/train/__main__.py` calls `main` h
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 
 from ..train import TrainingInterrupted, train_lora
@@ -67,6 +69,26 @@ def _train(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C: the last completed step is saved and the run exits 130."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def on_term(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: no handler
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: _train(args))
+    with _sigterm_as_interrupt():
+        return run_cli(lambda: _train(args))

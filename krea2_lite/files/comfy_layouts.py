@@ -17,12 +17,15 @@ activation scales) is read and checked but not used: W8A8 here quantizes activat
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from .jsonfile import parse_json
+
+MAX_LAYER_JSON = 1 << 16  # bytes of one `.comfy_quant` layer description (ComfyUI's are ~40)
 
 STORAGE = {"float8_e4m3fn": ("F8_E4M3",), "float8_e5m2": ("F8_E5M2",), "int8_tensorwise": ("I8",),
            "int8_blockwise": ("I8",)}
@@ -57,8 +60,8 @@ def _metadata_layers(metadata: dict | None, where: str, strip) -> dict[str, dict
     raw = (metadata or {}).get("_quantization_metadata")
     if raw is None:
         return {}
-    try:
-        layers = json.loads(raw)["layers"]
+    try:  # the guarded reader: a header is untrusted text (depth, size and integer limits)
+        layers = parse_json(raw, where=where, required=("layers",), what="_quantization_metadata")["layers"]
         return {strip(name): dict(cfg) for name, cfg in layers.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CorruptCheckpointError(f"{where}: unreadable _quantization_metadata in the header") from None
@@ -70,9 +73,14 @@ def comfy_layers(stored: dict, metadata: dict | None, where: str, read, strip=la
     configs = _metadata_layers(metadata, where, strip)
     for name in stored:
         if name.endswith(".comfy_quant"):
+            shape = stored[name][2].shape
+            if math.prod(shape) > MAX_LAYER_JSON:  # a layer description is a few dozen bytes
+                raise CorruptCheckpointError(f"{where}: '{name}' holds {math.prod(shape)} bytes; a JSON layer "
+                                             f"description holds at most {MAX_LAYER_JSON}")
             try:
-                configs[name[:-len(".comfy_quant")]] = json.loads(bytes(read(name).tolist()).decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
+                configs[name[:-len(".comfy_quant")]] = parse_json(bytes(read(name).tolist()), where=f"{where}: '{name}'",
+                                                                  expect=None, what="the layer description")
+            except ValueError:
                 raise CorruptCheckpointError(f"{where}: '{name}' is not a JSON layer description") from None
     layers = {}
     for module, cfg in configs.items():

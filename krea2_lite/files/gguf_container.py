@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..errors import GGUFFileError, UnsupportedFormatError
+from ..errors import GGUFFileError, NonFiniteError, UnsupportedFormatError
 
 GGUF_MAGIC = b"GGUF"
 # ggml type name → (elements per block, bytes per block); the types krea2_lite dequantizes.
@@ -30,6 +30,10 @@ BLOCK_TYPES = {
     "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_0": (32, 18), "Q4_1": (32, 20),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
+# Byte offsets of each block's fp16 scale fields (d, and dmin / m where the type has one), from ggml's block
+# layouts; a NaN/inf there turns the whole block into NaN.
+SCALE_OFFSETS = {"Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_0": (0,), "Q4_1": (0, 2), "Q2_K": (80, 82),
+                 "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 
@@ -74,6 +78,21 @@ class GGUFFile:
 
     def close(self) -> None:
         self._map = None
+
+
+def check_block_scales(raw: torch.Tensor, qtype: str, where: str) -> None:
+    """NonFiniteError naming `where` (file and tensor) when any block's fp16 scale is NaN/inf; `raw` is the
+    stored bytes (GGUFFile.raw). Reads only the scale bytes' pages, which the load copies anyway."""
+    offsets = SCALE_OFFSETS.get(qtype, ())
+    if not offsets:
+        return
+    blocks = raw.reshape(-1, BLOCK_TYPES[qtype][1])
+    for offset in offsets:
+        scales = blocks[:, offset:offset + 2].contiguous().view(torch.float16)
+        bad = (~torch.isfinite(scales)).nonzero()
+        if len(bad):
+            raise NonFiniteError(f"{where}: block {int(bad[0, 0])} of {len(blocks)} has a NaN/inf scale "
+                                 f"({qtype}, byte {offset} of the block); the file is damaged")
 
 
 def is_gguf(path: Path) -> bool:

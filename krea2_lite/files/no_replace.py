@@ -59,3 +59,19 @@ def _claim_then_rename(src: Path, dst: Path) -> str:
     os.link(src, dst)
     os.unlink(src)
     return "claim"
+
+
+RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux `renameat2(RENAME_EXCHANGE)`): a reader sees the old or
+    the new one, never neither. False where the call or the flag is missing (the caller falls back)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))

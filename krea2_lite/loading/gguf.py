@@ -16,7 +16,7 @@ from torch import nn
 
 from ..files.checkpoint import CheckpointSource
 from ..config import Krea2Config
-from ..files.gguf_container import GGUFFile
+from ..files.gguf_container import GGUFFile, check_block_scales
 from ..kernels.gguf_dequant_torch import dequantize_gguf
 from ..model import Krea2Transformer
 from ..quantize.gguf_linear import GGUFLinear, StoredFormat, gguf_format
@@ -33,6 +33,8 @@ class GGUFTensorReader:
 
     def __call__(self, file: Path, key: str, info: TensorInfo) -> torch.Tensor:
         raw = self.gguf.raw(key)
+        if self.gguf.tensors[key].quantized:
+            check_block_scales(raw, self.gguf.tensors[key].qtype, f"{file}: tensor '{key}'")
         if self.names[key] in self.keep or not self.gguf.tensors[key].quantized:
             return raw
         return dequantize_gguf(raw, info.dtype, tuple(info.shape))

@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .. import checks
 from ..errors import (CheckpointKeysError, CheckpointNotFoundError, CorruptCheckpointError, NotKrea2CheckpointError,
                       SafetensorsSetError, ShapeMismatchError, UnsafeCheckpointFormatError)
 from ..files.dtypes import SAFETENSORS_DTYPES, check_float_dtype
@@ -123,7 +124,8 @@ def build_and_fill(module_class, path, dtype: torch.dtype, device, checked_entri
     config.json, its tensors (listed and checked by `checked_entries(folder, expected)`) set converted to
     `dtype` on `device` by the one fill routine."""
     check_float_dtype(dtype)
-    device = torch.device(device)
+    checks.check_path_argument("path", path, optional=False)  # None / "" / bytes: one typed error
+    device = checks.check_device(device) or torch.device("cpu")
     folder = _resolve_folder(path)
     config = _read_config(folder)
     with torch.device("meta"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ArgumentTypeError
 from ..loading.pipeline import resolve_pipeline
 from ..loading.transformer import load_transformer
 from .checkpoint import load_checkpoint
@@ -21,6 +21,7 @@ from .cache import preprocess
 from .memory import TrainingPlan, check_fits
 from .order import DataOrder
 from .settings import TrainSettings, check_settings
+from .run_paths import remove_leftovers
 from .samples import NEGATIVE, Sampler
 from .streaming import StreamedTraining
 
@@ -54,7 +55,12 @@ def _plan(spec, settings: TrainSettings, dtype) -> TrainingPlan:
 
 def train_lora(model: str | None = None, *, data: str, output: str, log=print, **options) -> Path:
     """Train a LoRA on `data` and write it to `output` (diffusers/PEFT layout). Returns the path."""
+    unknown = sorted(set(options) - set(TrainSettings.__dataclass_fields__) - {"sample_texts"})
+    if unknown or "sample_texts" in options:
+        raise ArgumentTypeError(f"train_lora() got unknown option(s) {', '.join(unknown or ['sample_texts'])}; "
+                                f"see help(krea2_lite.train.TrainSettings)")
     settings = check_settings(TrainSettings(model=model, data=str(data), output=str(output), **options))
+    remove_leftovers(settings)  # temporary files of killed runs beside this run's outputs
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     spec = resolve_pipeline(settings.model, quant=settings.quant, transformer=settings.transformer,

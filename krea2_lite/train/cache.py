@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..files.leftovers import partial_name
 from ..files.small_tensor_file import read_small_file
 
 from .data import Item, load_pixels
@@ -45,9 +46,16 @@ def _identity(folder: Path) -> list:
 def save_atomic(tensors: dict, path, metadata: dict | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(partial_name(path.name))  # a killed run's: removed by the next (run_paths)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; a LoRA is meant to be shared
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _encode_latents(vae, item: Item, flip: bool, center_crop: bool) -> dict:

@@ -14,17 +14,19 @@ cover it (Lanczos) and centre-cropped (or, with center_crop off, stretched to it
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ImageInputError
+from ..files.jsonfile import MAX_JSON_BYTES, parse_json
+from ..images_in import check_header_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_ASPECT = 4.0
+MAX_CAPTION_BYTES = 1 << 20  # far past any text encoder's context
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,19 @@ def _metadata_captions(folder: Path, skips: list[str]) -> dict[str, str]:
     if not path.is_file():
         return {}
     captions = {}
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ArgumentError(f"{path}: {path.stat().st_size} bytes; a metadata.jsonl holds at most {MAX_JSON_BYTES}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # JSON lines end at \n only
     except UnicodeDecodeError:
         raise ArgumentError(f"{path}: not UTF-8 text") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
+        try:  # the guarded reader: depth, integer and size limits (a RecursionError is its JsonFileError)
+            row = parse_json(line, where=f"{path}:{number}", required=("file_name", "text"), what="the line")
             name, text = row["file_name"], row["text"]
-        except (ValueError, KeyError, TypeError):
+        except ValueError:
             skips.append(f"{path}:{number}: not a JSON object with file_name and text")
             continue
         if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
@@ -81,6 +85,9 @@ def _caption_file(image: Path, skips: list[str]) -> str | None:
     text_path = image.with_suffix(".txt")
     if not text_path.is_file():
         skips.append(f"{image.name}: no caption ({text_path.name} missing)")
+        return None
+    if text_path.stat().st_size > MAX_CAPTION_BYTES:  # a caption is a sentence; never read a huge file whole
+        skips.append(f"{text_path.name}: {text_path.stat().st_size} bytes, not a caption (at most {MAX_CAPTION_BYTES})")
         return None
     try:
         text = text_path.read_bytes().decode("utf-8").strip()
@@ -98,9 +105,13 @@ def _image_size(path: Path, skips: list[str]) -> tuple[int, int] | None:
 
     try:
         with Image.open(path) as image:
+            check_header_size(image.size, path.name)  # before verify / decode: a small file may declare a huge image
             image.verify()
         with Image.open(path) as image:
             return image.size
+    except ImageInputError as exc:
+        skips.append(str(exc))
+        return None
     except Exception as exc:  # PIL raises many types for damaged files
         skips.append(f"{path.name}: cannot be read as an image ({type(exc).__name__})")
         return None

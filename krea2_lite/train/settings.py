@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import checks
 from ..errors import ArgumentError, PromptFileError, UnsafeOutputError
+from .run_paths import check_run_paths
 
 # Target groups → the official linear names inside a block (`blocks.N.<leaf>`) or the text fusion.
 TARGET_GROUPS = {
@@ -74,9 +77,14 @@ class TrainSettings:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
+MAX_COUNT = 10_000_000  # steps, save / sample intervals: far past any run (the demo learns in 1000 steps)
+
+
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    if value > MAX_COUNT and name != "rank":  # rank is checked against the layers (train.api)
+        raise ArgumentError(f"{name} must be an integer in {minimum}..{MAX_COUNT}, got {value!r}")
     return value
 
 
@@ -145,8 +153,13 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
     _positive_int("batch", settings.batch)
     _positive_int("grad_accum", settings.grad_accum)
     _positive_int("save_every", settings.save_every, minimum=0)
+    if settings.save_every >= settings.steps:  # said, not silently without effect
+        warnings.warn(f"save_every={settings.save_every} ≥ steps={settings.steps}: only the final save happens",
+                      stacklevel=3)
     _positive_float("max_grad_norm", settings.max_grad_norm)
     res = _positive_int("resolution", settings.resolution, minimum=16)
+    if res > checks.MAX_SIDE:
+        raise ArgumentError(f"resolution must be in 16..{checks.MAX_SIDE}, got {res}")
     if res % 16:
         raise ArgumentError(f"resolution must be a multiple of 16 (8× VAE, 2× patch), got {res}")
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
@@ -161,14 +174,16 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
     data = Path(settings.data)
     if not data.is_dir():
         raise ArgumentError(f"--data {data}: no such folder")
-    if settings.trigger is not None and not str(settings.trigger).strip():
+    if settings.trigger is not None and (not isinstance(settings.trigger, str) or not settings.trigger.strip()):
         raise ArgumentError("--trigger must be a non-empty word")
     for name in ("vram_gb", "ram_gb"):
         if getattr(settings, name) is not None:
             _positive_float(name, getattr(settings, name))
+    checks.check_device(settings.device)
     check_output(settings)
     check_samples(settings)
     if settings.resume is not None and not Path(settings.resume).is_dir():
         raise ArgumentError(f"--resume {settings.resume}: no checkpoint folder there")
+    check_run_paths(settings)
     os.fspath(settings.output)
     return settings
