@@ -80,11 +80,11 @@ class TrainSettings:
 MAX_COUNT = 10_000_000  # steps, save / sample intervals: far past any run (the demo learns in 1000 steps)
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
+def _positive_int(name: str, value, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    if value > MAX_COUNT and name != "rank":  # rank is checked against the layers (train.api)
-        raise ArgumentError(f"{name} must be an integer in {minimum}..{MAX_COUNT}, got {value!r}")
+    if value > maximum and name != "rank":  # rank is checked against the layers (train.api)
+        raise ArgumentError(f"{name} must be an integer in {minimum}..{maximum}, got {value!r}")
     return value
 
 
@@ -157,9 +157,7 @@ def check_settings(settings: TrainSettings) -> TrainSettings:
         warnings.warn(f"save_every={settings.save_every} ≥ steps={settings.steps}: only the final save happens",
                       stacklevel=3)
     _positive_float("max_grad_norm", settings.max_grad_norm)
-    res = _positive_int("resolution", settings.resolution, minimum=16)
-    if res > checks.MAX_SIDE:
-        raise ArgumentError(f"resolution must be in 16..{checks.MAX_SIDE}, got {res}")
+    res = _positive_int("resolution", settings.resolution, minimum=16, maximum=checks.MAX_SIDE)
     if res % 16:
         raise ArgumentError(f"resolution must be a multiple of 16 (8× VAE, 2× patch), got {res}")
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:

@@ -26,6 +26,7 @@ CASES = {
     "lr nan": (["--lr", "nan"], "lr must be a finite number > 0"),
     "steps 0": (["--steps", "0"], "steps must be an integer ≥ 1"),
     "resolution": (["--resolution", "100"], "multiple of 16"),
+    "resolution huge": (["--resolution", "999999984"], "16..4096"),
     "targets": (["--targets", "attn,foo"], "targets must be a comma list"),
 }
 
