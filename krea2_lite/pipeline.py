@@ -30,11 +30,12 @@ from .loading.transformer import load_transformer
 from .loading.vae import load_vae_decoder
 from .loading.vae_encoder import load_vae_encoder
 from .lora import lora_bytes
-from .offload import plan_memory
 from .offload.planner import available_host_bytes
+from .offload import plan_memory
 from .offload.sizes import module_pinned_bytes, vae_encoder_weight_bytes
 from .offload.image_encoder import ImageEncoderPlacement
 from .offload.apply_plan import Offloader
+from .pipeline_memory import budget_gib, first_plan, placement, plans_memory, tensor_bytes, text_encoder_shape
 from .files.dtypes import check_float_dtype
 from .sampling import DEFAULT_SHIFT, compact_text, denoise, pack_latents, resolution_mu, sigmas, unpack_latents
 from .variants import VARIANTS, VariantDefaults
@@ -54,55 +55,6 @@ class Krea2Output:
     # they differ only with a step cache (`cache=`).
     block_evaluations: int | None = None
     block_evaluations_total: int | None = None
-
-
-def tensor_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer of a loaded module."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def text_encoder_shape(encoder) -> dict:
-    """The sizes the planner needs for the encoder's activations, from its own config."""
-    c = encoder.config
-    return dict(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
-                kvheads=c.num_key_value_heads, headdim=getattr(c, "head_dim", None) or c.hidden_size //
-                c.num_attention_heads, vocab=c.vocab_size, layers=c.num_hidden_layers)
-
-
-def _first_plan(spec: PipelineSpec, budget: float | None, offload: str, encoder, decoder, *, dtype, prefetch,
-                host_ram_gb):
-    """The load-time plan, for the model's default size (every call re-plans for its own, see _fit_plan);
-    when the budget cannot hold that size, every block streamed until a call's size says otherwise."""
-    sizes = dict(dtype=dtype, cfg=VARIANTS[spec.variant].guidance > 0, text_encoder_bytes=tensor_bytes(encoder),
-                 vae_weight_bytes=tensor_bytes(decoder), vae_base_dim=decoder.config.base_dim,
-                 text_encoder_shape=text_encoder_shape(encoder), prefetch=prefetch, host_ram_gb=host_ram_gb,
-                 text_encoder_reloadable=True, text_encoder_pinned_bytes=module_pinned_bytes(encoder),
-                 text_encoder_quantized=encoder.quant_spec is not None)
-    try:
-        plan = plan_memory(spec.config, spec.quant, budget, *spec.default_size, mode=offload, **sizes)
-    except MemoryPlanError as exc:
-        if exc.limit != "device" or budget is None:
-            raise
-        plan = plan_memory(spec.config, spec.quant, None, mode="sequential", **sizes)
-        logger.warning("krea2_lite: %s GiB cannot hold a %d×%d generation; every block will be streamed "
-                       "until a call's size says otherwise", f"{budget:.2f}", *spec.default_size)
-    logger.info("krea2_lite: %s", plan)
-    return plan
-
-
-def _plans_memory(offload: str, device: torch.device, vram_gb: float | None) -> bool:
-    """Whether from_pretrained runs the offload planner: any mode but "none", except "auto" on a
-    non-CUDA device without a vram_gb budget (nothing to fit there)."""
-    return offload != "none" and not (offload == "auto" and device.type != "cuda" and vram_gb is None)
-
-
-def _budget_gib(vram_gb: float | None, device: torch.device) -> float | None:
-    """The plan's budget: vram_gb, else what CUDA reports free on `device`, else none (CPU)."""
-    if vram_gb is not None or device.type != "cuda":
-        return vram_gb
-    free, _ = torch.cuda.mem_get_info(device)
-    return free / (1 << 30)
 
 
 class Krea2Pipeline:
@@ -180,7 +132,7 @@ class Krea2Pipeline:
             raise ArgumentTypeError(f"revision must be a branch, tag or commit hash (a string), got {revision!r}")
         dtype = check_float_dtype(dtype)
         device = checks.check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if host_ram_gb is not None and not _plans_memory(offload, device, vram_gb):
+        if host_ram_gb is not None and not plans_memory(offload, device, vram_gb):
             # No option is silently without effect: a host budget only steers the offload planner.
             warnings.warn(f"host_ram_gb={host_ram_gb} has no effect: nothing is planned on {device.type} with "
                           f"offload={offload!r} and no vram_gb (the planner runs for a GPU or a given vram_gb)",
@@ -207,7 +159,7 @@ class Krea2Pipeline:
         transformer, each block straight where the plan puts it."""
         # With offloading, the text encoder and the VAE are loaded to the host first: the plan needs
         # their exact sizes, and decides where they live.
-        planned = _plans_memory(offload, device, vram_gb)
+        planned = plans_memory(offload, device, vram_gb)
         load_device = torch.device("cpu") if planned else device
         encoder = load_text_encoder(spec.text_encoder, device=load_device, dtype=dtype, select_layers=spec.select_layers)
         # On the CPU the VAE runs in float32: bf16 convolutions there are many times slower
@@ -218,8 +170,8 @@ class Krea2Pipeline:
                                      f"VAE at {spec.vae} has z_dim={decoder.config.z_dim}")
         plan, budget, device_blocks = None, None, None
         if planned:
-            budget = _budget_gib(vram_gb, device)
-            plan = _first_plan(spec, budget, offload, encoder, decoder, dtype=dtype, prefetch=prefetch,
+            budget = budget_gib(vram_gb, device)
+            plan = first_plan(spec, budget, offload, encoder, decoder, dtype=dtype, prefetch=prefetch,
                                host_ram_gb=host_ram_gb)
             device_blocks = plan.resident_blocks  # the others go to host memory, where the plan streams them from
         model = load_transformer(spec.transformer, device=device, dtype=dtype, quant=quant, progress=progress,
@@ -284,7 +236,7 @@ class Krea2Pipeline:
         plan = self.plan(request["vram_gb"], mode=request["mode"], width=width, height=height, cfg=cfg,
                          num_images=images, prefetch=self.memory_plan.prefetch,
                          max_sequence_length=max_sequence_length, extra_device_bytes=extra, image_in=image_in)
-        if _placement(plan) != _placement(self.memory_plan):
+        if placement(plan) != placement(self.memory_plan):
             logger.info("krea2_lite: re-planning for %d image(s) at %d×%d:\n%s", images, width, height, plan)
             self.apply_plan(plan, self.device)
         self.memory_plan = plan
@@ -593,11 +545,6 @@ class _Call:
 
     def describe(self) -> str:
         return f"{self.total} image(s) at {self.width}×{self.height}{' with CFG' if self.cfg else ''}"
-
-
-def _placement(plan) -> tuple:
-    return (plan.mode, plan.resident_blocks, plan.streamed_blocks, plan.text_encoder,
-            plan.transformer_leaves_for_encoding, plan.vae_tile, plan.prefetch)
 
 
 def to_pil(images: torch.Tensor) -> list:

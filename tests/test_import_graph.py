@@ -35,7 +35,7 @@ LAYERS = [
     ("offload", ("krea2_lite.offload",)),
     ("loading", ("krea2_lite.loading",)),
     ("generation", ("krea2_lite.cache", "krea2_lite.finite_checks", "krea2_lite.images_in", "krea2_lite.inpaint",
-                    "krea2_lite.metadata", "krea2_lite.pipeline")),
+                    "krea2_lite.metadata", "krea2_lite.pipeline", "krea2_lite.pipeline_memory")),
     ("training", ("krea2_lite.train",)),
     ("cli", ("krea2_lite.cli", "krea2_lite.__main__", "krea2_lite.quantize.__main__", "krea2_lite.demo.train",
              "krea2_lite.train.__main__", "krea2_lite.batch", "krea2_lite.serve")),

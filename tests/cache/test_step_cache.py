@@ -132,7 +132,8 @@ def test_trained_model_saves_blocks_at_high_quality(pipe):
     reference = generate(pipe, steps=52)
     for spec in ("fbcache", "taylor"):
         out = generate(pipe, spec, steps=52)
-        assert 1 - out.block_evaluations / out.block_evaluations_total > 0.3, spec
+        assert out.block_evaluations_total == 52 * len(pipe.transformer.blocks), spec
+        assert out.block_evaluations < 0.7 * out.block_evaluations_total, spec  # over 30% of the blocks skipped
         assert psnr(out.latents, reference.latents) > 25, spec
 
 
