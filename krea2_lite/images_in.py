@@ -128,16 +128,20 @@ def _mask_array(img) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
+def _opened(value, what: str):
+    """(the value, None), or for a path (its decoded PIL image, its file record)."""
+    if isinstance(value, (str, os.PathLike)):
+        return _open(value, what), file_record(value)
+    return value, None
+
+
 def read_image(image, what: str = "image") -> tuple[torch.Tensor, dict | None]:
     """(pixels (B, 3, H, W) float32 in [0, 1], file record or None) of a PIL image, path or tensor."""
     from PIL import Image
 
     if isinstance(image, torch.Tensor):
         return _check_tensor(image, what, channels=3), None
-    record = None
-    if isinstance(image, (str, os.PathLike)):
-        record_path, image = image, _open(image, what)
-        record = file_record(record_path)
+    image, record = _opened(image, what)
     if not isinstance(image, Image.Image):
         raise ImageInputError(f"{what} must be a PIL image, a path or a float tensor (B, 3, H, W) in [0, 1], "
                               f"got {type(image).__name__}")
@@ -152,10 +156,7 @@ def read_mask(mask, what: str = "mask_image") -> tuple[torch.Tensor, dict | None
     if isinstance(mask, torch.Tensor):
         t = mask[:, None] if mask.ndim == 3 else mask
         return _check_tensor(t, what, channels=1), None
-    record = None
-    if isinstance(mask, (str, os.PathLike)):
-        record_path, mask = mask, _open(mask, what)
-        record = file_record(record_path)
+    mask, record = _opened(mask, what)
     if not isinstance(mask, Image.Image):
         raise ImageInputError(f"{what} must be a PIL image, a path or a float tensor (B, 1, H, W) in [0, 1], "
                               f"got {type(mask).__name__}")

@@ -27,6 +27,7 @@ from ..offload.swap import move_module
 from ..pipeline import Krea2Pipeline
 from ..files.small_tensor_file import read_small_file
 from .cache import text_file
+from .objective import pad_text
 
 NEGATIVE = ""  # the pipeline's default negative prompt under CFG
 
@@ -39,14 +40,8 @@ class CachedTextStates(nn.Module):
         self.states = states
 
     def encode(self, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self.states[p] for p in prompts]
-        length = max(r.shape[0] for r in rows)
-        hidden = rows[0].new_zeros(len(rows), length, *rows[0].shape[1:])
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            hidden[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = True
-        return hidden, mask
+        hidden, mask = pad_text([self.states[p] for p in prompts])  # the training step's own padding
+        return hidden, (torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask)
 
 
 def sample_dir(output) -> Path:
